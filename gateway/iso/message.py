@@ -26,10 +26,15 @@ def mask_pan(pan: str) -> str:
     return f"{pan[:6]}{'*' * (len(pan) - 10)}{pan[-4:]}"
 
 
-def masked_value(key: str, value: str) -> str:
+#: field 48 is "additional data, private": batch uploads carry full PANs in it and key exchanges carry
+#: keys, so it is shown only where it holds plain figures (settlement totals, 05xx)
+FIELD_48_SHOWN_CLASS: Final = "5"
+
+
+def masked_value(key: str, value: str, mti: str = "") -> str:
     if key == PAN_FIELD:
         return mask_pan(value)
-    if key in REDACTED_FIELDS:
+    if key in REDACTED_FIELDS or (key == "48" and mti[1:2] != FIELD_48_SHOWN_CLASS):
         return f"<redacted {len(value)}>"
     return value
 
@@ -59,7 +64,7 @@ class Message:
         """Field values safe for logs, traces and JSON output, in field order."""
         out = {"t": self.mti}
         for k in sorted(self.fields, key=int):
-            out[k] = masked_value(k, self.fields[k])
+            out[k] = masked_value(k, self.fields[k], self.mti)
         return out
 
     def __repr__(self) -> str:
