@@ -1,0 +1,104 @@
+"""Store-and-forward sender: drains the persistent reversal queue towards the host.
+
+- First attempt goes as 0400, every repeat as 0401 (jPOS-EE's SAF never switches to the repeat MTI).
+- A timeout counts as an attempt (jPOS-EE's does not, so a silent host is retried forever).
+- Attempts back off on the configured schedule; after `max_attempts` the entry is parked with its
+  reason for an operator (`gateway saf list|retry|drop`), with a log line and a metric.
+- The host answering 00 acknowledges the reversal. 25 ("original not found") is final too: the host
+  never booked the original, so nothing is charged. Anything else is a failed attempt.
+- While the host link is down nothing is sent and no attempt is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import anyio.abc
+
+from gateway.config import ReversalConfig
+from gateway.core.reversal import build_host_reversal
+from gateway.metrics import Metrics
+from gateway.net.host_link import HostLink, HostTimeout, HostUnavailable
+from gateway.store.base import Store
+
+log = logging.getLogger("gateway.saf")
+
+FINAL_RCS = frozenset({"00", "25"})
+
+
+class SafSender:
+    def __init__(self, config: ReversalConfig, store: Store, link: HostLink, metrics: Metrics,
+                 acquirer_id: str, forwarding_id: str) -> None:
+        self.config = config
+        self.store = store
+        self.link = link
+        self.metrics = metrics
+        self.acquirer_id = acquirer_id
+        self.forwarding_id = forwarding_id
+        self._wake = anyio.Event()
+        self._busy: set[int] = set()
+
+    def wake(self) -> None:
+        """Something was queued: look at the queue now instead of at the next poll."""
+        self._wake.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with anyio.create_task_group() as tg:
+            while True:
+                with anyio.move_on_after(self.config.poll_interval):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                if not self.link.ready:
+                    continue
+                for entry in await self.store.due_reversals(time.time(), 64):
+                    if entry.saf_id in self._busy:
+                        continue  # one attempt at a time per original: keeps them ordered
+                    self._busy.add(entry.saf_id)
+                    tg.start_soon(self._attempt, entry)
+
+    async def _attempt(self, entry: object) -> None:
+        saf_id = entry.saf_id  # type: ignore[attr-defined]
+        try:
+            await self._send(entry)
+        finally:
+            self._busy.discard(saf_id)
+
+    async def _send(self, entry: object) -> None:
+        attempts: int = entry.attempts  # type: ignore[attr-defined]
+        msg = build_host_reversal(entry, repeat=attempts > 0, acquirer_id=self.acquirer_id,
+                                  forwarding_id=self.forwarding_id)
+        self.link.stamp(msg)
+        self.metrics.reversals_sent.inc()
+        try:
+            reply = await self.link.request(msg)
+        except HostUnavailable:
+            return  # not sent: no attempt used
+        except HostTimeout as exc:
+            await self._failed(entry, attempts + 1, f"timeout: {exc}")
+            return
+        rc = reply.message.get("39", "")
+        if rc in FINAL_RCS and reply.mac_ok:
+            await self.store.ack_reversal(entry.saf_id, rc)  # type: ignore[attr-defined]
+            self.metrics.reversals_acknowledged.inc()
+            log.info("reversal of txn %s acknowledged by the host (rc %s, attempt %d)",
+                     entry.txn_id, rc, attempts + 1)  # type: ignore[attr-defined]
+        else:
+            await self._failed(entry, attempts + 1, f"host answered {rc}" + ("" if reply.mac_ok else " (bad MAC)"))
+
+    async def _failed(self, entry: object, attempts: int, error: str) -> None:
+        saf_id = entry.saf_id  # type: ignore[attr-defined]
+        if attempts >= self.config.max_attempts:
+            reason = f"gave up after {attempts} attempts: {error}"
+            await self.store.park_reversal(saf_id, reason)
+            self.metrics.reversals_parked.inc()
+            log.error("reversal of txn %s parked for an operator: %s", entry.txn_id, reason)  # type: ignore[attr-defined]
+            return
+        schedule = self.config.backoff
+        delay = schedule[min(attempts - 1, len(schedule) - 1)]
+        now = time.time()
+        await self.store.mark_reversal_attempt(saf_id, now, now + delay, error)
+        log.warning("reversal of txn %s attempt %d failed (%s); next in %.1fs",
+                    entry.txn_id, attempts, error, delay)  # type: ignore[attr-defined]

@@ -1,0 +1,166 @@
+"""Assembly: config → security module, journal, host link, SAF sender, terminal server, admin endpoint,
+all in one task group; and the `gateway serve` command.
+
+Start-up order matters for the money promises: the journal opens first, then every request whose
+outcome is unknown (the previous process died while it was in flight) is queued for reversal, and only
+then are terminals accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.metrics import Metrics, NullMetrics
+from gateway.net.admin import serve_admin
+from gateway.net.host_link import HostLink
+from gateway.net.saf_sender import SafSender
+from gateway.net.terminal_server import TerminalServer
+from gateway.security.errors import SecurityError
+from gateway.security.module import SecurityModule, SoftwareSecurityModule
+from gateway.service import GatewayService
+from gateway.store.base import Store
+from gateway.store.memory import MemoryStore
+from gateway.store.sqlite import SqliteStore
+
+log = logging.getLogger("gateway")
+
+PAN_KEY_ENV = "GATEWAY_PAN_HASH_KEY"
+
+
+@dataclass(slots=True)
+class RunningGateway:
+    service: GatewayService
+    link: HostLink
+    saf: SafSender
+    store: Store
+    metrics: Metrics
+    terminal_port: int
+    admin_port: int | None
+    recovered: int  #: reversals queued at start for requests whose outcome was unknown
+
+
+def pan_hash_key(config: GatewayConfig) -> bytes:
+    """The key of the journal's PAN fingerprints: env, config, or a key file kept next to the journal
+    (created once, owner-only), so fingerprints stay comparable across restarts."""
+    text = os.environ.get(PAN_KEY_ENV) or config.store.pan_hash_key_hex
+    if text:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise ConfigError("store.pan_hash_key_hex: expected hex") from None
+    key_file = config.store.path.with_name(config.store.path.name + ".pankey")
+    if key_file.exists():
+        return bytes.fromhex(key_file.read_text().strip())
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex())
+    log.warning("created a PAN fingerprint key at %s; set %s to manage it yourself", key_file, PAN_KEY_ENV)
+    return key
+
+
+def open_store(config: GatewayConfig, metrics: Metrics, *, durable: bool = True) -> AbstractAsyncContextManager[Store]:
+    key = pan_hash_key(config) if durable else secrets.token_bytes(32)
+    if not durable:
+        return MemoryStore.open(observer=metrics.journal, pan_key=key)  # type: ignore[return-value]
+    config.store.path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore.open(config.store.path, synchronous=config.store.synchronous,  # type: ignore[return-value]
+                            observer=metrics.journal, pan_key=key)
+
+
+async def run_gateway(
+    config: GatewayConfig,
+    *,
+    security: SecurityModule | None = None,
+    metrics: Metrics | None = None,
+    durable: bool = True,
+    task_status: anyio.abc.TaskStatus[RunningGateway] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole gateway until cancelled. `await tg.start(run_gateway, config)` returns a
+    `RunningGateway` with the bound ports once terminals can connect."""
+    metrics = metrics if metrics is not None else (Metrics() if config.admin.metrics else NullMetrics())
+    security = security if security is not None else SoftwareSecurityModule.from_config(
+        config.security, config.terminals)
+    async with open_store(config, metrics, durable=durable) as store, anyio.create_task_group() as tg:
+        link = HostLink(config.host, security, metrics)
+        saf = SafSender(config.reversal, store, link, metrics, config.host.acquirer_id, config.host.forwarding_id)
+        service = GatewayService(config, security, store, link, saf, metrics)
+        link.on_unmatched = service.on_unmatched_host_answer
+        recovered = await service.recover()
+        midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
+        await tg.start(link.run)
+        await tg.start(saf.run)
+        server = TerminalServer(config.terminal_side, service.handle_frame, metrics)
+        terminal_port = await tg.start(server.serve)
+        admin_port = None
+        if config.admin.listen is not None:
+            readiness = {"host_link": lambda: link.ready, "journal": lambda: True}
+            admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
+                                        metrics, readiness)
+        log.info("gateway up: terminals on port %s, admin on port %s, host %s", terminal_port, admin_port,
+                 config.host.address)
+        task_status.started(RunningGateway(service, link, saf, store, metrics, terminal_port, admin_port,
+                                           recovered))
+
+
+@asynccontextmanager
+async def gateway_running(config: GatewayConfig, **kwargs: object) -> AsyncIterator[RunningGateway]:
+    """`async with gateway_running(config) as gw:` for tests and the demo; stops it on exit."""
+    async with anyio.create_task_group() as tg:
+        running = await tg.start(lambda task_status: run_gateway(config, task_status=task_status, **kwargs))
+        try:
+            yield running
+        finally:
+            tg.cancel_scope.cancel()
+
+
+# --- `gateway serve` ---------------------------------------------------------------------------------
+
+
+async def _serve_until_signalled(config: GatewayConfig) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_gateway, config)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.warning("signal %s: stopping (in-flight work is drained by the journal)", signum)
+                tg.cancel_scope.cancel()
+                return
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"gateway: bad configuration: {exc}", flush=True)
+        return 2
+    logging.getLogger("gateway").setLevel(logging.INFO)
+    try:
+        anyio.run(_serve_until_signalled, config, backend=args.backend,
+                  backend_options={"use_uvloop": True} if args.backend == "asyncio" else {})
+    except (ConfigError, SecurityError, OSError) as exc:
+        print(f"gateway: cannot start: {exc}", flush=True)
+        return 1
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the gateway (terminals, host link, SAF, admin)")
+    p.add_argument("--config", help="TOML file (default: built-in defaults + GATEWAY_* environment)")
+    p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
+                   help="event loop (asyncio runs on uvloop)")
+    p.set_defaults(func=_serve_command)
