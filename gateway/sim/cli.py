@@ -1,0 +1,133 @@
+"""`gateway sim-host` and `gateway sim-terminal`: the simulators from the command line.
+
+    gateway sim-host --listen 127.0.0.1:6000 [--config rules.toml] [--zmk HEX]
+    gateway sim-terminal --target 127.0.0.1:5000 --terminal-id T0000001 --tmk HEX [--count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any
+
+import anyio
+
+from gateway.config import ConfigError, Endpoint
+from gateway.iso.message import mask_pan
+from gateway.security.algorithms import parse_hex_key
+from gateway.security.errors import SecurityError
+from gateway.sim.host import HostSimConfig, HostSimulator, parse_zmk
+from gateway.sim.host_rules import SimConfigError
+from gateway.sim.terminal import Card, TerminalError, TerminalSimulator
+
+DEFAULT_TMK = "0123456789ABCDEFFEDCBA9876543210"
+DEFAULT_PAN = "6222020000000015"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    host = subparsers.add_parser("sim-host", help="run the host simulator (ISO 8583:1987 acquirer host)")
+    host.add_argument("--listen", default="127.0.0.1:6000", help="HOST:PORT to listen on (port 0: any)")
+    host.add_argument("--config", help="TOML file: rules, card ranges, balances, PINs, faults, dialect")
+    host.add_argument("--zmk", help="zone master key shared with the gateway, 32 hex characters")
+    host.add_argument("--dialect", help="host dialect (default iso87-ascii)")
+    host.add_argument("--framing", choices=("len2", "ascii4", "cup"), help="length framing (default len2)")
+    host.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    host.set_defaults(func=run_host)
+
+    term = subparsers.add_parser("sim-terminal", help="sign a simulated CUP terminal in and run purchases")
+    term.add_argument("--target", required=True, help="the gateway's terminal port, HOST:PORT")
+    term.add_argument("--terminal-id", required=True, help="field 41, 8 characters")
+    term.add_argument("--merchant-id", default="123456789012345", help="field 42, 15 characters")
+    term.add_argument("--tmk", default=DEFAULT_TMK, help="the terminal's master key, hex (default: demo key)")
+    term.add_argument("--count", type=int, default=3, help="purchases to run (default 3)")
+    term.add_argument("--amount", type=int, default=100, help="amount in minor units (default 100)")
+    term.add_argument("--pan", default=DEFAULT_PAN, help="test card number")
+    term.add_argument("--pin", help="PIN to enter (default: no PIN)")
+    term.add_argument("--key-mode", choices=("001", "003", "004"), default="004")
+    term.add_argument("--timeout", type=float, default=10.0)
+    term.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    term.set_defaults(func=run_terminal)
+
+
+def _backend_options(backend: str) -> dict[str, Any]:
+    return {"use_uvloop": True} if backend == "asyncio" else {}
+
+
+def _fail(text: str) -> int:
+    print(f"error: {text}", file=sys.stderr)
+    return 2
+
+
+def run_host(args: argparse.Namespace) -> int:
+    try:
+        listen = Endpoint.parse(args.listen, "--listen")
+        config = HostSimConfig.from_toml(args.config) if args.config else HostSimConfig()
+        changes: dict[str, Any] = {}
+        if args.zmk:
+            changes["zmk"] = parse_zmk(args.zmk)
+        if args.dialect:
+            changes["dialect"] = args.dialect
+        if args.framing:
+            changes["framing"] = args.framing
+        if changes:
+            config = HostSimConfig(**{**_fields(config), **changes})
+        sim = HostSimulator(config)
+    except (ConfigError, SimConfigError) as exc:
+        return _fail(str(exc))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(sim.serve, listen.host, listen.port)
+            print(f"host simulator listening on {listen.host}:{port} ({config.dialect}, {config.framing})",
+                  flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(main, backend=args.backend, backend_options=_backend_options(args.backend))
+    return 0
+
+
+def _fields(config: HostSimConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in HostSimConfig.__dataclass_fields__}
+
+
+def run_terminal(args: argparse.Namespace) -> int:
+    try:
+        target = Endpoint.parse(args.target, "--target")
+        tmk = parse_hex_key(args.tmk, "TMK")
+    except (ConfigError, SecurityError) as exc:
+        return _fail(str(exc))
+    if len(args.terminal_id) != 8:
+        return _fail("--terminal-id: expected 8 characters")
+    if len(args.merchant_id) != 15:
+        return _fail("--merchant-id: expected 15 characters")
+    if args.count < 0:
+        return _fail("--count: must not be negative")
+    card = Card(args.pan, pin=args.pin)
+
+    async def main() -> int:
+        terminal = TerminalSimulator(
+            target.host, target.port, args.terminal_id, args.merchant_id, tmk,
+            timeout=args.timeout, key_mode=args.key_mode,
+        )
+        failures = 0
+        async with terminal:
+            signed = await terminal.sign_in()
+            print(f"signed in {args.terminal_id} batch {terminal.batch} rc {signed.rc}", flush=True)
+            for _ in range(args.count):
+                result = await terminal.purchase(args.amount, card)
+                rc = result.rc or "--"
+                note = " (timeout)" if result.timed_out else " (bad MAC)" if result.mac_ok is False else ""
+                if result.reversal is not None:
+                    note += f" reversed: {result.reversal.rc or '--'}"
+                print(f"{mask_pan(card.pan)} {args.amount:>12} rc {rc} rrn {result.rrn or '-':<12}"
+                      f" stan {result.stan}{note}", flush=True)
+                failures += not result.approved
+        return 1 if failures else 0
+
+    try:
+        return anyio.run(main, backend=args.backend, backend_options=_backend_options(args.backend))
+    except TerminalError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
