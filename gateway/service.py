@@ -30,7 +30,7 @@ from gateway.iso.framing import Frame
 from gateway.iso.message import Message, mask_pan
 from gateway.iso.mti import is_request
 from gateway.iso.spec import load_dialect
-from gateway.iso.validate import FlowSpec, identify, validate
+from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
 from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
@@ -93,11 +93,11 @@ class GatewayService:
         try:
             msg = self.codec.decode(frame.body)
         except IsoError as exc:
-            self.metrics.decode_error(exc.kind).inc()
-            log.warning("undecodable message from %s: %s", conn.peer, exc)
-            partial = decisions.format_error_answer(exc)
-            if partial is not None:
-                await self._send(conn, frame, Answer(partial))
+            # without a decodable STAN and terminal id no answer could be matched by the terminal:
+            # close cleanly, so it reverses or retries on a fresh connection
+            self.metrics.decode_error("unknown_mti" if getattr(exc, "field", None) == "t" else exc.kind).inc()
+            log.warning("undecodable message from %s (%s): closing the connection", conn.peer, exc)
+            await conn.close()
             return
         self.metrics.message("terminal_in", msg.mti, "").inc()
         if not is_request(msg.mti):
@@ -148,6 +148,9 @@ class GatewayService:
         entry = self.config.terminal(msg.fields.get("41", ""))
         if entry is None:
             return Answer(decisions.refuse(msg, "97")), None
+        problems = validate(self.dialect.name, msg)
+        if any(isinstance(p, UnsupportedFlow) for p in problems):
+            return Answer(decisions.refuse(msg, "40")), None
         if flow.name == "sign_in":
             return self._sign_in(msg, entry.merchant_id), None
         session = self.sessions.get(entry.terminal_id)
@@ -164,7 +167,6 @@ class GatewayService:
                 return Answer(decisions.refuse(msg, "A0")), None
             except SecurityError as exc:
                 return Answer(decisions.refuse(msg, exc.response_code)), None
-        problems = validate(self.dialect.name, msg)
         if problems:
             log.warning("terminal %s %s fails validation: %s", entry.terminal_id, msg.mti, problems[0])
             self.metrics.decode_error("validation").inc()
@@ -220,6 +222,10 @@ class GatewayService:
             if problem is not None and not (name == "refund" and original is None):
                 log.info("terminal %s %s refused with %s (original check)", terminal_id, name, problem)
                 return Answer(decisions.refuse(msg, problem)), None
+        if not self.link.ready:
+            # answered at once: the terminal must not wait a full timeout for a host we know is down
+            log.warning("host link down: terminal %s stan %s gets 91", terminal_id, msg.get("11"))
+            return Answer(decisions.refuse(msg, "91")), None
         amount = int(msg.fields.get("4", "0") or 0)
         day = time.strftime("%Y%m%d")
         reserved = name == "purchase"

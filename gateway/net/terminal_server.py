@@ -44,6 +44,12 @@ class TerminalConnection:
         #: buffer and "succeed" although nobody will ever read it, so we refuse to count it as delivered
         self.closed = False
 
+    async def close(self) -> None:
+        """Close the connection (e.g. after an undecodable message): the reader loop ends, in-flight
+        requests finish, and their answers count as undelivered."""
+        self.closed = True
+        await anyio.aclose_forcefully(self._stream)
+
     async def send(self, body: bytes, envelope: CupEnvelope | None = None) -> None:
         if self.closed:
             raise Undeliverable("terminal connection already closed")

@@ -1,0 +1,215 @@
+"""The admin HTTP endpoint: /metrics (Prometheus text exposition), /healthz and /readyz.
+
+A deliberately tiny HTTP/1.1 server on anyio streams: one request per connection, GET (and HEAD) only,
+request head bounded in size and time, `Connection: close` after every response. It serves operators
+and a Prometheus scraper on a private port, not the public: no keep-alive, no bodies, no chunking, so
+there is nothing for a slow or malicious client to hold open beyond the read timeout.
+
+- `GET /metrics`  → 200, `prometheus_client.generate_latest(registry)` as `CONTENT_TYPE_LATEST`
+- `GET /healthz`  → 200 while the process runs (liveness)
+- `GET /readyz`   → 200 when every readiness callback returns True, else 503; JSON body either way,
+                    naming the checks that are not ready (a callback that raises counts as not ready)
+- unknown path → 404; other methods → 405 (with `Allow`); oversized head → 431; garbled → 400
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import anyio
+import anyio.abc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.admin")
+
+Readiness = Mapping[str, Callable[[], bool]]
+
+DEFAULT_READ_TIMEOUT: Final = 5.0
+DEFAULT_MAX_REQUEST_BYTES: Final = 8192
+DEFAULT_MAX_CONNECTIONS: Final = 32
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+#: how long a closing connection waits for the client to finish sending (lingering close)
+_LINGER_SECONDS: Final = 1.0
+_TEXT: Final = "text/plain; charset=utf-8"
+_JSON: Final = "application/json"
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def render_response(status: int, content_type: str, body: bytes, *, head_only: bool = False,
+                    extra_headers: Mapping[str, str] | None = None) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    for name, value in (extra_headers or {}).items():
+        lines.append(f"{name}: {value}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+def parse_request_line(head: bytes) -> tuple[str, str]:
+    """Method and path (query string dropped) of a request head; `_BadRequest` when it is not HTTP/1.x."""
+    line, _, _ = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise _BadRequest(400, "malformed request line")
+    try:
+        method = parts[0].decode("ascii")
+        target = parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise _BadRequest(400, "request line is not ASCII") from None
+    if not method.isalpha() or not target.startswith("/"):
+        raise _BadRequest(400, "malformed request line")
+    return method, target.split("?", 1)[0]
+
+
+class AdminHandler:
+    """Answers one request per connection. Separate from the listener so tests can drive it directly."""
+
+    def __init__(self, metrics: Metrics, readiness: Readiness, *, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.metrics = metrics
+        self.readiness = dict(readiness)
+        self.read_timeout = read_timeout
+        self.max_request_bytes = max_request_bytes
+        self.max_connections = max_connections
+        self.active = 0
+
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            if self.active >= self.max_connections:
+                await self._send(stream, render_response(503, _TEXT, b"too many admin connections\n"))
+                return
+            self.active += 1
+            try:
+                await self._serve_one(stream)
+            finally:
+                self.active -= 1
+
+    async def _serve_one(self, stream: anyio.abc.ByteStream) -> None:
+        head: bytes | None = None
+        with anyio.move_on_after(self.read_timeout):
+            try:
+                head = await self._read_head(stream)
+            except _BadRequest as exc:
+                await self._send(stream, render_response(exc.status, _TEXT, f"{exc}\n".encode()))
+                return
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return  # client went away before finishing its request
+        if head is None:
+            await self._send(stream, render_response(408, _TEXT, b"request not received in time\n"))
+            return
+        try:
+            response = self.respond(head)
+        except Exception:  # a bug (or a failing collector) must not take the admin listener down
+            log.exception("admin request failed")
+            response = render_response(500, _TEXT, b"internal error\n")
+        await self._send(stream, response)
+
+    async def _read_head(self, stream: anyio.abc.ByteStream) -> bytes:
+        buf = bytearray()
+        while True:
+            chunk = await stream.receive()
+            scan_from = max(0, len(buf) - 3)  # the terminator may straddle two reads
+            buf += chunk
+            end = buf.find(b"\r\n\r\n", scan_from)
+            if end >= 0:
+                if end + 4 > self.max_request_bytes:
+                    raise _BadRequest(431, "request head too large")
+                return bytes(buf[: end + 4])  # a GET has no body; anything after the head is ignored
+            if len(buf) > self.max_request_bytes:
+                raise _BadRequest(431, "request head too large")
+
+    def respond(self, head: bytes) -> bytes:
+        """The full response to one request head (sans-I/O, so it is testable without a socket)."""
+        try:
+            method, path = parse_request_line(head)
+        except _BadRequest as exc:
+            return render_response(exc.status, _TEXT, f"{exc}\n".encode())
+        if method not in ("GET", "HEAD"):
+            return render_response(405, _TEXT, b"only GET is supported\n",
+                                   extra_headers={"Allow": "GET, HEAD"})
+        head_only = method == "HEAD"
+        if path == "/metrics":
+            body = generate_latest(self.metrics.registry)
+            return render_response(200, CONTENT_TYPE_LATEST, body, head_only=head_only)
+        if path == "/healthz":
+            return render_response(200, _TEXT, b"ok\n", head_only=head_only)
+        if path == "/readyz":
+            status, payload = self.readiness_report()
+            return render_response(status, _JSON, payload, head_only=head_only)
+        return render_response(404, _TEXT, b"not found\n", head_only=head_only)
+
+    def readiness_report(self) -> tuple[int, bytes]:
+        checks: dict[str, bool] = {}
+        for name, check in self.readiness.items():
+            try:
+                checks[name] = bool(check())
+            except Exception as exc:  # a broken check means "not ready", never a crash
+                log.warning("readiness check %s failed: %s", name, type(exc).__name__)
+                checks[name] = False
+        not_ready = [name for name, ok in checks.items() if not ok]
+        body = {"ready": not not_ready, "not_ready": not_ready, "checks": checks}
+        return (503 if not_ready else 200), (json.dumps(body, sort_keys=True) + "\n").encode()
+
+    async def _send(self, stream: anyio.abc.ByteStream, data: bytes) -> None:
+        """Write the response, then close gently: half-close and discard what the client still sends
+        (bounded), so unread request bytes do not turn our close into a reset that eats the response."""
+        with anyio.move_on_after(self.read_timeout), contextlib.suppress(
+            anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError
+        ):
+            await stream.send(data)
+            await stream.send_eof()
+            with anyio.move_on_after(_LINGER_SECONDS):
+                drained = 0
+                while drained < self.max_request_bytes:
+                    drained += len(await stream.receive())
+
+
+async def serve_admin(
+    host: str,
+    port: int,
+    metrics: Metrics,
+    readiness: Readiness,
+    *,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin endpoint until cancelled. With `await tg.start(serve_admin, ...)` the bound port
+    is returned (pass port 0 for an ephemeral one)."""
+    handler = AdminHandler(metrics, readiness, read_timeout=read_timeout, max_request_bytes=max_request_bytes,
+                           max_connections=max_connections)
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    bound: int = listener.extra(anyio.abc.SocketAttribute.local_port)
+    log.info("admin endpoint on http://%s:%d/metrics", host, bound)
+    async with listener:
+        task_status.started(bound)
+        await listener.serve(handler.handle)
