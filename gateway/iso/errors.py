@@ -59,3 +59,18 @@ class ValidationError(IsoError):
         self.reason = reason
         self.field = field
         super().__init__(f"{reason} (field {field})")
+
+
+class SpecError(IsoError):
+    """A dialect spec file (`specs/*.toml`) that is missing or malformed: a deployment error, not bad
+    input. `key` is the dotted TOML key at fault (e.g. "fields.35.max_len"), `source` the file."""
+
+    kind = "spec"
+
+    def __init__(self, reason: str, *, source: str | None = None, key: str | None = None) -> None:
+        self.reason = reason
+        self.source = source
+        self.key = key
+        where = f"{source}: " if source else ""
+        at = f"{key}: " if key else ""
+        super().__init__(f"{where}{at}{reason}")

@@ -142,4 +142,9 @@ class TerminalServer:
                 for frame in frames:
                     await in_flight.acquire()
                     tg.start_soon(process, frame)
+                if decoder.failed:
+                    self.metrics.decode_error("framing").inc()
+                    log.warning("bad frame from %s after %d good ones: closing the connection", conn.peer,
+                                len(frames))
+                    break
             conn.closed = True
