@@ -39,11 +39,13 @@ from gateway.security.errors import MacError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible
-from gateway.store.records import TxnRecord
+from gateway.store.records import TxnKind, TxnRecord
 
 log = logging.getLogger("gateway.flow")
 
 RC_APPROVED = "00"
+#: kinds the gateway reverses on its own when their outcome is unknown (reference §3.1 "引发冲正")
+REVERSIBLE_KINDS = frozenset({TxnKind.PURCHASE, TxnKind.VOID})
 
 
 @dataclass(slots=True)
@@ -75,16 +77,21 @@ class GatewayService:
     # --- start-up ----------------------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """Reverse every request whose outcome is unknown (the gateway stopped while it was in flight)."""
-        unknown = await self.store.unknown_outcomes()
-        for rec in unknown:
-            await self.store.queue_reversal(rec.txn_id, "06")
-            self.metrics.reversals_queued.inc()
-            log.warning("txn %s (terminal %s stan %s) had no known outcome at start: reversal queued",
-                        rec.txn_id, rec.terminal_id, rec.terminal_stan)
-        if unknown:
+        """Settle every request whose outcome is unknown (the gateway stopped while it was in flight):
+        reversible kinds are reversed; the others (refund, balance inquiry) are marked timed out."""
+        queued = 0
+        for rec in await self.store.unknown_outcomes():
+            if rec.kind in REVERSIBLE_KINDS:
+                await self.store.queue_reversal(rec.txn_id, "06", state="timed_out")
+                self.metrics.reversals_queued.inc()
+                queued += 1
+                log.warning("txn %s (terminal %s stan %s) had no known outcome at start: reversal queued",
+                            rec.txn_id, rec.terminal_id, rec.terminal_stan)
+            else:
+                await self.store.record_outcome(rec.txn_id, "timed_out")
+        if queued:
             self.saf.wake()
-        return len(unknown)
+        return queued
 
     # --- terminal side -----------------------------------------------------------------------------
 

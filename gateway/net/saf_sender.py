@@ -92,7 +92,7 @@ class SafSender:
         saf_id = entry.saf_id  # type: ignore[attr-defined]
         if attempts >= self.config.max_attempts:
             reason = f"gave up after {attempts} attempts: {error}"
-            await self.store.park_reversal(saf_id, reason)
+            await self.store.park_reversal(saf_id, reason, final_attempt_at=time.time())
             self.metrics.reversals_parked.inc()
             log.error("reversal of txn %s parked for an operator: %s", entry.txn_id, reason)  # type: ignore[attr-defined]
             return

@@ -1,0 +1,214 @@
+"""The store interface: what the core and the SAF sender may ask of the journal and the reversal queue.
+
+It is narrow on purpose so a PostgreSQL backend can sit behind it for multi-instance deployments;
+`SqliteStore` (durable, the default) and `MemoryStore` (no I/O: benchmarks and unit tests of the core)
+implement it today.
+
+Contract of every write: when the awaited call returns, the change is durable (committed) in the
+durable backend; when it raises, nothing of it was applied. A write whose caller is cancelled while it
+is in the commit pipeline still completes (the cancellation is delivered right after), so a caller
+never has to guess whether a cancelled `record_request` reached the disk: if it returned it did,
+otherwise it is either absent or a `pending` row that recovery reverses.
+
+Operations that move several things (a state change and a SAF entry) do so in one transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from gateway.iso.totals import SettlementTotals
+from gateway.store.records import (
+    LateAnswer,
+    QueuedReversal,
+    ReversalInitiator,
+    SafEntry,
+    SafState,
+    TxnRecord,
+    TxnRequest,
+    TxnState,
+)
+
+
+@runtime_checkable
+class StoreObserver(Protocol):
+    """Metrics hooks. Called on the event loop, never from a worker thread; must not block."""
+
+    def commit(self, batch_size: int, seconds: float) -> None:
+        """One durable commit of `batch_size` writes took `seconds` (queueing excluded)."""
+
+    def saf_depth(self, n: int) -> None:
+        """SAF entries still needing action (pending + parked), after a change to the queue."""
+
+
+class NullObserver:
+    """The default observer: measures nothing."""
+
+    def commit(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def saf_depth(self, n: int) -> None:
+        pass
+
+
+class Store(Protocol):
+    # --- PAN fingerprint -------------------------------------------------------------------------
+
+    def fingerprint(self, pan: str) -> str:
+        """`pan_fingerprint(key, pan)` with the key the store was opened with; `InvalidRecord` (field
+        `pan_key`) when it was opened without one. Hashes at the boundary; the PAN is never kept."""
+        ...
+
+    # --- journal writes ----------------------------------------------------------------------------
+
+    async def record_request(self, rec: TxnRequest) -> int:
+        """Journal a request in state `pending`; durable on return. Send upstream only after this.
+        `DuplicateRequest` when terminal id + batch + STAN is already journalled."""
+        ...
+
+    async def record_outcome(
+        self,
+        txn_id: int,
+        state: TxnState | str,
+        *,
+        rc: str | None = None,
+        auth_code: str | None = None,
+        rrn: str | None = None,
+    ) -> None:
+        """pending → completed | declined | timed_out | undeliverable | host_rejected, or
+        completed → undeliverable. `StateConflict` otherwise (e.g. the reversal is already queued: the
+        answer is then a late answer)."""
+        ...
+
+    async def queue_reversal(
+        self,
+        txn_id: int,
+        reason: str,
+        *,
+        state: TxnState | str | None = None,
+        rc: str | None = None,
+        auth_code: str | None = None,
+        rrn: str | None = None,
+        initiator: ReversalInitiator | str = ReversalInitiator.GATEWAY,
+        not_before: float | None = None,
+    ) -> QueuedReversal:
+        """State → `reversal_queued` and a SAF entry, in one transaction. `state` records the outcome
+        that caused it (timed_out / undeliverable / host_rejected) in the same step. Idempotent: for a
+        transaction whose reversal already exists, returns that entry with `created=False`.
+        `not_before` holds the first attempt back (e.g. until an in-flight original has timed out).
+        `NotReversible` for a declined transaction."""
+        ...
+
+    async def record_timeout_and_queue_reversal(self, txn_id: int, reason: str = "98") -> QueuedReversal:
+        """`queue_reversal(txn_id, reason, state="timed_out")`."""
+        ...
+
+    async def record_late_answer(
+        self,
+        txn_id: int | None,
+        rc: str,
+        *,
+        auth_code: str | None = None,
+        rrn: str | None = None,
+        host_mti: str | None = None,
+        host_stan: str | None = None,
+        terminal_id: str | None = None,
+        amount: int | None = None,
+    ) -> int:
+        """Journal a host answer that came after the timeout (never forwarded). `txn_id` None when it
+        matches nothing. Does not change the transaction's state; sets its `late_rc`/`late_at`."""
+        ...
+
+    # --- journal reads -----------------------------------------------------------------------------
+
+    async def get(self, txn_id: int) -> TxnRecord | None: ...
+
+    async def find_original(self, terminal_id: str, batch: str, stan: str) -> TxnRecord | None:
+        """The financial request (not a terminal reversal) with that terminal id, batch and STAN."""
+        ...
+
+    async def find_by_rrn(self, rrn: str, *, terminal_id: str | None = None) -> TxnRecord | None:
+        """The newest transaction the host gave this RRN."""
+        ...
+
+    async def find_by_host_stan(
+        self, host_stan: str, *, transmission_datetime: str | None = None, terminal_id: str | None = None
+    ) -> TxnRecord | None:
+        """The newest transaction sent upstream with this host STAN (to match a late answer)."""
+        ...
+
+    async def find_referencing(self, orig_txn_id: int) -> list[TxnRecord]:
+        """Voids, refunds and terminal reversals whose `orig_txn_id` is this one, oldest first."""
+        ...
+
+    async def find_by_fingerprint(self, fingerprint: str, *, limit: int = 50) -> list[TxnRecord]:
+        """Transactions of one card (by PAN fingerprint), newest first."""
+        ...
+
+    async def unknown_outcomes(self) -> list[TxnRecord]:
+        """`pending` rows, oldest first: at start these are requests whose outcome is unknown. The
+        caller reverses the reversible kinds."""
+        ...
+
+    async def settlement_totals(self, terminal_id: str, batch: str) -> SettlementTotals:
+        """Completed debits (purchase, completion, offline sale) and credits (void, refund, completion
+        void), count and amount, split 内卡 (CUP) / 外卡 by card organisation."""
+        ...
+
+    async def purchase_totals_since(self, since: float) -> dict[str, int]:
+        """Per terminal: amount of completed purchases journalled at or after `since` (risk limits)."""
+        ...
+
+    async def list_transactions(
+        self,
+        *,
+        terminal_id: str | None = None,
+        batch: str | None = None,
+        state: TxnState | str | None = None,
+        limit: int = 100,
+    ) -> list[TxnRecord]:
+        """Newest first."""
+        ...
+
+    async def late_answers(self, *, txn_id: int | None = None, limit: int = 100) -> list[LateAnswer]:
+        """Newest first."""
+        ...
+
+    # --- store and forward -------------------------------------------------------------------------
+
+    async def due_reversals(self, now: float, limit: int = 64) -> list[SafEntry]:
+        """Pending entries whose next attempt is due, in queue order (oldest first)."""
+        ...
+
+    async def mark_reversal_attempt(self, saf_id: int, now: float, next_attempt_at: float, error: str) -> int:
+        """A failed attempt (a timeout counts): attempts + 1, next try at `next_attempt_at`. Returns the
+        new attempt count. `StateConflict` unless pending."""
+        ...
+
+    async def ack_reversal(self, saf_id: int, rc: str) -> None:
+        """The host acknowledged: entry done, transaction `reversed`. Idempotent; also accepted for a
+        parked or dropped entry (the host's word wins)."""
+        ...
+
+    async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
+        """Give up: entry parked, transaction `reversal_failed`, for an operator. `final_attempt_at`
+        counts the attempt that made the sender give up."""
+        ...
+
+    async def list_saf(self, state: SafState | str | None = None, *, limit: int = 1000) -> list[SafEntry]:
+        """Queue order (oldest first)."""
+        ...
+
+    async def get_saf(self, saf_id: int) -> SafEntry | None: ...
+
+    async def retry_saf(self, saf_id: int) -> SafEntry:
+        """Operator: parked → pending, attempts reset (the next send is a 0400 again), due now."""
+        ...
+
+    async def drop_saf(self, saf_id: int, operator_note: str) -> SafEntry:
+        """Operator: pending/parked → dropped with a note; transaction `reversal_dropped`."""
+        ...
+
+    async def saf_depth(self) -> int:
+        """Entries still needing action (pending + parked)."""
+        ...

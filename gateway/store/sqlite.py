@@ -1,0 +1,753 @@
+"""The durable store: SQLite in WAL mode, writes through a group committer.
+
+- Writes: one connection, used only by the committer's worker-thread calls. Each batch is one
+  `BEGIN IMMEDIATE … COMMIT` (one WAL fsync with `synchronous=FULL`); each write inside it runs under
+  its own SAVEPOINT, so a write that fails (duplicate, wrong state) is undone alone and its caller gets
+  the typed error while the rest of the batch commits.
+- Reads: a second, query-only connection, one call at a time. In WAL mode it reads the last committed
+  state without blocking the writer, and a write that has returned is visible to it.
+- The file is created 0600 (it holds masked PANs and card fingerprints); the WAL and shared-memory
+  files inherit that mode.
+
+`synchronous=FULL` (default): a commit survives power loss. `NORMAL`: WAL commits are not synced until
+the next checkpoint, so a power loss may lose the last commits (a process crash loses nothing).
+`OFF`: no syncs at all; for tests and benchmarks only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import anyio
+import anyio.abc
+
+from gateway.iso.totals import SettlementTotals
+from gateway.store import migrations
+from gateway.store.base import NullObserver, StoreObserver
+from gateway.store.errors import (
+    DuplicateRequest,
+    InvalidRecord,
+    NotFound,
+    NotReversible,
+    StateConflict,
+    StoreClosed,
+    StoreError,
+    StoreIOError,
+)
+from gateway.store.group_commit import DEFAULT_MAX_BATCH, GroupCommitter, Write
+from gateway.store.records import (
+    CREDIT_KINDS,
+    DEBIT_KINDS,
+    LATE_COLUMNS,
+    MISSING_SAF,
+    ONLY_PARKED,
+    OPEN_SAF_STATES,
+    REQUEST_COLUMNS,
+    REVERSAL_STATES,
+    REVERSIBLE_STATES,
+    SAF_COLUMNS,
+    TXN_COLUMNS,
+    LateAnswer,
+    QueuedReversal,
+    ReversalInitiator,
+    SafEntry,
+    SafState,
+    TxnKind,
+    TxnRecord,
+    TxnRequest,
+    TxnState,
+    check_id,
+    check_late_args,
+    check_limit,
+    check_outcome_args,
+    check_rc,
+    check_reason,
+    clip_text,
+    outcome_allowed,
+    outcome_sources,
+    pan_fingerprint,
+    parse_enum,
+    parse_outcome,
+    reversal_from,
+    saf_from_row,
+    totals_from_groups,
+    txn_from_row,
+)
+
+T = TypeVar("T")
+
+SYNC_MODES: Final = frozenset({"FULL", "NORMAL", "OFF"})
+
+_TXN_SELECT: Final = f"SELECT {', '.join(TXN_COLUMNS)} FROM txn"
+_SAF_SELECT: Final = (
+    f"SELECT {', '.join('s.' + c for c in SAF_COLUMNS)}, {', '.join('t.' + c for c in TXN_COLUMNS)}"
+    " FROM saf s JOIN txn t ON t.txn_id = s.txn_id"
+)
+_INSERT_TXN: Final = (
+    f"INSERT INTO txn ({', '.join(REQUEST_COLUMNS)}, state, created_at, updated_at)"
+    f" VALUES ({', '.join('?' * (len(REQUEST_COLUMNS) + 3))})"
+)
+_OPEN_SAF: Final = f"state IN ({', '.join(repr(str(s)) for s in OPEN_SAF_STATES)})"
+_SETTLED_KINDS: Final = ", ".join(repr(str(k)) for k in sorted(DEBIT_KINDS | CREDIT_KINDS))
+
+
+# --- connections -----------------------------------------------------------------------------------
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only, before SQLite creates it world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _connect(path: Path, *, synchronous: str, busy_timeout: float, query_only: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreIOError(f"cannot switch {path.name} to WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        if query_only:
+            conn.execute("PRAGMA query_only=ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_connections(
+    path: Path, synchronous: str, busy_timeout: float
+) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    _create_private(path)
+    writer = _connect(path, synchronous=synchronous, busy_timeout=busy_timeout, query_only=False)
+    try:
+        migrations.migrate(writer)
+        reader = _connect(path, synchronous=synchronous, busy_timeout=busy_timeout, query_only=True)
+    except BaseException:
+        writer.close()
+        raise
+    return writer, reader
+
+
+# --- row helpers (worker thread) -------------------------------------------------------------------
+
+
+def _one_txn(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> TxnRecord | None:
+    row = conn.execute(f"{_TXN_SELECT} WHERE {where}", params).fetchone()
+    return None if row is None else txn_from_row(row)
+
+
+def _txns(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> list[TxnRecord]:
+    return [txn_from_row(r) for r in conn.execute(f"{_TXN_SELECT} WHERE {where}", params)]
+
+
+def _safs(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> list[SafEntry]:
+    split = len(SAF_COLUMNS)
+    rows = conn.execute(f"{_SAF_SELECT} WHERE {where}", params)
+    return [saf_from_row(r[:split], txn_from_row(r[split:])) for r in rows]
+
+
+def _saf(conn: sqlite3.Connection, saf_id: int) -> SafEntry:
+    found = _safs(conn, "s.saf_id = ?", (saf_id,))
+    if not found:
+        raise NotFound("SAF entry", saf_id)
+    return found[0]
+
+
+def _saf_state(conn: sqlite3.Connection, saf_id: int) -> tuple[SafState, int]:
+    row = conn.execute("SELECT state, txn_id FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()
+    if row is None:
+        raise NotFound("SAF entry", saf_id)
+    return SafState(row[0]), int(row[1])
+
+
+def _txn_state(conn: sqlite3.Connection, txn_id: int) -> TxnState:
+    row = conn.execute("SELECT state FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    if row is None:
+        raise NotFound("transaction", txn_id)
+    return TxnState(row[0])
+
+
+def _set_txn_state(
+    conn: sqlite3.Connection, txn_id: int, state: TxnState, now: float, **extra: object
+) -> None:
+    sets = "".join(f", {name} = ?" for name in extra)
+    conn.execute(f"UPDATE txn SET state = ?, updated_at = ?{sets} WHERE txn_id = ?",
+                 (state, now, *extra.values(), txn_id))
+
+
+# --- write ops (worker thread, inside the batch transaction) ---------------------------------------
+
+
+def _op_record_request(conn: sqlite3.Connection, *, values: tuple[object, ...], rec: TxnRequest) -> int:
+    try:
+        cur = conn.execute(_INSERT_TXN, values)
+    except sqlite3.IntegrityError as exc:
+        text = str(exc)
+        if "UNIQUE" in text:
+            raise DuplicateRequest(rec.terminal_id, rec.batch, rec.terminal_stan) from None
+        if "FOREIGN KEY" in text:
+            raise InvalidRecord("no such journal entry", field="orig_txn_id") from None
+        raise InvalidRecord("rejected by a journal constraint", field="record") from exc
+    return int(cur.lastrowid or 0)
+
+
+def _op_record_outcome(
+    conn: sqlite3.Connection, *, txn_id: int, state: TxnState, rc: str | None, auth_code: str | None,
+    rrn: str | None, now: float,
+) -> None:
+    sources = outcome_sources(state)
+    cur = conn.execute(
+        "UPDATE txn SET state = ?, rc = coalesce(?, rc), auth_code = coalesce(?, auth_code),"
+        " rrn = coalesce(?, rrn), updated_at = ?"
+        f" WHERE txn_id = ? AND state IN ({', '.join('?' * len(sources))})",
+        (state, rc, auth_code, rrn, now, txn_id, *sources),
+    )
+    if cur.rowcount == 0:
+        current = _txn_state(conn, txn_id)
+        raise StateConflict("transaction", txn_id, current, f"record outcome {state}")
+
+
+def _op_queue_reversal(
+    conn: sqlite3.Connection, *, txn_id: int, reason: str, state: TxnState | None, rc: str | None,
+    auth_code: str | None, rrn: str | None, initiator: ReversalInitiator, not_before: float | None,
+    now: float,
+) -> QueuedReversal:
+    current = _txn_state(conn, txn_id)
+    if current in REVERSAL_STATES:
+        existing = _safs(conn, "s.txn_id = ?", (txn_id,))
+        if not existing:
+            raise StateConflict("transaction", txn_id, current, MISSING_SAF)
+        return QueuedReversal(existing[0], created=False)
+    if current not in REVERSIBLE_STATES:
+        raise NotReversible("transaction", txn_id, current, "reverse it: no money moved")
+    if state is not None and state != current and not outcome_allowed(current, state):
+        raise StateConflict("transaction", txn_id, current, f"record outcome {state}")
+    conn.execute(
+        "UPDATE txn SET state = ?, reversed_from = ?, reversal_reason = ?, reversal_initiator = ?,"
+        " rc = coalesce(?, rc), auth_code = coalesce(?, auth_code), rrn = coalesce(?, rrn), updated_at = ?"
+        " WHERE txn_id = ?",
+        (TxnState.REVERSAL_QUEUED, reversal_from(current, state), reason, initiator, rc, auth_code, rrn, now,
+         txn_id),
+    )
+    due = now if not_before is None else max(now, not_before)
+    cur = conn.execute(
+        "INSERT INTO saf (txn_id, state, reason, initiator, attempts, total_attempts, queued_at,"
+        " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?)",
+        (txn_id, SafState.PENDING, reason, initiator, now, due, now),
+    )
+    return QueuedReversal(_saf(conn, int(cur.lastrowid or 0)), created=True)
+
+
+def _op_record_late_answer(
+    conn: sqlite3.Connection, *, txn_id: int | None, rc: str, auth_code: str | None, rrn: str | None,
+    host_mti: str | None, host_stan: str | None, terminal_id: str | None, amount: int | None, now: float,
+) -> int:
+    if txn_id is not None:
+        cur = conn.execute("UPDATE txn SET late_rc = ?, late_at = ?, updated_at = ? WHERE txn_id = ?",
+                           (rc, now, now, txn_id))
+        if cur.rowcount == 0:
+            raise NotFound("transaction", txn_id)
+    cur = conn.execute(
+        f"INSERT INTO late_answer ({', '.join(LATE_COLUMNS[1:])})"
+        f" VALUES ({', '.join('?' * (len(LATE_COLUMNS) - 1))})",
+        (txn_id, rc, auth_code, rrn, host_mti, host_stan, terminal_id, amount, now),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def _op_mark_attempt(
+    conn: sqlite3.Connection, *, saf_id: int, attempted_at: float, next_attempt_at: float, error: str,
+    now: float,
+) -> int:
+    cur = conn.execute(
+        "UPDATE saf SET attempts = attempts + 1, total_attempts = total_attempts + 1, last_attempt_at = ?,"
+        " next_attempt_at = ?, last_error = ?, updated_at = ? WHERE saf_id = ? AND state = ?",
+        (attempted_at, next_attempt_at, error, now, saf_id, SafState.PENDING),
+    )
+    if cur.rowcount == 0:
+        state, _ = _saf_state(conn, saf_id)
+        raise StateConflict("SAF entry", saf_id, state, "record an attempt")
+    return int(conn.execute("SELECT attempts FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()[0])
+
+
+def _op_ack(conn: sqlite3.Connection, *, saf_id: int, rc: str, now: float) -> None:
+    state, txn_id = _saf_state(conn, saf_id)
+    if state == SafState.DONE:
+        return  # a repeated acknowledgement changes nothing
+    conn.execute("UPDATE saf SET state = ?, ack_rc = ?, updated_at = ? WHERE saf_id = ?",
+                 (SafState.DONE, rc, now, saf_id))
+    _set_txn_state(conn, txn_id, TxnState.REVERSED, now, reversal_rc=rc)
+
+
+def _op_park(
+    conn: sqlite3.Connection, *, saf_id: int, reason: str, final_attempt_at: float | None, now: float
+) -> None:
+    state, txn_id = _saf_state(conn, saf_id)
+    if state not in (SafState.PENDING, SafState.PARKED):
+        raise StateConflict("SAF entry", saf_id, state, "park it")
+    counted = 0 if final_attempt_at is None else 1
+    conn.execute(
+        "UPDATE saf SET state = ?, parked_reason = ?, attempts = attempts + ?,"
+        " total_attempts = total_attempts + ?, last_attempt_at = coalesce(?, last_attempt_at),"
+        " updated_at = ? WHERE saf_id = ?",
+        (SafState.PARKED, reason, counted, counted, final_attempt_at, now, saf_id),
+    )
+    _set_txn_state(conn, txn_id, TxnState.REVERSAL_FAILED, now)
+
+
+def _op_retry(conn: sqlite3.Connection, *, saf_id: int, now: float) -> SafEntry:
+    state, txn_id = _saf_state(conn, saf_id)
+    if state != SafState.PARKED:
+        raise StateConflict("SAF entry", saf_id, state, ONLY_PARKED)
+    conn.execute(
+        "UPDATE saf SET state = ?, attempts = 0, next_attempt_at = ?, parked_reason = NULL, updated_at = ?"
+        " WHERE saf_id = ?",
+        (SafState.PENDING, now, now, saf_id),
+    )
+    _set_txn_state(conn, txn_id, TxnState.REVERSAL_QUEUED, now)
+    return _saf(conn, saf_id)
+
+
+def _op_drop(conn: sqlite3.Connection, *, saf_id: int, note: str, now: float) -> SafEntry:
+    state, txn_id = _saf_state(conn, saf_id)
+    if state not in (SafState.PENDING, SafState.PARKED):
+        raise StateConflict("SAF entry", saf_id, state, "drop it")
+    conn.execute("UPDATE saf SET state = ?, operator_note = ?, updated_at = ? WHERE saf_id = ?",
+                 (SafState.DROPPED, note, now, saf_id))
+    _set_txn_state(conn, txn_id, TxnState.REVERSAL_DROPPED, now)
+    return _saf(conn, saf_id)
+
+
+def _count_open_saf(conn: sqlite3.Connection) -> int:
+    return int(conn.execute(f"SELECT count(*) FROM saf WHERE {_OPEN_SAF}").fetchone()[0])
+
+
+def _saf_op(op: functools.partial[T]) -> functools.partial[T]:
+    """Mark a write that changes the SAF queue: the depth is re-counted after its commit."""
+    op.touches_saf = True  # type: ignore[attr-defined]
+    return op
+
+
+def _one_statement(op: functools.partial[T]) -> functools.partial[T]:
+    """Mark a write that changes the database with at most one statement and raises only before it or
+    when it failed: SQLite undoes a failed statement by itself, so it needs no savepoint (the two
+    writes of every transaction are such; a savepoint costs about 3 µs each)."""
+    op.one_statement = True  # type: ignore[attr-defined]
+    return op
+
+
+# --- the store -------------------------------------------------------------------------------------
+
+
+class SqliteStore:
+    """Durable journal + SAF queue. Open with `async with SqliteStore.open(path) as store:`, which runs
+    the group committer in its own task group and drains it on exit. To run the committer in a task
+    group of your own instead: `store = SqliteStore(path)`, `await store.connect()`,
+    `await tg.start(store.run)`, and finally `await store.aclose()`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        observer: StoreObserver | None = None,
+        pan_key: bytes | None = None,
+        busy_timeout: float = 5.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        mode = str(synchronous).upper()
+        if mode not in SYNC_MODES:
+            raise InvalidRecord(f"expected one of {', '.join(sorted(SYNC_MODES))}", field="synchronous")
+        if pan_key is not None:
+            pan_fingerprint(pan_key, "0000000000000000")  # checks the key's length now, not at first use
+        self.path = Path(path)
+        self.synchronous = mode
+        self._observer: StoreObserver = observer or NullObserver()
+        self._pan_key = pan_key
+        self._busy_timeout = busy_timeout
+        self._clock = clock
+        self._committer: GroupCommitter[sqlite3.Connection] = GroupCommitter(
+            self._apply_batch, observer=self._observer, max_batch=max_batch, after_batch=self._after_batch
+        )
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_limiter: anyio.CapacityLimiter | None = None
+        self._stopped: anyio.Event | None = None
+        self._depth_after_commit: int | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | os.PathLike[str], **options: Any) -> AsyncIterator[SqliteStore]:
+        store = cls(path, **options)
+        await store.connect()
+        single: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(store._serve)
+                try:
+                    yield store
+                finally:
+                    store._committer.close()
+        except BaseExceptionGroup as group:
+            # the task group wraps whatever the body raised; callers should see their own exception
+            # (a StateConflict, say), not a group around it
+            if len(group.exceptions) != 1:
+                raise
+            single = group.exceptions[0]
+        finally:
+            await store._disconnect()
+        if single is not None:
+            raise single
+
+    async def connect(self) -> None:
+        """Open (creating and migrating if needed) the database; report the SAF depth."""
+        if self._writer is not None:
+            return
+        try:
+            self._writer, self._reader = await anyio.to_thread.run_sync(
+                _open_connections, self.path, self.synchronous, self._busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise StoreIOError(f"cannot open the journal {self.path}: {exc}") from exc
+        self._read_limiter = anyio.CapacityLimiter(1)
+        self._observer.saf_depth(await self.saf_depth())
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The group committer, for a task group of the caller's. Cancelling it fails queued writes."""
+        if self._writer is None:
+            raise StoreClosed("connect() the store before running it")
+        self._stopped = anyio.Event()
+        try:
+            await self._committer.run(task_status=task_status)
+        finally:
+            self._stopped.set()
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # shielded: `open` always calls close(), so this ends by draining every queued write, even
+        # when the body of the `async with` fails or is cancelled
+        with anyio.CancelScope(shield=True):
+            await self.run(task_status=task_status)
+
+    async def aclose(self) -> None:
+        """Stop taking writes, let the committer commit what is queued, close the database."""
+        self._committer.close()
+        if self._committer.running and self._stopped is not None:
+            with anyio.CancelScope(shield=True):
+                await self._stopped.wait()
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        if self._read_limiter is not None:  # let a read in progress finish with its connection
+            with anyio.CancelScope(shield=True):
+                async with self._read_limiter:
+                    pass
+
+        def close_all() -> None:
+            for conn in (reader, writer):
+                if conn is not None:
+                    conn.close()
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(close_all)
+
+    # --- plumbing ----------------------------------------------------------------------------------
+
+    def _apply_batch(self, writes: Sequence[Write[sqlite3.Connection]]) -> None:
+        """Worker thread: one transaction for the whole batch, one savepoint per write."""
+        conn = self._writer
+        if conn is None:
+            closed = StoreClosed("the store is closed")
+            for write in writes:
+                write.result, write.error = None, closed
+            return
+        touched_saf = False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in writes:
+                savepoint = not getattr(write.op, "one_statement", False)
+                if savepoint:
+                    conn.execute("SAVEPOINT w")
+                try:
+                    write.result = write.op(conn)
+                    touched_saf = touched_saf or getattr(write.op, "touches_saf", False)
+                except (sqlite3.OperationalError, sqlite3.InterfaceError, sqlite3.InternalError):
+                    raise  # disk, lock or connection trouble: the whole batch fails below
+                except Exception as exc:  # this write's own failure: undo it alone
+                    if savepoint:
+                        conn.execute("ROLLBACK TO w")
+                    write.error = exc if isinstance(exc, StoreError) else _wrap(exc)
+                if savepoint:
+                    conn.execute("RELEASE w")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            # never leave the connection inside a transaction: the next batch could not BEGIN
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # a broken connection: the next BEGIN says so
+                    conn.execute("ROLLBACK")
+            cause = exc if isinstance(exc, sqlite3.Error) else type(exc).__name__
+            failure = StoreIOError(f"journal commit failed: {cause}")
+            for write in writes:
+                write.result, write.error = None, failure
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            return
+        if touched_saf:
+            try:
+                self._depth_after_commit = _count_open_saf(conn)
+            except sqlite3.Error:
+                self._depth_after_commit = None
+
+    def _after_batch(self) -> None:
+        depth, self._depth_after_commit = self._depth_after_commit, None
+        if depth is not None:
+            self._observer.saf_depth(depth)
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._committer.submit(op)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        reader, limiter = self._reader, self._read_limiter
+        if reader is None or limiter is None:
+            raise StoreClosed("the store is not open")
+        try:
+            return await anyio.to_thread.run_sync(fn, reader, limiter=limiter)
+        except sqlite3.Error as exc:
+            raise StoreIOError(f"journal read failed: {exc}") from exc
+
+    @property
+    def committer(self) -> GroupCommitter[sqlite3.Connection]:
+        """The group committer (its `commits` / `writes` counters show the batching)."""
+        return self._committer
+
+    def fingerprint(self, pan: str) -> str:
+        if self._pan_key is None:
+            raise InvalidRecord("the store was opened without a PAN fingerprint key", field="pan_key")
+        return pan_fingerprint(self._pan_key, pan)
+
+    # --- journal writes ----------------------------------------------------------------------------
+
+    async def record_request(self, rec: TxnRequest) -> int:
+        if not isinstance(rec, TxnRequest) or isinstance(rec, TxnRecord):
+            raise InvalidRecord("expected a TxnRequest", field="record")
+        now = self._clock()
+        values = (*(getattr(rec, c) for c in REQUEST_COLUMNS), TxnState.PENDING, now, now)
+        op = functools.partial(_op_record_request, values=values, rec=rec)
+        return await self._write(_one_statement(op))
+
+    async def record_outcome(
+        self, txn_id: int, state: TxnState | str, *, rc: str | None = None, auth_code: str | None = None,
+        rrn: str | None = None,
+    ) -> None:
+        new = parse_outcome(state)
+        check_outcome_args(txn_id, rc, auth_code, rrn)
+        await self._write(_one_statement(functools.partial(
+            _op_record_outcome, txn_id=txn_id, state=new, rc=rc, auth_code=auth_code, rrn=rrn,
+            now=self._clock(),
+        )))
+
+    async def queue_reversal(
+        self, txn_id: int, reason: str, *, state: TxnState | str | None = None, rc: str | None = None,
+        auth_code: str | None = None, rrn: str | None = None,
+        initiator: ReversalInitiator | str = ReversalInitiator.GATEWAY, not_before: float | None = None,
+    ) -> QueuedReversal:
+        outcome = None if state is None else parse_enum(TxnState, state, "state")
+        if outcome is not None:
+            reversal_from(TxnState.PENDING, outcome)  # rejects outcomes a reversal cannot record
+        check_outcome_args(txn_id, rc, auth_code, rrn)
+        who = parse_enum(ReversalInitiator, initiator, "initiator")
+        return await self._write(_saf_op(functools.partial(
+            _op_queue_reversal, txn_id=txn_id, reason=check_reason(reason), state=outcome, rc=rc,
+            auth_code=auth_code, rrn=rrn, initiator=who, not_before=not_before, now=self._clock(),
+        )))
+
+    async def record_timeout_and_queue_reversal(self, txn_id: int, reason: str = "98") -> QueuedReversal:
+        return await self.queue_reversal(txn_id, reason, state=TxnState.TIMED_OUT)
+
+    async def record_late_answer(
+        self, txn_id: int | None, rc: str, *, auth_code: str | None = None, rrn: str | None = None,
+        host_mti: str | None = None, host_stan: str | None = None, terminal_id: str | None = None,
+        amount: int | None = None,
+    ) -> int:
+        if txn_id is not None:
+            check_id(txn_id, "txn_id")
+        check_late_args(rc, amount)
+        return await self._write(functools.partial(
+            _op_record_late_answer, txn_id=txn_id, rc=rc, auth_code=auth_code, rrn=rrn, host_mti=host_mti,
+            host_stan=host_stan, terminal_id=terminal_id, amount=amount, now=self._clock(),
+        ))
+
+    # --- journal reads -----------------------------------------------------------------------------
+
+    async def get(self, txn_id: int) -> TxnRecord | None:
+        check_id(txn_id, "txn_id")
+        return await self._read(lambda c: _one_txn(c, "txn_id = ?", (txn_id,)))
+
+    async def find_original(self, terminal_id: str, batch: str, stan: str) -> TxnRecord | None:
+        return await self._read(lambda c: _one_txn(
+            c, "terminal_id = ? AND batch = ? AND terminal_stan = ? AND kind <> 'reversal'",
+            (terminal_id, batch, stan),
+        ))
+
+    async def find_by_rrn(self, rrn: str, *, terminal_id: str | None = None) -> TxnRecord | None:
+        where, params = _and("rrn = ?", [rrn], terminal_id=terminal_id)
+        return await self._read(lambda c: _one_txn(c, f"{where} ORDER BY txn_id DESC LIMIT 1", params))
+
+    async def find_by_host_stan(
+        self, host_stan: str, *, transmission_datetime: str | None = None, terminal_id: str | None = None
+    ) -> TxnRecord | None:
+        where, params = _and("host_stan = ?", [host_stan], transmission_datetime=transmission_datetime,
+                             terminal_id=terminal_id)
+        return await self._read(lambda c: _one_txn(c, f"{where} ORDER BY txn_id DESC LIMIT 1", params))
+
+    async def find_referencing(self, orig_txn_id: int) -> list[TxnRecord]:
+        check_id(orig_txn_id, "orig_txn_id")
+        return await self._read(lambda c: _txns(c, "orig_txn_id = ? ORDER BY txn_id", (orig_txn_id,)))
+
+    async def find_by_fingerprint(self, fingerprint: str, *, limit: int = 50) -> list[TxnRecord]:
+        check_limit(limit)
+        if not fingerprint:
+            return []
+        return await self._read(lambda c: _txns(
+            c, "pan_fingerprint = ? AND pan_fingerprint <> '' ORDER BY txn_id DESC LIMIT ?",
+            (fingerprint, limit),
+        ))
+
+    async def unknown_outcomes(self) -> list[TxnRecord]:
+        return await self._read(lambda c: _txns(c, "state = 'pending' ORDER BY txn_id", ()))
+
+    async def settlement_totals(self, terminal_id: str, batch: str) -> SettlementTotals:
+        def query(conn: sqlite3.Connection) -> SettlementTotals:
+            rows = conn.execute(
+                "SELECT kind, card_org, count(*), coalesce(sum(amount), 0) FROM txn"
+                # `kind <> 'reversal'` lets SQLite use the (partial) terminal/batch/STAN index
+                " WHERE terminal_id = ? AND batch = ? AND kind <> 'reversal' AND state = ?"
+                f" AND kind IN ({_SETTLED_KINDS}) GROUP BY kind, card_org",
+                (terminal_id, batch, TxnState.COMPLETED),
+            ).fetchall()
+            return totals_from_groups(rows)
+
+        return await self._read(query)
+
+    async def purchase_totals_since(self, since: float) -> dict[str, int]:
+        def query(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT terminal_id, sum(amount) FROM txn WHERE created_at >= ? AND kind = ? AND state = ?"
+                " GROUP BY terminal_id",
+                (since, TxnKind.PURCHASE, TxnState.COMPLETED),
+            )
+            return {tid: int(total) for tid, total in rows}
+
+        return await self._read(query)
+
+    async def list_transactions(
+        self, *, terminal_id: str | None = None, batch: str | None = None,
+        state: TxnState | str | None = None, limit: int = 100,
+    ) -> list[TxnRecord]:
+        check_limit(limit)
+        wanted = None if state is None else parse_enum(TxnState, state, "state")
+        where, params = _and("1 = 1", [], terminal_id=terminal_id, batch=batch, state=wanted)
+        return await self._read(lambda c: _txns(c, f"{where} ORDER BY txn_id DESC LIMIT ?", (*params, limit)))
+
+    async def late_answers(self, *, txn_id: int | None = None, limit: int = 100) -> list[LateAnswer]:
+        check_limit(limit)
+        where, params = _and("1 = 1", [], txn_id=txn_id)
+
+        def query(conn: sqlite3.Connection) -> list[LateAnswer]:
+            rows = conn.execute(
+                f"SELECT {', '.join(LATE_COLUMNS)} FROM late_answer WHERE {where}"
+                " ORDER BY late_id DESC LIMIT ?",
+                (*params, limit),
+            )
+            return [LateAnswer(**dict(zip(LATE_COLUMNS, r, strict=True))) for r in rows]
+
+        return await self._read(query)
+
+    # --- store and forward -------------------------------------------------------------------------
+
+    async def due_reversals(self, now: float, limit: int = 64) -> list[SafEntry]:
+        check_limit(limit)
+        return await self._read(lambda c: _safs(
+            c, "s.state = ? AND s.next_attempt_at <= ? ORDER BY s.saf_id LIMIT ?",
+            (SafState.PENDING, now, limit),
+        ))
+
+    async def mark_reversal_attempt(self, saf_id: int, now: float, next_attempt_at: float, error: str) -> int:
+        check_id(saf_id, "saf_id")
+        return await self._write(_saf_op(functools.partial(
+            _op_mark_attempt, saf_id=saf_id, attempted_at=now, next_attempt_at=next_attempt_at,
+            error=clip_text(error, "error"), now=self._clock(),
+        )))
+
+    async def ack_reversal(self, saf_id: int, rc: str) -> None:
+        check_id(saf_id, "saf_id")
+        check_rc(rc)
+        await self._write(_saf_op(functools.partial(_op_ack, saf_id=saf_id, rc=rc, now=self._clock())))
+
+    async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
+        check_id(saf_id, "saf_id")
+        await self._write(_saf_op(functools.partial(
+            _op_park, saf_id=saf_id, reason=clip_text(reason, "reason", required=True),
+            final_attempt_at=final_attempt_at, now=self._clock(),
+        )))
+
+    async def list_saf(self, state: SafState | str | None = None, *, limit: int = 1000) -> list[SafEntry]:
+        check_limit(limit)
+        if state is None:
+            return await self._read(lambda c: _safs(c, "1 = 1 ORDER BY s.saf_id LIMIT ?", (limit,)))
+        wanted = parse_enum(SafState, state, "state")
+        return await self._read(lambda c: _safs(c, "s.state = ? ORDER BY s.saf_id LIMIT ?", (wanted, limit)))
+
+    async def get_saf(self, saf_id: int) -> SafEntry | None:
+        check_id(saf_id, "saf_id")
+        found = await self._read(lambda c: _safs(c, "s.saf_id = ?", (saf_id,)))
+        return found[0] if found else None
+
+    async def retry_saf(self, saf_id: int) -> SafEntry:
+        check_id(saf_id, "saf_id")
+        return await self._write(_saf_op(functools.partial(_op_retry, saf_id=saf_id, now=self._clock())))
+
+    async def drop_saf(self, saf_id: int, operator_note: str) -> SafEntry:
+        check_id(saf_id, "saf_id")
+        note = clip_text(operator_note, "operator_note", required=True)
+        op = functools.partial(_op_drop, saf_id=saf_id, note=note, now=self._clock())
+        return await self._write(_saf_op(op))
+
+    async def saf_depth(self) -> int:
+        return await self._read(_count_open_saf)
+
+
+def _and(base: str, params: list[object], **optional: object) -> tuple[str, list[object]]:
+    """`base` plus `AND column = ?` for every optional filter that is given."""
+    where = base
+    for column, value in optional.items():
+        if value is not None:
+            where += f" AND {column} = ?"
+            params.append(value)
+    return where, params
+
+
+def _wrap(exc: Exception) -> StoreError:
+    """An unexpected failure of one write, as a typed error that keeps the cause chained."""
+    error = StoreError(f"journal write failed: {type(exc).__name__}")
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,160 @@
+"""The group committer on its own, with a recording apply function instead of a database."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import anyio
+import pytest
+from test_store_support import Recorder
+
+from gateway.store import StoreClosed, StoreError, StoreIOError
+from gateway.store.group_commit import GroupCommitter, Write
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeDb:
+    """Applies ops to a list 'connection'; optional gate to hold a batch in the worker thread."""
+
+    def __init__(self) -> None:
+        self.rows: list[object] = []
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_commit = False
+
+    def apply(self, writes: Sequence[Write[list[object]]]) -> None:
+        self.gate.wait(10)
+        self.threads.add(threading.get_ident())
+        staged = list(self.rows)
+        for write in writes:
+            try:
+                write.result = write.op(staged)
+            except Exception as exc:
+                write.error = exc
+        if self.fail_commit:
+            raise OSError("disk on fire")
+        self.rows = staged
+        self.batches.append(len(writes))
+
+
+def append(value: object) -> Callable[[list[object]], int]:
+    def op(rows: list[object]) -> int:
+        rows.append(value)
+        return len(rows)
+
+    return op
+
+
+def failing(rows: list[object]) -> None:
+    raise StoreError("this one is wrong")
+
+
+async def test_waiters_get_their_own_results_and_errors() -> None:
+    db = FakeDb()
+    observer = Recorder()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply, observer=observer)
+    results: dict[int, object] = {}
+
+    async def writer(i: int) -> None:
+        try:
+            results[i] = await committer.submit(failing if i == 3 else append(i))
+        except StoreError as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        async with anyio.create_task_group() as writers:
+            for i in range(10):
+                writers.start_soon(writer, i)
+        committer.close()
+    assert isinstance(results.pop(3), StoreError)
+    assert sorted(results.values()) == list(range(1, 10))  # type: ignore[type-var]
+    assert sum(db.batches) == 10 and len(db.batches) == 1
+    assert observer.commits[0][0] == 10
+    assert db.threads and threading.get_ident() not in db.threads  # applied off the event loop
+
+
+async def test_batches_form_while_a_commit_is_in_progress() -> None:
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply, max_batch=16)
+    submitted: list[object] = []
+
+    async def writer(value: object) -> None:
+        submitted.append(value)  # submit queues the op before its first await: this is queue order
+        await committer.submit(append(value))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        db.gate.clear()  # the first commit stalls, as an fsync would
+        async with anyio.create_task_group() as writers:
+            writers.start_soon(writer, "first")
+            await anyio.wait_all_tasks_blocked()
+            for i in range(40):
+                writers.start_soon(writer, i)
+            await anyio.wait_all_tasks_blocked()
+            db.gate.set()
+        committer.close()
+    assert db.batches == [1, 16, 16, 8]  # everything that queued meanwhile, in max_batch slices
+    assert db.rows == submitted  # applied in submission order (trio starts tasks in any order)
+    assert sorted(db.rows[1:]) == list(range(40))  # type: ignore[type-var]
+
+
+async def test_a_failed_commit_fails_every_write_of_the_batch_only() -> None:
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply)
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        db.fail_commit = True
+        with pytest.raises(StoreIOError):
+            await committer.submit(append("lost"))
+        db.fail_commit = False
+        assert await committer.submit(append("kept")) == 1
+        committer.close()
+    assert db.rows == ["kept"]
+
+
+async def test_a_broken_observer_does_not_stop_the_journal() -> None:
+    class Broken(Recorder):
+        def commit(self, batch_size: int, seconds: float) -> None:
+            raise RuntimeError("metrics bug")
+
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply, observer=Broken())
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        assert await committer.submit(append(1)) == 1
+        assert await committer.submit(append(2)) == 2
+        committer.close()
+
+
+async def test_closed_or_cancelled_committer_refuses_and_fails_queued_writes() -> None:
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply)
+    with pytest.raises(StoreClosed):
+        await committer.submit(append("too early"))
+    outcome: list[object] = []
+
+    async def writer() -> None:
+        try:
+            outcome.append(await committer.submit(append("queued")))
+        except StoreClosed as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(committer.run)
+            db.gate.clear()
+            tg.start_soon(writer)  # in the stalled batch: still committed
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(writer)  # queued behind it: failed when the committer is cancelled
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+            db.gate.set()
+    assert outcome[0] == 1 and isinstance(outcome[1], StoreClosed)
+    assert not committer.running
+    with pytest.raises(StoreClosed):
+        await committer.submit(append("too late"))
