@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
 from gateway.net.terminal_server import TerminalConnection, Undeliverable
-from gateway.security.errors import MacError, SecurityError
+from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible
@@ -247,6 +247,8 @@ class GatewayService:
             if reserved:
                 self.limits.release(terminal_id, amount, day)
             self.metrics.security_failure(exc.kind).inc()
+            if isinstance(exc, PinFormatError):
+                self.metrics.pin_failures.inc()
             log.warning("terminal %s stan %s refused by the security module: %s (%s)",
                         terminal_id, msg.get("11"), exc.response_code, exc.kind)
             return Answer(decisions.refuse(msg, exc.response_code)), None

@@ -1,0 +1,107 @@
+"""`gateway load`: drive an endpoint open-loop (--rate) or closed-loop (--concurrency) and report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from gateway.load.config import LoadConfig, parse_mix
+from gateway.load.driver import LoadError, driver_names
+from gateway.load.processes import run_load_processes
+
+DEFAULT_DURATION = 10.0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "load",
+        help="generate load against an endpoint and report latency percentiles",
+        description="Open loop (--rate: fixed schedule, latency from the intended start, so a slow server "
+                    "cannot hide its queueing) or closed loop (--concurrency: N requests in flight).",
+    )
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="endpoint to drive")
+    p.add_argument("--driver", default="echo", metavar="NAME",
+                   help=f"request driver: {', '.join(driver_names())}, or package.module:factory "
+                        "(default: %(default)s)")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, metavar="R", help="open loop: requests per second")
+    load.add_argument("--concurrency", type=int, metavar="N", help="closed loop: requests in flight")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=float, metavar="S",
+                        help=f"measured seconds after the warm-up (default {DEFAULT_DURATION:g})")
+    length.add_argument("--count", type=int, metavar="N", help="measured requests after the warm-up")
+    p.add_argument("--warmup", type=float, default=0.0, metavar="S",
+                   help="seconds of load excluded from the statistics (default 0)")
+    p.add_argument("--mix", default="purchase=1", metavar="KIND=W,...",
+                   help="weighted request kinds, e.g. purchase=8,refund=1,balance=1 (default %(default)s)")
+    p.add_argument("--sessions", type=int, metavar="N",
+                   help="open loop: connections the schedule is spread over (default 64)")
+    p.add_argument("--processes", type=int, default=1, metavar="K",
+                   help="split the load over K worker processes (default 1)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="per-request timeout; a timed-out session is replaced (default 10)")
+    p.add_argument("--seed", type=int, help="seed for the kind mix (repeatable runs)")
+    p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
+                   help="event loop of the load processes (asyncio uses uvloop)")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="driver option, repeatable (echo: size=BYTES)")
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write latency and rate over time as a PNG")
+    p.add_argument("--progress", action="store_true",
+                   help="a progress line per second on stderr (default: only when stderr is a terminal)")
+    p.set_defaults(func=run)
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LoadError(f"driver option {pair!r} is not KEY=VALUE")
+        options[key.strip()] = value
+    return options
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    duration = args.duration
+    if duration is None and args.count is None:
+        duration = DEFAULT_DURATION
+    return LoadConfig(
+        rate=args.rate,
+        concurrency=args.concurrency,
+        duration=duration,
+        count=args.count,
+        warmup=args.warmup,
+        mix=parse_mix(args.mix),
+        sessions=args.sessions,
+        request_timeout=args.timeout,
+        seed=args.seed,
+    )
+
+
+def driver_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What a driver factory receives: every CLI option (picklable), `options` from -o KEY=VALUE."""
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    options["options"] = parse_options(args.option)
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        report = run_load_processes(args.driver, driver_options(args), config, args.processes,
+                                    backend=args.backend, progress=args.progress or sys.stderr.isatty())
+        print(report.summary_line())
+        if report.errors:
+            print("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(report.errors.items())))
+        if args.json:
+            report.write_json(args.json)
+        if args.plot:
+            from gateway.load.plot import plot_report
+
+            plot_report(report, args.plot)
+    except LoadError as exc:
+        print(f"gateway load: {exc}", file=sys.stderr)
+        return 1
+    return 0 if report.ok else 3

@@ -1,0 +1,69 @@
+"""When requests start: open-loop (fixed intended times) and closed-loop (as soon as a session is free).
+
+A schedule hands out tickets `(start_time, measured)`; `None` means the run is over. Each session's
+worker takes the next ticket when it is free, so in the open loop the schedule does not bend to the
+server: a ticket's time is fixed when the run starts, however late a worker gets to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+Ticket = tuple[float, bool]
+
+
+class Schedule(Protocol):
+    def next_ticket(self, now: float) -> Ticket | None: ...
+
+
+class OpenLoopSchedule:
+    """Ticket i starts at `start + i / rate`; those before `measure_from` are warm-up."""
+
+    __slots__ = ("_end", "_i", "_interval", "_limit", "_measured", "_start", "measure_from")
+
+    def __init__(self, start: float, rate: float, measure_from: float, duration: float | None,
+                 count: int | None) -> None:
+        self._start = start
+        self._interval = 1.0 / rate
+        self.measure_from = measure_from
+        self._end = measure_from + duration if duration is not None else math.inf
+        self._limit = count if count is not None else math.inf
+        self._i = 0
+        self._measured = 0
+
+    def next_ticket(self, now: float) -> Ticket | None:
+        intended = self._start + self._i * self._interval
+        if intended >= self._end or self._measured >= self._limit:
+            return None
+        self._i += 1
+        measured = intended >= self.measure_from
+        if measured:
+            self._measured += 1
+        return intended, measured
+
+    @property
+    def issued(self) -> int:
+        return self._i
+
+
+class ClosedLoopSchedule:
+    """A ticket is "now" until the duration has passed or `count` measured requests were issued."""
+
+    __slots__ = ("_end", "_limit", "_measured", "measure_from")
+
+    def __init__(self, measure_from: float, duration: float | None, count: int | None) -> None:
+        self.measure_from = measure_from
+        self._end = measure_from + duration if duration is not None else math.inf
+        self._limit = count if count is not None else math.inf
+        self._measured = 0
+
+    def next_ticket(self, now: float) -> Ticket | None:
+        if now >= self._end:
+            return None
+        measured = now >= self.measure_from
+        if measured:
+            if self._measured >= self._limit:
+                return None
+            self._measured += 1
+        return now, measured
