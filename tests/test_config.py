@@ -105,3 +105,10 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(bad, environ={})
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_the_example_config_parses() -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "gateway.toml"
+    cfg = load_config(example, environ={})
+    assert cfg.terminals[0].terminal_id == "10000001"
+    assert cfg.store.synchronous == "FULL"

@@ -121,14 +121,17 @@ class TerminalServer:
             finally:
                 in_flight.release()
 
-        # in-flight frames finish even after the terminal hangs up: their host exchange is under way
-        # and an answer that cannot be delivered must still be reversed by the handler
+        # In-flight frames finish even after reading stops: their host exchange is under way, and an
+        # answer that cannot be delivered must still be reversed by the handler. When the terminal hung
+        # up, answers are refused at once (`closed`); when *we* stop reading (idle, bad framing), the
+        # answers already owed are still written, then the connection closes.
         async with anyio.create_task_group() as tg:
             while True:
                 with anyio.move_on_after(self.config.idle_timeout) as idle:
                     try:
                         chunk = await stream.receive()
                     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        conn.closed = True
                         break
                 if idle.cancelled_caught:
                     log.info("closing idle terminal connection %s", conn.peer)
@@ -147,4 +150,4 @@ class TerminalServer:
                     log.warning("bad frame from %s after %d good ones: closing the connection", conn.peer,
                                 len(frames))
                     break
-            conn.closed = True
+        conn.closed = True
