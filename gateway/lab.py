@@ -78,11 +78,13 @@ class Lab:
 
 def lab_config(tmp_dir: Path, host_port: int, tmks: Mapping[str, bytes], zmk: bytes, *,
                host_timeout: float = 2.0, durable_path: Path | None = None, admin: bool = True,
-               limits: LimitsConfig | None = None, reversal: ReversalConfig | None = None) -> GatewayConfig:
+               limits: LimitsConfig | None = None, reversal: ReversalConfig | None = None,
+               host_options: Mapping[str, Any] | None = None) -> GatewayConfig:
+    host = HostConfig(address=Endpoint(LOOPBACK, host_port), timeout=host_timeout, echo_interval=30.0,
+                      reconnect_min=0.05, reconnect_max=1.0)
     return GatewayConfig(
         terminal_side=TerminalSideConfig(listen=Endpoint(LOOPBACK, 0), idle_timeout=60.0, write_timeout=2.0),
-        host=HostConfig(address=Endpoint(LOOPBACK, host_port), timeout=host_timeout, echo_interval=30.0,
-                        reconnect_min=0.05, reconnect_max=1.0),
+        host=dataclasses.replace(host, **(host_options or {})),
         security=SecurityConfig(zmk=zmk.hex().upper()),
         store=StoreConfig(path=durable_path or tmp_dir / "journal.db", pan_hash_key_hex="11" * 32),
         reversal=reversal or ReversalConfig(max_attempts=5, backoff=(0.2, 0.5, 1.0), poll_interval=0.1,
@@ -96,15 +98,18 @@ def lab_config(tmp_dir: Path, host_port: int, tmks: Mapping[str, bytes], zmk: by
 @asynccontextmanager
 async def open_lab(tmp_dir: Path, *, terminals: int = 3, host_timeout: float = 2.0,
                    faults: Iterable[Fault] = (), durable: bool = True, metrics: Metrics | None = None,
-                   host_limit: int = 2_000_000, **config_overrides: Any) -> AsyncIterator[Lab]:
-    """Host simulator and gateway running on loopback until the block ends."""
+                   host_limit: int = 2_000_000, host_options: Mapping[str, Any] | None = None,
+                   **config_overrides: Any) -> AsyncIterator[Lab]:
+    """Host simulator and gateway running on loopback until the block ends. `host_options` replace
+    fields of the gateway's HostConfig (echo interval, match key, ...); `config_overrides` replace
+    whole sections of the GatewayConfig."""
     zmk = generate_key(16)
     tmks = {tid: generate_key(16) for tid in terminal_ids(terminals)}
     host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=host_limit,
                                                                       faults=tuple(faults))))
     async with anyio.create_task_group() as tg:
         host_port = await tg.start(host.serve, LOOPBACK, 0)
-        config = lab_config(tmp_dir, host_port, tmks, zmk, host_timeout=host_timeout)
+        config = lab_config(tmp_dir, host_port, tmks, zmk, host_timeout=host_timeout, host_options=host_options)
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)
         gateway = await tg.start(_run_gateway, config, durable, metrics)
