@@ -152,10 +152,21 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         anyio.run(_serve_until_signalled, config, backend=args.backend,
                   backend_options={"use_uvloop": True} if args.backend == "asyncio" else {})
-    except (ConfigError, SecurityError, OSError) as exc:
-        print(f"gateway: cannot start: {exc}", flush=True)
-        return 1
+    except Exception as exc:
+        cause = _root_cause(exc)
+        if isinstance(cause, ConfigError | SecurityError | OSError):
+            # expected start-up failures (port in use, unreadable key store, bad LMK): one line, no trace
+            print(f"gateway: cannot start: {type(cause).__name__}: {cause}", flush=True)
+            return 1
+        raise
     return 0
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) task-group exception groups, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
