@@ -109,7 +109,12 @@ async def run_gateway(
         terminal_port = await tg.start(server.serve)
         admin_port = None
         if config.admin.listen is not None:
-            readiness = {"host_link": lambda: link.ready, "journal": lambda: True}
+            committer = getattr(store, "committer", None)
+
+            def journal_ready() -> bool:
+                return service.journal_healthy and (committer is None or committer.running)
+
+            readiness = {"host_link": lambda: link.ready, "journal": journal_ready}
             admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
                                         metrics, readiness)
         log.info("gateway up: terminals on port %s, admin on port %s, host %s", terminal_port, admin_port,

@@ -73,6 +73,7 @@ class GatewayService:
         #: originals still waiting for the host, so a terminal reversal can wait for them
         self.in_flight: dict[tuple[str, str, str], anyio.Event] = {}
         self._rrn_seq = 0
+        self.journal_healthy = True
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -258,12 +259,14 @@ class GatewayService:
         record = translate.journal_record(msg, host_req, name, card, fingerprint, original)
         try:
             txn_id = await self.store.record_request(record)
+            self.journal_healthy = True
         except DuplicateRequest:
             if reserved:
                 self.limits.release(terminal_id, amount, day)
             log.warning("terminal %s repeated batch/stan %s: 94", terminal_id, msg.get("11"))
             return Answer(decisions.refuse(msg, "94")), None
         except Exception:
+            self.journal_healthy = False  # /readyz says so until a write succeeds again
             log.exception("journal write failed: refusing terminal %s stan %s", terminal_id, msg.get("11"))
             if reserved:
                 self.limits.release(terminal_id, amount, day)
