@@ -105,7 +105,7 @@ async def run_gateway(
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
         await tg.start(link.run)
         await tg.start(saf.run)
-        server = TerminalServer(config.terminal_side, service.handle_frame, metrics)
+        server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         terminal_port = await tg.start(server.serve)
         admin_port = None
         if config.admin.listen is not None:

@@ -38,7 +38,7 @@ from gateway.net.terminal_server import TerminalConnection, Undeliverable
 from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
-from gateway.store.errors import DuplicateRequest, NotReversible
+from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict
 from gateway.store.records import TxnKind, TxnRecord
 
 log = logging.getLogger("gateway.flow")
@@ -54,6 +54,17 @@ class Answer:
 
     message: Message
     resign: bool = False  #: set the CUP header's processing requirement to 3 (re-sign-in)
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A terminal frame, decoded in wire order by `GatewayService.admit`."""
+
+    frame: Frame
+    message: Message | None
+    error: IsoError | None
+    in_flight_key: tuple[str, str, str] | None = None
+    done: anyio.Event | None = None
 
 
 class GatewayService:
@@ -96,14 +107,41 @@ class GatewayService:
 
     # --- terminal side -----------------------------------------------------------------------------
 
-    async def handle_frame(self, frame: Frame, conn: TerminalConnection) -> None:
-        started = anyio.current_time()
+    def admit(self, frame: Frame) -> Admitted:
+        """Called by the terminal server for each frame in wire order, before any frame of the
+        connection is processed concurrently: a financial request is registered as in flight here, so
+        a reversal pipelined right behind it always finds it and waits for its outcome."""
         try:
             msg = self.codec.decode(frame.body)
         except IsoError as exc:
+            return Admitted(frame, None, exc)
+        admitted = Admitted(frame, msg, None)
+        if msg.mti in decisions.FINANCIAL_REQUEST_MTIS:
+            key = (msg.fields.get("41", ""), decisions.batch_of(msg), msg.fields.get("11", ""))
+            if key not in self.in_flight:  # a duplicate STAN waits on the first one's event
+                admitted.in_flight_key = key
+                admitted.done = self.in_flight[key] = anyio.Event()
+        return admitted
+
+    async def handle_frame(self, admitted: Admitted, conn: TerminalConnection) -> None:
+        started = anyio.current_time()
+        try:
+            await self._handle(admitted, conn)
+        finally:
+            # only now, with the outcome journalled, may a waiting reversal look at the original
+            if admitted.done is not None:
+                self.in_flight.pop(admitted.in_flight_key, None)  # type: ignore[arg-type]
+                admitted.done.set()
+            if admitted.message is not None:
+                self.metrics.end_to_end.observe(anyio.current_time() - started)
+
+    async def _handle(self, admitted: Admitted, conn: TerminalConnection) -> None:
+        frame, msg = admitted.frame, admitted.message
+        if msg is None:
+            exc = admitted.error
             # without a decodable STAN and terminal id no answer could be matched by the terminal:
             # close cleanly, so it reverses or retries on a fresh connection
-            self.metrics.decode_error("unknown_mti" if getattr(exc, "field", None) == "t" else exc.kind).inc()
+            self.metrics.decode_error("unknown_mti" if getattr(exc, "field", None) == "t" else exc.kind).inc()  # type: ignore[union-attr]
             log.warning("undecodable message from %s (%s): closing the connection", conn.peer, exc)
             await conn.close()
             return
@@ -126,7 +164,6 @@ class GatewayService:
                 await on_delivery(delivered)
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.end_to_end.observe(anyio.current_time() - started)
 
     async def _send(self, conn: TerminalConnection, frame: Frame, answer: Answer) -> bool:
         msg = answer.message
@@ -271,14 +308,7 @@ class GatewayService:
             if reserved:
                 self.limits.release(terminal_id, amount, day)
             return Answer(decisions.refuse(msg, "96")), None
-        key = (terminal_id, decisions.batch_of(msg), msg.fields["11"])
-        done = anyio.Event()
-        self.in_flight[key] = done
-        try:
-            return await self._exchange(msg, host_req, txn_id, flow, card.pan, amount, day, reserved)
-        finally:
-            self.in_flight.pop(key, None)
-            done.set()
+        return await self._exchange(msg, host_req, txn_id, flow, card.pan, amount, day, reserved)
 
     async def _find_referenced_original(self, msg: Message) -> TxnRecord | None:
         batch, trace, _ = translate.original_refs(msg)
@@ -343,7 +373,10 @@ class GatewayService:
 
         async def on_delivery(delivered: bool) -> None:
             if delivered:
-                await self.store.record_outcome(txn_id, "completed", rc=rc, rrn=rrn, auth_code=auth_code)
+                try:
+                    await self.store.record_outcome(txn_id, "completed", rc=rc, rrn=rrn, auth_code=auth_code)
+                except StateConflict as exc:  # e.g. an operator acted on it meanwhile: keep their state
+                    log.error("txn %s delivered but could not be marked completed: %s", txn_id, exc)
                 return
             release()
             if flow.reversible:

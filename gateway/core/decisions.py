@@ -27,6 +27,9 @@ OnDelivery = Callable[[bool], Awaitable[None]]
 #: a known one with an unknown processing code / 60.3 is an unsupported transaction (40)
 KNOWN_REQUEST_MTIS = frozenset({"0100", "0200", "0220", "0320", "0400", "0401", "0500", "0620", "0800", "0820"})
 
+#: requests that may move money and that a terminal reversal may refer to while they are in flight
+FINANCIAL_REQUEST_MTIS = frozenset({"0200", "0220"})
+
 #: originals whose reversal must go to the host (queue_reversal is idempotent for those already queued)
 REVERSIBLE_STATES = frozenset({
     TxnState.PENDING, TxnState.COMPLETED, TxnState.TIMED_OUT, TxnState.UNDELIVERABLE,

@@ -81,7 +81,7 @@ class SafSender:
             return
         rc = reply.message.get("39", "")
         if rc in FINAL_RCS and reply.mac_ok:
-            await self.store.ack_reversal(entry.saf_id, rc)  # type: ignore[attr-defined]
+            await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time())  # type: ignore[attr-defined]
             self.metrics.reversals_acknowledged.inc()
             log.info("reversal of txn %s acknowledged by the host (rc %s, attempt %d)",
                      entry.txn_id, rc, attempts + 1)  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -67,13 +68,20 @@ class TerminalConnection:
             raise Undeliverable(f"write failed: {type(exc).__name__}") from None
 
 
-FrameHandler = Callable[[Frame, TerminalConnection], Awaitable[None]]
+#: turns a frame into the work item for the handler; runs synchronously in wire order (see __init__)
+FrameAdmitter = Callable[[Frame], Any]
+FrameHandler = Callable[[Any, TerminalConnection], Awaitable[None]]
 
 
 class TerminalServer:
-    def __init__(self, config: TerminalSideConfig, handler: FrameHandler, metrics: Metrics) -> None:
+    def __init__(self, config: TerminalSideConfig, handler: FrameHandler, metrics: Metrics,
+                 admit: FrameAdmitter | None = None) -> None:
+        """`admit(frame)` runs in the reader, in wire order, before the frame's task starts: frames of
+        one connection are processed concurrently and a task scheduler may start them in any order,
+        so whatever must happen in arrival order (registering an in-flight request) happens there."""
         self.config = config
         self.handler = handler
+        self.admit = admit
         self.metrics = metrics
         self.framer = make_framer(config.framing, config.max_frame)
         self.active = 0
@@ -113,9 +121,9 @@ class TerminalServer:
         decoder = self.framer.decoder()
         in_flight = anyio.Semaphore(self.config.max_in_flight_per_connection)
 
-        async def process(frame: Frame) -> None:
+        async def process(item: Any) -> None:
             try:
-                await self.handler(frame, conn)
+                await self.handler(item, conn)
             except Exception:  # the handler answers every defined error itself; this is a bug guard
                 log.exception("unhandled error while processing a frame from %s", conn.peer)
             finally:
@@ -144,7 +152,7 @@ class TerminalServer:
                     break
                 for frame in frames:
                     await in_flight.acquire()
-                    tg.start_soon(process, frame)
+                    tg.start_soon(process, frame if self.admit is None else self.admit(frame))
                 if decoder.failed:
                     self.metrics.decode_error("framing").inc()
                     log.warning("bad frame from %s after %d good ones: closing the connection", conn.peer,

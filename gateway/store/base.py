@@ -185,7 +185,7 @@ class Store(Protocol):
         new attempt count. `StateConflict` unless pending."""
         ...
 
-    async def ack_reversal(self, saf_id: int, rc: str) -> None:
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
         """The host acknowledged: entry done, transaction `reversed`. Idempotent; also accepted for a
         parked or dropped entry (the host's word wins)."""
         ...

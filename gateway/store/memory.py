@@ -314,7 +314,7 @@ class MemoryStore:
         self._saf_changed()
         return int(row["attempts"])
 
-    async def ack_reversal(self, saf_id: int, rc: str) -> None:
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
         check_id(saf_id, "saf_id")
         check_rc(rc)
         await anyio.lowlevel.checkpoint()
@@ -322,7 +322,10 @@ class MemoryStore:
         if row["state"] == SafState.DONE:
             return
         now = self._clock()
-        row.update(state=SafState.DONE, ack_rc=rc, updated_at=now)
+        counted = 0 if attempt_at is None else 1
+        row.update(state=SafState.DONE, ack_rc=rc, updated_at=now, attempts=row["attempts"] + counted,
+                   total_attempts=row["total_attempts"] + counted,
+                   last_attempt_at=row["last_attempt_at"] if attempt_at is None else attempt_at)
         self._set(row["txn_id"], state=TxnState.REVERSED, reversal_rc=rc, updated_at=now)
         self._saf_changed()
 

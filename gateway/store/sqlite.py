@@ -285,12 +285,16 @@ def _op_mark_attempt(
     return int(conn.execute("SELECT attempts FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()[0])
 
 
-def _op_ack(conn: sqlite3.Connection, *, saf_id: int, rc: str, now: float) -> None:
+def _op_ack(conn: sqlite3.Connection, *, saf_id: int, rc: str, attempt_at: float | None, now: float) -> None:
     state, txn_id = _saf_state(conn, saf_id)
     if state == SafState.DONE:
         return  # a repeated acknowledgement changes nothing
-    conn.execute("UPDATE saf SET state = ?, ack_rc = ?, updated_at = ? WHERE saf_id = ?",
-                 (SafState.DONE, rc, now, saf_id))
+    counted = 0 if attempt_at is None else 1  # the attempt the host acknowledged is an attempt too
+    conn.execute(
+        "UPDATE saf SET state = ?, ack_rc = ?, attempts = attempts + ?, total_attempts = total_attempts + ?,"
+        " last_attempt_at = coalesce(?, last_attempt_at), updated_at = ? WHERE saf_id = ?",
+        (SafState.DONE, rc, counted, counted, attempt_at, now, saf_id),
+    )
     _set_txn_state(conn, txn_id, TxnState.REVERSED, now, reversal_rc=rc)
 
 
@@ -698,10 +702,11 @@ class SqliteStore:
             error=clip_text(error, "error"), now=self._clock(),
         )))
 
-    async def ack_reversal(self, saf_id: int, rc: str) -> None:
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
         check_id(saf_id, "saf_id")
         check_rc(rc)
-        await self._write(_saf_op(functools.partial(_op_ack, saf_id=saf_id, rc=rc, now=self._clock())))
+        op = functools.partial(_op_ack, saf_id=saf_id, rc=rc, attempt_at=attempt_at, now=self._clock())
+        await self._write(_saf_op(op))
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
         check_id(saf_id, "saf_id")
