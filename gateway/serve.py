@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.iso.stan import STAN_MAX, StanAllocator
 from gateway.metrics import Metrics, NullMetrics
 from gateway.net.admin import serve_admin
 from gateway.net.host_link import HostLink
@@ -33,11 +34,27 @@ from gateway.security.module import SecurityModule, SoftwareSecurityModule
 from gateway.service import GatewayService
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
+from gateway.store.records import TxnRecord
 from gateway.store.sqlite import SqliteStore
 
 log = logging.getLogger("gateway")
 
 PAN_KEY_ENV = "GATEWAY_PAN_HASH_KEY"
+
+
+#: STANs a previous process may have handed out after its newest journalled request (reversal repeats,
+#: echo tests, requests allocated but not yet committed when it died)
+STAN_RESUME_MARGIN = 10_000
+
+
+def resume_host_stans(newest: list[TxnRecord]) -> StanAllocator:
+    """Go on after the journal's newest request. Field 90 names an original by MTI + STAN + field 7 (to
+    the second) + acquirer, so a gateway restarted within the same second must not hand out a STAN of
+    its previous life: the host would take a new purchase for a duplicate, and that purchase's reversal
+    would undo an older one the customer holds a receipt for."""
+    if not newest or not newest[0].host_stan:
+        return StanAllocator()
+    return StanAllocator(start=(int(newest[0].host_stan) + STAN_RESUME_MARGIN) % STAN_MAX + 1)
 
 
 @dataclass(slots=True)
@@ -101,6 +118,7 @@ async def run_gateway(
         service = GatewayService(config, security, store, link, saf, metrics)
         link.on_unmatched = service.on_unmatched_host_answer
         recovered = await service.recover()
+        link.stans = resume_host_stans(await store.list_transactions(limit=1))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
         await tg.start(link.run)

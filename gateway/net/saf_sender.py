@@ -39,6 +39,9 @@ class SafSender:
         self.forwarding_id = forwarding_id
         self._wake = anyio.Event()
         self._busy: set[int] = set()
+        #: an entry queued before this process started may have reached the host just before the old
+        #: process died: its next attempt is a repeat (0401) even though no attempt was recorded
+        self._started_at = time.time()
 
     def wake(self) -> None:
         """Something was queued: look at the queue now instead of at the next poll."""
@@ -68,7 +71,8 @@ class SafSender:
 
     async def _send(self, entry: object) -> None:
         attempts: int = entry.attempts  # type: ignore[attr-defined]
-        msg = build_host_reversal(entry, repeat=attempts > 0, acquirer_id=self.acquirer_id,
+        repeat = attempts > 0 or entry.queued_at < self._started_at  # type: ignore[attr-defined]
+        msg = build_host_reversal(entry, repeat=repeat, acquirer_id=self.acquirer_id,
                                   forwarding_id=self.forwarding_id)
         self.link.stamp(msg)
         self.metrics.reversals_sent.inc()
