@@ -178,8 +178,12 @@ async def _summary(lab: Lab, screen: Screen, scenes: list[Scene]) -> bool:
     rows = await lab.gateway.store.list_transactions(limit=100)
     print(f"{'txn':>4}  {'terminal':<8}  {'kind':<16} {'amount':>11}  {'card':<20} {'rc':<3} state")
     for rec in sorted(rows, key=lambda r: r.txn_id):
+        note = ""
+        if rec.reversal_reason:
+            note = f" (reason {rec.reversal_reason}, host answered the reversal {rec.reversal_rc or '--'}"
+            note += f"; late host answer {rec.late_rc} journalled, not forwarded)" if rec.late_rc else ")"
         print(f"{rec.txn_id:>4}  {rec.terminal_id:<8}  {rec.kind:<16} {rec.amount / 100:>11,.2f}  "
-              f"{rec.pan_masked:<20} {rec.rc or '--':<3} {rec.state}")
+              f"{rec.pan_masked:<20} {rec.rc or '--':<3} {rec.state}{note}")
     metrics = lab.gateway.metrics
     screen.title("summary")
     for scene in scenes:
