@@ -65,7 +65,7 @@ class HostConfig:
     reconnect_max: float = 30.0
     acquirer_id: str = "00000001234"
     forwarding_id: str = "00000000000"
-    #: request/response pairing, like jPOS QMUX's key: any of "mti_class", "stan", "terminal", "rrn"
+    #: request/response pairing, like jPOS QMUX's key: "stan" plus any of "mti_class", "terminal"
     match_key: tuple[str, ...] = ("mti_class", "stan", "terminal")
     key_exchange: bool = True
 
@@ -124,12 +124,14 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     terminals: tuple[TerminalEntry, ...] = ()
+    _by_id: dict[str, TerminalEntry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # looked up on every message: a dict, built once
+        object.__setattr__(self, "_by_id", {entry.terminal_id: entry for entry in self.terminals})
 
     def terminal(self, terminal_id: str) -> TerminalEntry | None:
-        for entry in self.terminals:
-            if entry.terminal_id == terminal_id:
-                return entry
-        return None
+        return self._by_id.get(terminal_id)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -168,6 +170,12 @@ def _check_unknown(table: Mapping[str, Any], path: str, known: set[str]) -> None
             raise ConfigError(f"{path}.{key}: unknown key")
 
 
+def _positive(section: object, path: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{path}.{name}: must be positive")
+
+
 def _endpoint(table: Mapping[str, Any], key: str, path: str, default: Endpoint) -> Endpoint:
     text = _get(table, key, path, str, "")
     return Endpoint.parse(text, f"{path}.{key}") if text else default
@@ -196,14 +204,17 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         ),
     )
 
+    _positive(terminal_side, "terminal_side", ("max_connections", "max_frame", "idle_timeout", "write_timeout",
+                                               "max_in_flight_per_connection"))
+
     h = _table(doc, "host")
     hd = HostConfig()
     _check_unknown(h, "host", set(HostConfig.__slots__))  # type: ignore[attr-defined]
     match_key = h.get("match_key", list(hd.match_key))
-    if not isinstance(match_key, list) or not all(
-        k in {"mti_class", "stan", "terminal", "rrn"} for k in match_key
+    if not isinstance(match_key, list) or "stan" not in match_key or not all(
+        k in {"mti_class", "stan", "terminal"} for k in match_key
     ):
-        raise ConfigError("host.match_key: expected a list of mti_class/stan/terminal/rrn")
+        raise ConfigError("host.match_key: expected a list of mti_class/stan/terminal that includes stan")
     host = HostConfig(
         address=_endpoint(h, "address", "host", hd.address),
         dialect=_get(h, "dialect", "host", str, hd.dialect),
@@ -219,8 +230,8 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         match_key=tuple(match_key),
         key_exchange=_get(h, "key_exchange", "host", bool, hd.key_exchange),
     )
-    if host.timeout <= 0:
-        raise ConfigError("host.timeout: must be positive")
+    _positive(host, "host", ("timeout", "connect_timeout", "echo_interval", "reconnect_min", "reconnect_max",
+                              "max_frame"))
 
     s = _table(doc, "security")
     sd = SecurityConfig()
@@ -269,6 +280,10 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         raise ConfigError("reversal.unknown_original_rc: expected 00 or 25")
     if reversal.max_attempts < 1:
         raise ConfigError("reversal.max_attempts: must be at least 1")
+    _positive(reversal, "reversal", ("poll_interval",))
+    if reversal.original_wait < host.timeout:
+        # a terminal reversal must wait out its original's host exchange, or its 0400 could overtake it
+        raise ConfigError("reversal.original_wait: must be at least host.timeout")
 
     lim = _table(doc, "limits")
     ld = LimitsConfig()

@@ -27,19 +27,19 @@ from gateway.core.settlement import reconcile
 from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
 from gateway.iso.framing import Frame
-from gateway.iso.message import Message, mask_pan
+from gateway.iso.message import Message
 from gateway.iso.mti import is_request
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
 from gateway.metrics import Metrics
-from gateway.net.host_link import HostLink, HostTimeout, HostUnavailable
+from gateway.net.host_link import HostLink, HostNotSent, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
 from gateway.net.terminal_server import TerminalConnection, Undeliverable
 from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict
-from gateway.store.records import TxnKind, TxnRecord
+from gateway.store.records import TxnKind, TxnRecord, TxnState
 
 log = logging.getLogger("gateway.flow")
 
@@ -159,15 +159,25 @@ class GatewayService:
                 # journalled as pending is reversed by recovery, never left charged
                 log.exception("error while processing %s from terminal %s", msg.mti, msg.get("41"))
                 answer, on_delivery = Answer(decisions.refuse(msg, "96")), None
-            delivered = await self._send(conn, frame, answer)
-            if on_delivery is not None:
-                await on_delivery(delivered)
+            # shielded: once an answer is decided, writing it and journalling whether it was delivered
+            # must both happen even during shutdown (the write is bounded by write_timeout)
+            with anyio.CancelScope(shield=True):
+                delivered = await self._send(conn, frame, answer)
+                if on_delivery is not None:
+                    await on_delivery(delivered)
         finally:
             self.metrics.in_flight.dec()
 
     async def _send(self, conn: TerminalConnection, frame: Frame, answer: Answer) -> bool:
+        """Write the answer; False when it could not be, for any reason (then an approval is reversed)."""
         msg = answer.message
-        body = self._encode_for_terminal(msg)
+        try:
+            body = self._encode_for_terminal(msg)
+        except (IsoError, SecurityError) as exc:
+            # e.g. the terminal signed off (keys gone) while its purchase was at the host, or the host
+            # sent a value the terminal dialect cannot carry: the answer cannot go out
+            log.error("answer %s to terminal %s cannot be encoded: %s", msg.mti, msg.get("41"), exc)
+            return False
         envelope = frame.envelope.reply(3 if answer.resign else None) if frame.envelope is not None else None
         try:
             await conn.send(body, envelope)
@@ -193,6 +203,10 @@ class GatewayService:
         entry = self.config.terminal(msg.fields.get("41", ""))
         if entry is None:
             return Answer(decisions.refuse(msg, "97")), None
+        if msg.fields.get("42", entry.merchant_id) != entry.merchant_id:
+            log.warning("terminal %s sent merchant id %r, registered %r: 03", entry.terminal_id,
+                        msg.fields.get("42"), entry.merchant_id)
+            return Answer(decisions.refuse(msg, "03")), None
         problems = validate(self.dialect.name, msg)
         if any(isinstance(p, UnsupportedFlow) for p in problems):
             return Answer(decisions.refuse(msg, "40")), None
@@ -218,8 +232,8 @@ class GatewayService:
             return Answer(decisions.refuse(msg, "30")), None
         if flow.name in ("purchase", "void", "refund", "balance_inquiry"):
             return await self._financial(msg, flow)
-        if flow.name == "reversal":
-            return await self._terminal_reversal(msg), None
+        if flow.reverses:
+            return await self._terminal_reversal(msg, flow), None
         if flow.name == "settlement":
             return await self._settlement(msg), None
         if flow.name in ("batch_upload", "batch_upload_end"):
@@ -262,7 +276,8 @@ class GatewayService:
         original: TxnRecord | None = None
         if name in ("void", "refund"):
             original = await self._find_referenced_original(msg)
-            problem = decisions.original_problem(msg, original, exact_amount=name == "void")
+            earlier = await self.store.find_referencing(original.txn_id) if original is not None else []
+            problem = decisions.original_problem(msg, original, earlier, flow_name=name)
             # a refund may refer to a sale we never saw (another day, another gateway): the host decides
             if problem is not None and not (name == "refund" and original is None):
                 log.info("terminal %s %s refused with %s (original check)", terminal_id, name, problem)
@@ -308,15 +323,38 @@ class GatewayService:
             if reserved:
                 self.limits.release(terminal_id, amount, day)
             return Answer(decisions.refuse(msg, "96")), None
-        return await self._exchange(msg, host_req, txn_id, flow, card.pan, amount, day, reserved)
+        try:
+            return await self._exchange(msg, host_req, txn_id, flow, card.pan, amount, day, reserved)
+        except Exception:
+            # journalled but the outcome could not be settled normally: never leave it pending while
+            # the gateway runs on. The request may have left, so reverse what is reversible.
+            log.exception("txn %s (terminal %s stan %s) failed mid-exchange", txn_id, terminal_id, msg.get("11"))
+            with anyio.CancelScope(shield=True):
+                if reserved:
+                    self.limits.release(terminal_id, amount, day)
+                await self._settle_unknown(txn_id, flow)
+            return Answer(decisions.refuse(msg, "96")), None
+
+    async def _settle_unknown(self, txn_id: int, flow: FlowSpec) -> None:
+        try:
+            if flow.reversible:
+                await self.store.queue_reversal(txn_id, "06", state="timed_out")
+                self.metrics.reversals_queued.inc()
+                self.saf.wake()
+            else:
+                await self.store.record_outcome(txn_id, "timed_out", rc="96")
+        except Exception:
+            log.exception("txn %s stays pending: start-up recovery will settle it", txn_id)
 
     async def _find_referenced_original(self, msg: Message) -> TxnRecord | None:
         batch, trace, _ = translate.original_refs(msg)
         original = None
         if batch and trace:
+            # a void sent the moment its sale's answer arrived: let the sale's outcome be journalled first
+            await self._wait_in_flight((msg.fields["41"], batch, trace))
             original = await self.store.find_original(msg.fields["41"], batch, trace)
         if original is None and "37" in msg.fields:
-            original = await self.store.find_by_rrn(msg.fields["37"])
+            original = await self.store.find_by_rrn(msg.fields["37"], terminal_id=msg.fields["41"])
         return original
 
     async def _exchange(self, msg: Message, host_req: Message, txn_id: int, flow: FlowSpec, pan: str | None,
@@ -330,11 +368,12 @@ class GatewayService:
 
         try:
             reply = await self.link.request(host_req)
-        except HostUnavailable:
+        except HostNotSent as exc:
+            rc = "91" if isinstance(exc, HostUnavailable) else "96"
             release()
-            await self.store.record_outcome(txn_id, "declined", rc="91")
-            log.warning("host unavailable: terminal %s stan %s gets 91", terminal_id, msg.get("11"))
-            return Answer(decisions.refuse(msg, "91")), None
+            await self.store.record_outcome(txn_id, "declined", rc=rc)
+            log.warning("not sent to the host (%s): terminal %s stan %s gets %s", exc, terminal_id, msg.get("11"), rc)
+            return Answer(decisions.refuse(msg, rc)), None
         except HostTimeout as exc:
             self.metrics.timeouts.inc()
             release()
@@ -408,20 +447,20 @@ class GatewayService:
 
     # --- terminal reversal -------------------------------------------------------------------------
 
-    async def _terminal_reversal(self, msg: Message) -> Answer:
+    async def _terminal_reversal(self, msg: Message, flow: FlowSpec) -> Answer:
         terminal_id = msg.fields["41"]
         batch = msg.fields.get("60", "")[2:8]
         stan = msg.fields["11"]
-        waiting = self.in_flight.get((terminal_id, batch, stan))
-        if waiting is not None:
-            with anyio.move_on_after(self.config.reversal.original_wait):
-                await waiting.wait()
+        await self._wait_in_flight((terminal_id, batch, stan))
         original = await self.store.find_original(terminal_id, batch, stan)
-        rc = decisions.terminal_reversal_rc(msg, original, self.config.reversal.unknown_original_rc)
+        rc = decisions.terminal_reversal_rc(msg, original, self.config.reversal.unknown_original_rc, flow.reverses)
         if rc == RC_APPROVED and original is not None and decisions.needs_host_reversal(original):
+            # still pending after the wait: hold the 0400 back until the original's own exchange is over,
+            # so it cannot overtake the original at the host
+            not_before = time.time() + self.config.host.timeout if original.state is TxnState.PENDING else None
             try:
                 queued = await self.store.queue_reversal(original.txn_id, msg.fields.get("39", "06"),
-                                                         initiator="terminal")
+                                                         initiator="terminal", not_before=not_before)
             except NotReversible:
                 queued = None
             if queued is not None and queued.created:
@@ -431,11 +470,21 @@ class GatewayService:
                          terminal_id, stan, msg.get("39"))
         return Answer(decisions.answer(msg, rc))
 
+    async def _wait_in_flight(self, key: tuple[str, str, str]) -> None:
+        """Until the request `key` (terminal, batch, STAN) has its outcome journalled, bounded."""
+        waiting = self.in_flight.get(key)
+        if waiting is not None:
+            with anyio.move_on_after(self.config.reversal.original_wait):
+                await waiting.wait()
+
     # --- settlement --------------------------------------------------------------------------------
 
     async def _settlement(self, msg: Message) -> Answer:
         terminal_id = msg.fields["41"]
         batch = msg.fields.get("60", "")[2:8]
+        # answers the terminal already has may still be on their way into the journal: wait for them
+        for key in [k for k in self.in_flight if k[0] == terminal_id]:
+            await self._wait_in_flight(key)
         ours = await self.store.settlement_totals(terminal_id, batch)
         field48, balanced = reconcile(msg.fields.get("48", ""), ours)
         log.info("terminal %s batch %s settlement: %s", terminal_id, batch,
@@ -443,13 +492,3 @@ class GatewayService:
         answer = decisions.answer(msg, RC_APPROVED)
         answer.fields["48"] = field48
         return Answer(answer)
-
-
-def describe_txn(msg: Message) -> str:
-    """One safe line about a request for logs: never the PAN in clear."""
-    pan = msg.fields.get("2")
-    return f"{msg.mti} stan={msg.get('11')} amount={msg.get('4')} pan={mask_pan(pan) if pan else '-'}"
-
-
-def today() -> str:
-    return datetime.now().strftime("%Y%m%d")

@@ -10,13 +10,13 @@ Codes (reference §3.9, §5): 77 not signed in / batch mismatch (with the header
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from gateway.core.sessions import TerminalSession
 from gateway.iso.build import response
 from gateway.iso.message import Message
-from gateway.store.records import TxnRecord, TxnState
+from gateway.store.records import TxnKind, TxnRecord, TxnState
 
 TERMINAL_DIALECT = "cup-pos"
 
@@ -42,8 +42,8 @@ def answer(request: Message, rc: str, **extra: str) -> Message:
     return response(request, rc, TERMINAL_DIALECT, **extra)
 
 
-def refuse(request: Message, rc: str) -> Message:
-    return answer(request, rc)
+#: the same builder; the name says at the call site that this answer turns the request down
+refuse = answer
 
 
 def unsupported_rc(request: Message) -> str:
@@ -90,23 +90,37 @@ def check_host_answer(host_request: Message, host_answer: Message, mac_ok: bool)
     return None
 
 
-def original_problem(request: Message, original: TxnRecord | None, *, exact_amount: bool) -> str | None:
-    """For voids, refunds and terminal reversals: 25 no original, 12 original not valid, 64 amount."""
+def original_problem(request: Message, original: TxnRecord | None, earlier: Sequence[TxnRecord], *,
+                     flow_name: str) -> str | None:
+    """For voids and refunds: 25 no original, 12 the original is not a completed purchase or was
+    already voided, 64 the amount does not fit (a void must equal the original; refunds together may
+    not exceed it). `earlier` are the voids/refunds already journalled against the original; those
+    completed or still in flight count."""
     if original is None:
         return "25"
-    if original.state is not TxnState.COMPLETED:
+    if original.kind != TxnKind.PURCHASE or original.state is not TxnState.COMPLETED:
+        return "12"
+    # a void or refund still at the host counts as if it succeeds: two refunds sent back to back must
+    # not both pass the check before either is answered
+    standing = [r for r in earlier if r.state in (TxnState.COMPLETED, TxnState.PENDING)]
+    if any(r.kind == TxnKind.VOID for r in standing):
         return "12"
     amount = int(request.fields.get("4", "0") or 0)
-    if (amount != original.amount) if exact_amount else (amount > original.amount):
-        return "64"
-    return None
+    if flow_name == "void":
+        return "64" if amount != original.amount else None
+    refunded = sum(r.amount for r in standing if r.kind == TxnKind.REFUND)
+    return "64" if refunded + amount > original.amount else None
 
 
-def terminal_reversal_rc(request: Message, original: TxnRecord | None, unknown_rc: str) -> str:
+def terminal_reversal_rc(request: Message, original: TxnRecord | None, unknown_rc: str,
+                         reverses: Sequence[str] = ("purchase",)) -> str:
     """A terminal's 0400: 00 once the original is (or will be) reversed, or was never approved; the
-    configured code (25 or 00) when the gateway never saw the original; 64 for a different amount."""
+    configured code (25 or 00) when the gateway never saw the original; 12 when the original is not a
+    kind this reversal may undo (a purchase reversal naming a refund); 64 for a different amount."""
     if original is None:
         return unknown_rc
+    if original.kind not in reverses:
+        return "12"
     if int(request.fields.get("4", "0") or 0) != original.amount:
         return "64"
     return "00"

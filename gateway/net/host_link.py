@@ -42,6 +42,11 @@ from gateway.security.module import SecurityModule
 log = logging.getLogger("gateway.host")
 
 
+#: answers that move or settle money and so must carry a valid MAC once zone keys are in use:
+#: an approval, and a reversal's "original not found" (the SAF takes it as final)
+MAC_REQUIRED_RCS = frozenset({"00", "25"})
+
+
 class LinkState(IntEnum):
     DOWN = 0
     CONNECTING = 1
@@ -53,7 +58,11 @@ class HostError(Exception):
     """Base of host-link failures."""
 
 
-class HostUnavailable(HostError):
+class HostNotSent(HostError):
+    """The request was NOT sent (nothing reached the host): no reversal is needed."""
+
+
+class HostUnavailable(HostNotSent):
     """The link is down: the request was NOT sent."""
 
 
@@ -252,16 +261,28 @@ class HostLink:
             raise HostUnavailable("host link is down")
         key = self._key(msg, msg.mti)
         if key in self._pending:
-            raise HostError("duplicate match key in flight")  # STAN space exhausted within one timeout
-        slot = _Pending()
-        self._pending[key] = slot
+            raise HostNotSent("duplicate match key in flight")  # STAN space exhausted within one timeout
         try:
             frame = self.framer.encode(self._encode(msg))
+        except (IsoError, SecurityError) as exc:
+            raise HostNotSent(f"request cannot be encoded: {exc}") from None
+        slot = _Pending()
+        self._pending[key] = slot
+        sending = written = False
+        try:
             with anyio.move_on_after(timeout):
                 async with self._send_lock:
+                    sending = True
                     await stream.send(frame)
+                    written = True
                 self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")).inc()
                 await slot.event.wait()
+            if not sending:
+                raise HostNotSent("timed out waiting to write to the host")
+            if not written:
+                # cancelled inside send: part of the frame may be on the wire, so every later frame
+                # would be read out of step. Recycle the connection.
+                await anyio.aclose_forcefully(stream)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise HostTimeout(f"send failed: {exc!r}") from None
         finally:
@@ -301,14 +322,17 @@ class HostLink:
             await self._answer_host_request(msg)
             return
         mac_ok = True
-        if msg.fields.get("39") == "00" and msg.mti[1] in "24":
+        if msg.fields.get("39") in MAC_REQUIRED_RCS and msg.mti[1] in "24":
             mac_ok = self._approval_mac_ok(msg, body)
         slot = self._pending.pop(self._key(msg, msg.mti), None)
         if slot is None:
             self.metrics.late_answers.inc()
             log.info("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
             if self.on_unmatched is not None:
-                await self.on_unmatched(msg)
+                try:
+                    await self.on_unmatched(msg)
+                except Exception:  # journalling a late answer must never take the link down
+                    log.exception("could not journal a late host answer")
             return
         slot.reply = HostReply(msg, mac_ok)
         slot.event.set()

@@ -20,8 +20,9 @@ import anyio.abc
 from gateway.config import ReversalConfig
 from gateway.core.reversal import build_host_reversal
 from gateway.metrics import Metrics
-from gateway.net.host_link import HostLink, HostTimeout, HostUnavailable
+from gateway.net.host_link import HostLink, HostNotSent, HostTimeout
 from gateway.store.base import Store
+from gateway.store.records import SafEntry
 
 log = logging.getLogger("gateway.saf")
 
@@ -56,53 +57,62 @@ class SafSender:
                 self._wake = anyio.Event()
                 if not self.link.ready:
                     continue
-                for entry in await self.store.due_reversals(time.time(), 64):
+                try:
+                    due = await self.store.due_reversals(time.time(), 64)
+                except Exception:
+                    log.exception("could not read the reversal queue; trying again at the next poll")
+                    continue
+                for entry in due:
                     if entry.saf_id in self._busy:
                         continue  # one attempt at a time per original: keeps them ordered
                     self._busy.add(entry.saf_id)
                     tg.start_soon(self._attempt, entry)
 
-    async def _attempt(self, entry: object) -> None:
-        saf_id = entry.saf_id  # type: ignore[attr-defined]
+    async def _attempt(self, entry: SafEntry) -> None:
         try:
             await self._send(entry)
+        except Exception:
+            # an operator may have dropped the entry meanwhile, or the journal hiccupped: log it and
+            # let the next poll look again; the sender (and with it the gateway) must keep running
+            log.exception("reversal attempt for txn %s failed inside the gateway", entry.txn_id)
         finally:
-            self._busy.discard(saf_id)
+            self._busy.discard(entry.saf_id)
 
-    async def _send(self, entry: object) -> None:
-        attempts: int = entry.attempts  # type: ignore[attr-defined]
-        repeat = attempts > 0 or entry.queued_at < self._started_at  # type: ignore[attr-defined]
+    async def _send(self, entry: SafEntry) -> None:
+        attempts: int = entry.attempts
+        repeat = attempts > 0 or entry.queued_at < self._started_at
         msg = build_host_reversal(entry, repeat=repeat, acquirer_id=self.acquirer_id,
                                   forwarding_id=self.forwarding_id)
         self.link.stamp(msg)
-        self.metrics.reversals_sent.inc()
         try:
             reply = await self.link.request(msg)
-        except HostUnavailable:
+        except HostNotSent:
             return  # not sent: no attempt used
         except HostTimeout as exc:
+            self.metrics.reversals_sent.inc()
             await self._failed(entry, attempts + 1, f"timeout: {exc}")
             return
+        self.metrics.reversals_sent.inc()
         rc = reply.message.get("39", "")
         if rc in FINAL_RCS and reply.mac_ok:
-            await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time())  # type: ignore[attr-defined]
+            await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time())
             self.metrics.reversals_acknowledged.inc()
             log.info("reversal of txn %s acknowledged by the host (rc %s, attempt %d)",
-                     entry.txn_id, rc, attempts + 1)  # type: ignore[attr-defined]
+                     entry.txn_id, rc, attempts + 1)
         else:
             await self._failed(entry, attempts + 1, f"host answered {rc}" + ("" if reply.mac_ok else " (bad MAC)"))
 
-    async def _failed(self, entry: object, attempts: int, error: str) -> None:
-        saf_id = entry.saf_id  # type: ignore[attr-defined]
+    async def _failed(self, entry: SafEntry, attempts: int, error: str) -> None:
+        saf_id = entry.saf_id
         if attempts >= self.config.max_attempts:
             reason = f"gave up after {attempts} attempts: {error}"
             await self.store.park_reversal(saf_id, reason, final_attempt_at=time.time())
             self.metrics.reversals_parked.inc()
-            log.error("reversal of txn %s parked for an operator: %s", entry.txn_id, reason)  # type: ignore[attr-defined]
+            log.error("reversal of txn %s parked for an operator: %s", entry.txn_id, reason)
             return
         schedule = self.config.backoff
         delay = schedule[min(attempts - 1, len(schedule) - 1)]
         now = time.time()
         await self.store.mark_reversal_attempt(saf_id, now, now + delay, error)
         log.warning("reversal of txn %s attempt %d failed (%s); next in %.1fs",
-                    entry.txn_id, attempts, error, delay)  # type: ignore[attr-defined]
+                    entry.txn_id, attempts, error, delay)
