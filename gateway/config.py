@@ -204,6 +204,9 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         ),
     )
 
+    # the codec reads any dialect file, but the flow translation is written for this pair
+    if terminal_side.dialect != "cup-pos":
+        raise ConfigError("terminal_side.dialect: only cup-pos terminals are supported by the flows")
     _positive(terminal_side, "terminal_side", ("max_connections", "max_frame", "idle_timeout", "write_timeout",
                                                "max_in_flight_per_connection"))
 
@@ -230,6 +233,8 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         match_key=tuple(match_key),
         key_exchange=_get(h, "key_exchange", "host", bool, hd.key_exchange),
     )
+    if host.dialect != "iso87-ascii":
+        raise ConfigError("host.dialect: only an iso87-ascii host is supported by the flows")
     _positive(host, "host", ("timeout", "connect_timeout", "echo_interval", "reconnect_min", "reconnect_max",
                               "max_frame"))
 

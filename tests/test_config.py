@@ -93,6 +93,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"limits": {"per_day": -1}}, "limits.per_day"),
         ({"terminals": [{"terminal_id": "123", "merchant_id": "898100012340001"}]}, "terminals[0].terminal_id"),
         ({"hots": {}}, "hots"),
+        ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),
+        ({"host": {"dialect": "cup-pos"}}, "host.dialect"),
         ({"host": {"timout": 1}}, "host.timout"),
     ],
 )
