@@ -31,6 +31,7 @@ from gateway.iso.message import Message
 from gateway.iso.mti import is_request
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
+from gateway.iso.validate import flow as flow_spec
 from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostNotSent, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
@@ -39,13 +40,11 @@ from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict
-from gateway.store.records import TxnKind, TxnRecord, TxnState
+from gateway.store.records import TxnRecord, TxnState
 
 log = logging.getLogger("gateway.flow")
 
 RC_APPROVED = "00"
-#: kinds the gateway reverses on its own when their outcome is unknown (reference §3.1 "引发冲正")
-REVERSIBLE_KINDS = frozenset({TxnKind.PURCHASE, TxnKind.VOID})
 
 
 @dataclass(slots=True)
@@ -93,7 +92,7 @@ class GatewayService:
         reversible kinds are reversed; the others (refund, balance inquiry) are marked timed out."""
         queued = 0
         for rec in await self.store.unknown_outcomes():
-            if rec.kind in REVERSIBLE_KINDS:
+            if self._reversible(rec.kind):
                 await self.store.queue_reversal(rec.txn_id, "06", state="timed_out")
                 self.metrics.reversals_queued.inc()
                 queued += 1
@@ -104,6 +103,14 @@ class GatewayService:
         if queued:
             self.saf.wake()
         return queued
+
+    def _reversible(self, kind: str) -> bool:
+        """Whether the terminal dialect reverses this kind of transaction (specs/flows.toml, reference
+        §3.1 "引发冲正"): the same rule decides at a timeout and at start-up recovery."""
+        try:
+            return flow_spec(self.dialect.name, kind).reversible
+        except IsoError:
+            return False
 
     # --- terminal side -----------------------------------------------------------------------------
 
