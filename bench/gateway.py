@@ -1,0 +1,845 @@
+"""End-to-end throughput of the gateway against its floors, in one run on this machine.
+
+    python bench/gateway.py [--quick] [--rss-count N] [--json PATH] [--plots DIR] [--profile SECONDS]
+
+Three systems are driven by the same load generator (`gateway.load.run_load`, open loop, 64 sessions,
+one per terminal connection) with the same message: a CUP POS 0200 purchase (PIN block, TDK-encrypted
+track 2, MAC) with TPDU + header framing, built by `bench/common.py` the way a terminal builds it:
+
+1. echo: `python -m gateway.load.echo`, the raw framed echo (I/O floor). Its "len2" framing is
+   byte-for-byte the CUP framing (the CUP length prefix counts TPDU + header + body), so it echoes the
+   identical frame; the session checks the echoed bytes.
+2. bare relay: `bench/relay.py relay` in front of `bench/relay.py codec-host` (codec floor: decode and
+   re-encode each way, nothing else); the session decodes the 0210 and checks MTI, STAN and 39.
+3. full gateway: `gateway serve` (MAC verify + generate, PIN translate, track decrypt, journal with
+   group commit on a SQLite file with synchronous=FULL, metrics on) in front of `gateway sim-host`
+   (same ZMK; terminals BT000001.. registered with the TMK the sessions know); sessions sign in first,
+   then check MTI, STAN, 39 = 00 and the answer's MAC.
+
+For each: a closed-loop probe (64 in flight) gives the saturation rate P; then open-loop steps at fixed
+fractions of P; the first step with p99 >= 50 ms, any error or an achieved rate under 95 % of its target
+ends the search (then, in the full run, one bisection step between the last pass and that failure). The
+maximum sustainable rate is the highest passing target. Steps are `warmup` + `duration` seconds and
+bounded in number.
+
+Also measured: the gateway with metrics off (admin.metrics = false, so `NullMetrics`) and with an
+in-memory journal (`run_gateway(durable=False)` through `bench/common.py`'s launcher: `gateway serve`
+has no such switch), each at its own maximum and, in interleaved rounds, at 50 % and 100 % of the full
+gateway's maximum (CPU time per transaction is the sharp comparison there; the full gateway's p50/p99
+at 50 % come from these rounds); a fresh full gateway's RSS (VmRSS, VmHWM from /proc/PID/status)
+sampled every fifth of `--rss-count` transactions; optionally a cProfile run of the gateway.
+
+CPU time per transaction of every process (from /proc/PID/stat over the steady part of a step) is
+reported next to each rate: with two cores, the load generator and the upstream host share one core
+while the system under test has the other (pinned with sched_setaffinity), so the figures say which
+side ran out of CPU. The machine may be shared: before every step the bench waits (boundedly) for
+other work to stop, reports the other work seen during each step, and repeats once a failing step that
+other work disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository first: `gateway` is the package
+
+from common import (
+    BENCH_CARD,
+    MERCHANT_ID,
+    CupFrameDriver,
+    Mode,
+    Service,
+    Services,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    main_thread_cpu_seconds,
+    memory_kb,
+    own_working_keys,
+    purchase_body,
+    wait_ready,
+    write_gateway_config,
+    write_host_config,
+)
+
+from gateway.iso.build import TerminalIdent
+from gateway.iso.codec import Codec
+from gateway.iso.framing import ENVELOPE_LEN
+from gateway.iso.spec import load_dialect
+from gateway.load import LoadConfig, LoadError, LoadReport, run_load
+from gateway.load.hdr import run_histogram, summary_ms
+from gateway.load.runner import Tick
+from gateway.security.algorithms import generate_key
+
+P99_LIMIT_MS = 50.0
+MIN_ACHIEVED = 0.95
+SESSIONS = 64
+#: the common rates of the metrics / journal comparisons: this fraction of the full gateway's maximum,
+#: and the maximum itself
+SAME_RATE_FRACTION = 0.5
+#: the RSS run's rate, as a fraction of the full gateway's maximum (sustainable, and 100k fit the budget)
+RSS_RATE_FRACTION = 0.8
+RSS_PHASES = 5
+#: CPU time of other work on the machine (not our processes) above this share of one core marks a step
+#: as disturbed; a disturbed step that fails is repeated once
+DISTURBED = 0.2
+MACHINE = "machine"
+#: seconds of each look at the machine's load before a run
+QUIET_PROBE = 0.3
+#: closed-loop probe of the gateway: requests per second to build ahead for (more are built on the fly)
+PROBE_RATE_GUESS = 3000.0
+OTHER = "other"
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup: float
+    duration: float
+    probe_warmup: float
+    probe_duration: float
+    #: open-loop steps as fractions of the closed-loop probe's rate
+    fractions: tuple[float, ...]
+    refine: int
+    rss_count: int
+    #: seconds the whole run may wait for other work on the machine to stop
+    quiet_wait: float
+    #: interleaved rounds of the metrics / journal comparison, and the measured seconds of each
+    compare_rounds: int
+    compare_duration: float
+
+
+FULL = Plan(warmup=1.0, duration=4.0, probe_warmup=0.5, probe_duration=2.0,
+            fractions=(0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3), refine=1, rss_count=100_000,
+            quiet_wait=60.0, compare_rounds=2, compare_duration=4.0)
+QUICK = Plan(warmup=0.5, duration=1.5, probe_warmup=0.5, probe_duration=1.0,
+             fractions=(0.6, 0.8, 1.0, 1.2), refine=0, rss_count=10_000, quiet_wait=20.0,
+             compare_rounds=1, compare_duration=2.0)
+
+
+@dataclass
+class Target:
+    """A system under test as the load generator sees it."""
+
+    key: str
+    label: str
+    mode: Mode
+    port: int
+    sut: Service
+    upstream: Service | None = None
+    services: list[Service] = field(default_factory=list)
+
+
+@dataclass
+class Step:
+    kind: str  #: "open" or "closed"
+    rate: float | None  #: open loop: target rate
+    achieved: float
+    requests: int
+    errors: dict[str, int]
+    p50: float | None
+    p99: float | None
+    p999: float | None
+    max: float | None
+    send_lag_ms: float | None
+    passed: bool | None
+    #: CPU µs per transaction and CPU utilisation (1.0 = one core) by process: load, sut, upstream
+    cpu_us: dict[str, float]
+    util: dict[str, float]
+    note: str = ""
+
+    @property
+    def disturbed(self) -> bool:
+        return self.util.get(OTHER, 0.0) > DISTURBED
+
+    def line(self) -> str:
+        target = f"target {self.rate:7.0f}/s" if self.rate is not None else f"closed {SESSIONS} in flight"
+        lat = "p50 -  p99 -" if self.p99 is None else f"p50 {self.p50:7.2f} ms  p99 {self.p99:7.2f} ms"
+        cpu = "  ".join(f"{k} {self.cpu_us[k]:5.0f}µs/{self.util[k]:4.0%}" for k in self.cpu_us)
+        other = self.util.get(OTHER, 0.0)
+        cpu += f"  other work {other:4.0%}" + (" DISTURBED" if self.disturbed else "")
+        verdict = "" if self.passed is None else ("  pass" if self.passed else "  FAIL")
+        errs = f"  errors {sum(self.errors.values())} {dict(self.errors)}" if self.errors else ""
+        return (f"    {target}  achieved {self.achieved:7.0f}/s  {lat}  lag {self.send_lag_ms or 0:6.2f} ms  "
+                f"[cpu/txn, util: {cpu}]{errs}{verdict}{self.note}")
+
+
+class CpuSampler:
+    """Progress sink of `run_load`: samples the CPU time of each process at every measured second, so
+    CPU per transaction is taken over the steady part of a run (warm-up and connect excluded)."""
+
+    def __init__(self, processes: dict[str, int], threads: dict[str, int]) -> None:
+        self.processes = processes
+        self.threads = threads  #: name → pid whose main thread is sampled separately
+        self.samples: list[tuple[float, dict[str, float], int]] = []
+        self.completed = 0
+        self.warmup_completions = 0
+
+    def read(self) -> dict[str, float]:
+        out = {name: cpu_seconds(pid) for name, pid in self.processes.items()}
+        out.update({name: main_thread_cpu_seconds(pid) for name, pid in self.threads.items()})
+        out[MACHINE] = machine_busy_seconds()
+        return out
+
+    def __call__(self, tick: Tick) -> None:
+        self.warmup_completions = tick.warmup_completions
+        if tick.second is None:
+            return
+        self.completed += tick.stats.count if tick.stats is not None else 0
+        self.samples.append((time.perf_counter(), self.read(), self.completed))
+
+    def per_transaction(self, whole: tuple[float, dict[str, float], float, dict[str, float], int]
+                        ) -> tuple[dict[str, float], dict[str, float]]:
+        """(CPU µs per transaction, utilisation) by name; over the measured seconds when there are at
+        least two samples, else over the whole run (`whole`: t0, cpu0, t1, cpu1, transactions)."""
+        if len(self.samples) >= 2 and self.samples[-1][2] > self.samples[0][2]:
+            (t0, c0, n0), (t1, c1, n1) = self.samples[0], self.samples[-1]
+        else:
+            t0, c0, t1, c1, n1 = whole
+            n0 = 0
+        n = max(1, n1 - n0)
+        wall = max(1e-9, t1 - t0)
+        ours = sum(c1[k] - c0[k] for k in self.processes)
+        other = max(0.0, (c1[MACHINE] - c0[MACHINE]) - ours)
+        keys = [k for k in c0 if k != MACHINE]
+        cpu_us = {k: (c1[k] - c0[k]) / n * 1e6 for k in keys}
+        util = {k: (c1[k] - c0[k]) / wall for k in keys}
+        util[OTHER] = other / wall
+        return cpu_us, util
+
+
+class Bench:
+    def __init__(self, plan: Plan, services: Services, workdir: Path, sut_cpus: set[int] | None,
+                 other_cpus: set[int] | None, log: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.services = services
+        self.workdir = workdir
+        self.sut_cpus = sut_cpus
+        self.other_cpus = other_cpus
+        self.log = log
+        self._batch = 0
+        self.zmk = generate_key(16)
+        self.host_config = workdir / "host.toml"
+        write_host_config(self.host_config)
+        self.reports: dict[str, LoadReport] = {}
+        self.steps_run: list[Step] = []
+        self.quiet_budget = plan.quiet_wait
+        self.waited = 0.0
+
+    # --- systems ---------------------------------------------------------------------------------------
+
+    def start_echo(self) -> Target:
+        echo, m = self.services.start("echo server", [PY, "-m", "gateway.load.echo", "--port", "0"],
+                                      cpus=self.sut_cpus, ready=r"^port (\d+)")
+        assert m is not None
+        return Target("echo", "1 raw framed echo (I/O floor)", "echo", int(m.group(1)), echo, None, [echo])
+
+    def start_relay(self) -> Target:
+        host, m = self.services.start("codec host", [PY, "bench/relay.py", "codec-host"], cpus=self.other_cpus,
+                                      ready=r"^port (\d+)")
+        assert m is not None
+        relay, m = self.services.start("bare relay", [PY, "bench/relay.py", "relay", "--upstream",
+                                                      f"127.0.0.1:{m.group(1)}"], cpus=self.sut_cpus,
+                                       ready=r"^port (\d+)")
+        assert m is not None
+        return Target("relay", "2 bare relay (codec floor)", "relay", int(m.group(1)), relay, host, [relay, host])
+
+    def start_gateway(self, key: str, label: str, *, metrics: bool = True, memory: bool = False,
+                      profile: Path | None = None) -> Target:
+        host, m = self.services.start(f"sim-host for {key}", [
+            PY, "-m", "gateway.cli", "sim-host", "--listen", "127.0.0.1:0", "--config", str(self.host_config),
+            "--zmk", self.zmk.hex().upper()], cpus=self.other_cpus, ready=r"listening on 127\.0\.0\.1:(\d+)")
+        assert m is not None
+        terminal_port, admin_port = free_port(), free_port()
+        config = self.workdir / f"{key}.toml"
+        write_gateway_config(config, terminal_port=terminal_port, admin_port=admin_port, host_port=int(m.group(1)),
+                             zmk=self.zmk, journal=self.workdir / f"{key}.db", metrics=metrics, terminals=SESSIONS)
+        if memory or profile is not None:
+            argv = [PY, "bench/common.py", "gateway", "--config", str(config)]
+            argv += ["--memory"] if memory else []
+            argv += ["--profile", str(profile)] if profile is not None else []
+        else:
+            argv = [PY, "-m", "gateway.cli", "serve", "--config", str(config)]
+        gateway, _ = self.services.start(key, argv, cpus=self.sut_cpus)
+        wait_ready(gateway, admin_port)
+        return Target(key, label, "gateway", terminal_port, gateway, host, [gateway, host])
+
+    def stop(self, target: Target) -> None:
+        for service in target.services:
+            self.services.stop(service)
+
+    # --- one load run ----------------------------------------------------------------------------------
+
+    def wait_quiet(self) -> None:
+        """Before a run (our processes idle): wait while other work keeps the machine busy, within the
+        run's waiting budget. The machine may be shared; what was waited and what still disturbed a
+        step is reported."""
+        logged = False
+        while self.quiet_budget > 0:
+            t0, b0 = time.perf_counter(), machine_busy_seconds()
+            time.sleep(QUIET_PROBE)
+            busy = (machine_busy_seconds() - b0) / (time.perf_counter() - t0)
+            if busy <= DISTURBED:
+                return
+            self.waited += QUIET_PROBE
+            self.quiet_budget -= QUIET_PROBE
+            if not logged:
+                self.log(f"    (other work keeps {busy:.0%} of a core busy: waiting for it, at most "
+                         f"{self.quiet_budget:.0f} s more in this run)")
+                logged = True
+
+    def frames_for(self, target: Target, config: LoadConfig) -> int:
+        """Requests each gateway session builds ahead: its share of the run, with room to spare."""
+        if target.mode != "gateway":
+            return 0
+        rate = config.rate if config.rate is not None else PROBE_RATE_GUESS
+        total = (config.count or 0) + rate * (config.warmup + (config.duration or 0.0))
+        return math.ceil(total / SESSIONS * 1.5) + 8
+
+    def run(self, target: Target, config: LoadConfig) -> tuple[LoadReport, Step]:
+        self.wait_quiet()
+        self._batch += 1  # a new batch for every run: STANs restart at 1, (terminal, batch, STAN) stays unique
+        driver = CupFrameDriver(target.port, target.mode, self._batch, self.frames_for(target, config))
+        processes = {"load": os.getpid(), "sut": target.sut.pid}
+        if target.upstream is not None:
+            processes["upstream"] = target.upstream.pid
+        threads = {"sut_loop": target.sut.pid} if target.mode == "gateway" else {}
+        sampler = CpuSampler(processes, threads)
+        t0, c0 = time.perf_counter(), sampler.read()
+        report = anyio.run(lambda: run_load(driver, config, progress=sampler), backend="asyncio",
+                           backend_options={"use_uvloop": True})
+        t1, c1 = time.perf_counter(), sampler.read()
+        for service in target.services:
+            service.check()
+        cpu_us, util = sampler.per_transaction((t0, c0, t1, c1, report.requests + sampler.warmup_completions))
+        lat = report.latency_ms
+        step = Step(kind=config.mode, rate=config.rate, achieved=report.achieved_rate, requests=report.requests,
+                    errors=dict(report.errors), p50=lat["p50"], p99=lat["p99"], p999=lat["p99.9"], max=lat["max"],
+                    send_lag_ms=report.send_lag_ms["mean"], passed=None, cpu_us=cpu_us, util=util)
+        if driver.built_late:
+            step.note = f"  ({driver.built_late} requests built during the run)"
+        self.steps_run.append(step)
+        return report, step
+
+    def step(self, target: Target, rate: float, *, retried: bool = False) -> tuple[LoadReport | None, Step]:
+        config = LoadConfig(rate=rate, duration=self.plan.duration, warmup=self.plan.warmup, sessions=SESSIONS,
+                            request_timeout=10.0)
+        try:
+            report, step = self.run(target, config)
+        except LoadError as exc:  # e.g. sign-ins timing out under the previous step's backlog
+            step = Step("open", rate, 0.0, 0, {"load": 1}, None, None, None, None, None, False, {}, {},
+                        note=f"  ({exc})")
+            self.log(step.line())
+            return None, step
+        step.passed = (step.p99 is not None and step.p99 < P99_LIMIT_MS and not step.errors
+                       and step.achieved >= MIN_ACHIEVED * rate)
+        self.log(step.line())
+        if not step.passed and step.disturbed and not retried:
+            self.log("    (other work on the machine during a failed step: repeating it once)")
+            return self.step(target, rate, retried=True)
+        return report, step
+
+    # --- the searches ----------------------------------------------------------------------------------
+
+    def find_max(self, target: Target) -> dict[str, Any]:
+        plan = self.plan
+        self.log(f"\n{target.label}: {target.sut.name} pid {target.sut.pid}"
+                 + (f", upstream {target.upstream.name} pid {target.upstream.pid}" if target.upstream else ""))
+        _, probe = self.run(target, LoadConfig(concurrency=SESSIONS, duration=plan.probe_duration,
+                                               warmup=plan.probe_warmup, request_timeout=10.0))
+        self.log(probe.line() + "  (probe)")
+        peak = probe.achieved
+        steps: list[Step] = []
+        good: Step | None = None
+        bad: Step | None = None
+        good_report: LoadReport | None = None
+
+        def attempt(rate: float) -> bool:
+            nonlocal good, bad, good_report
+            report, step = self.step(target, rate)
+            steps.append(step)
+            if step.passed:
+                good, good_report = step, report
+            else:
+                bad = step
+            return bool(step.passed)
+
+        for fraction in plan.fractions:
+            if not attempt(nice_rate(peak * fraction)):
+                break
+        rate = plan.fractions[0] * peak
+        for _ in range(3):  # even the lowest fraction failed: come down, boundedly
+            if good is not None:
+                break
+            rate *= 0.6
+            attempt(nice_rate(rate))
+        for _ in range(plan.refine):
+            if good is None or bad is None or good.rate is None or bad.rate is None:
+                break
+            if (bad.rate - good.rate) / bad.rate < 0.04:
+                break
+            attempt(nice_rate((good.rate + bad.rate) / 2))
+        if good_report is not None:
+            self.reports[target.key] = good_report
+        max_rate = good.rate if good is not None and good.rate is not None else 0.0
+        self.log(f"  → {target.label}: max sustainable {max_rate:.0f}/s "
+                 f"(first failing step {bad.rate if bad is not None else '-'}/s)")
+        return {"label": target.label, "closed_loop_probe": asdict(probe), "max_rate": max_rate,
+                "first_fail": bad.rate if bad is not None else None,
+                "at_max": asdict(good) if good is not None else None, "steps": [asdict(s) for s in steps]}
+
+    def compare(self, targets: dict[str, Target], rate: float, rounds: int) -> dict[str, Any]:
+        """Every variant at `rate` in turn, `rounds` times (A B C A B C ...), so drift and other work on the
+        machine fall on all of them alike; per variant the median CPU per transaction and the latency of
+        all its rounds together."""
+        config = LoadConfig(rate=rate, duration=self.plan.compare_duration, warmup=self.plan.warmup,
+                            sessions=SESSIONS, request_timeout=10.0)
+        hists = {key: run_histogram() for key in targets}
+        steps: dict[str, list[Step]] = {key: [] for key in targets}
+        for n in range(rounds):
+            for key, target in targets.items():
+                try:
+                    report, step = self.run(target, config)
+                except LoadError as exc:
+                    self.log(f"    {target.label}: {exc}")
+                    continue
+                hists[key].add(report.histogram)
+                steps[key].append(step)
+                self.log(step.line() + f"  ({target.label}, round {n + 1})")
+        out: dict[str, Any] = {"rate": rate, "rounds": rounds, "variants": {}}
+        for key, done in steps.items():
+            errors: dict[str, int] = {}
+            for step in done:
+                for k, v in step.errors.items():
+                    errors[k] = errors.get(k, 0) + v
+            out["variants"][key] = {
+                "label": targets[key].label,
+                "cpu_us": median([st.cpu_us.get("sut", 0.0) for st in done]),
+                "loop_us": median([st.cpu_us.get("sut_loop", 0.0) for st in done]),
+                "latency_ms": summary_ms(hists[key]),
+                "requests": sum(st.requests for st in done),
+                "errors": errors,
+                "steps": [asdict(st) for st in done],
+            }
+        return out
+
+    def rss_run(self, target: Target, rate: float, count: int) -> dict[str, Any]:
+        """`count` transactions at `rate` in RSS_PHASES runs, RSS sampled before and after each."""
+        pid = target.sut.pid
+        self.log(f"\n{target.label}: {count} transactions at {rate:.0f}/s, RSS sampled every {count // RSS_PHASES}")
+        samples = [{"transactions": 0, **memory_kb(pid)}]
+        self.log(f"    start: VmRSS {samples[0]['VmRSS'] / 1024:.1f} MiB, VmHWM {samples[0]['VmHWM'] / 1024:.1f} MiB")
+        hist = run_histogram()
+        done = 0
+        errors: dict[str, int] = {}
+        phases: list[dict[str, Any]] = []
+        for i in range(RSS_PHASES):
+            n = count // RSS_PHASES + (count % RSS_PHASES if i == RSS_PHASES - 1 else 0)
+            report, step = self.run(target, LoadConfig(rate=rate, count=n, sessions=SESSIONS, request_timeout=10.0))
+            hist.add(report.histogram)
+            done += report.requests
+            for k, v in report.errors.items():
+                errors[k] = errors.get(k, 0) + v
+            sample = {"transactions": done, **memory_kb(pid)}
+            samples.append(sample)
+            phases.append(asdict(step))
+            self.log(step.line())
+            self.log(f"    after {done:7d}: VmRSS {sample['VmRSS'] / 1024:.1f} MiB, "
+                     f"VmHWM {sample['VmHWM'] / 1024:.1f} MiB")
+        return {"rate": rate, "transactions": done, "errors": errors, "latency_ms": summary_ms(hist),
+                "rss_kb": samples, "phases": phases}
+
+    def profile(self, seconds: float, rate: float) -> dict[str, Any]:
+        prof = self.workdir / "gateway.prof"
+        target = self.start_gateway("gateway_profiled", "gateway under cProfile", profile=prof)
+        self.log(f"\nprofile: {target.label}, {seconds:g} s at {rate:.0f}/s (cProfile slows it; shares matter)")
+        try:
+            _, step = self.run(target, LoadConfig(rate=rate, duration=seconds, warmup=1.0, sessions=SESSIONS))
+            self.log(step.line())
+        finally:
+            self.stop(target)  # SIGTERM: the launcher stops the profiler and writes the stats
+        return summarize_profile(prof, step)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def nice_rate(rate: float) -> float:
+    """Two significant digits and a bit: 1234 → 1230, 56789 → 56800."""
+    if rate <= 0:
+        return 1.0
+    digits = len(str(int(rate))) - 3
+    return float(max(1, round(rate, -digits if digits > 0 else 0)))
+
+
+# --- profile summary -------------------------------------------------------------------------------------
+
+#: (area, substrings of "file:function") in order; the first match wins
+PROFILE_AREAS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("pyiso8583 encode/decode", ("/iso8583/",)),
+    ("gateway codec layer (gateway/iso)", ("gateway/iso/",)),
+    ("crypto (cryptography, gateway/security)", ("cryptography", "gateway/security/", "_openssl", "_rust")),
+    ("journal (gateway/store, sqlite3, to_thread)", ("gateway/store/", "sqlite3", "to_thread", "_thread",
+                                                     "threading.py", "queue.py", "concurrent/futures")),
+    ("metrics (prometheus_client, gateway/metrics)", ("prometheus_client", "gateway/metrics")),
+    ("logging", ("logging/",)),
+    ("gateway logic (service, core, net)", ("gateway/service", "gateway/core/", "gateway/net/")),
+    ("event loop, sockets, anyio (asyncio/runners.py:run is uvloop's own C time)",
+     ("anyio/", "asyncio/", "uvloop", "sniffio/", "weakref.py", "socket", "select", "epoll",
+      "<built-in method _asyncio", "method 'send'", "method 'recv'")),
+)
+
+
+def area_of(key: tuple[str, int, str]) -> str:
+    text = f"{key[0]}:{key[2]}"
+    for area, needles in PROFILE_AREAS:
+        if any(n in text for n in needles):
+            return area
+    return "other (builtins, dataclasses, ...)"
+
+
+def summarize_profile(path: Path, step: Step) -> dict[str, Any]:
+    """Own time by area and the top functions. Built-ins (file "~": dict.get, str.encode, ...) have no
+    area of their own: their time goes to the areas of their callers, in proportion."""
+    stats = pstats.Stats(str(path))
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values()) or 1.0
+    areas: dict[str, float] = {}
+    for key, (_, _, tottime, _, callers) in raw.items():
+        if key[0] == "~" and callers:
+            for caller, entry in callers.items():
+                area = area_of(caller)
+                areas[area] = areas.get(area, 0.0) + entry[2]
+        else:
+            area = area_of(key)
+            areas[area] = areas.get(area, 0.0) + tottime
+    top = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:20]
+    return {
+        "requests": step.requests,
+        "main_thread_total_s": round(total, 3),
+        "areas": {k: round(v / total, 4) for k, v in sorted(areas.items(), key=lambda kv: -kv[1])},
+        "top": [{"function": f"{short_path(k[0])}:{k[1]}({k[2]})", "calls": v[1],
+                 "tottime_share": round(v[2] / total, 4),
+                 "tottime_us_per_txn": round(v[2] / max(1, step.requests) * 1e6, 1)} for k, v in top],
+    }
+
+
+def short_path(path: str) -> str:
+    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    out: list[str] = []
+    systems = results["systems"]
+    out.append("")
+    out.append("=" * 118)
+    out.append(f"gateway end-to-end benchmark ({results['mode']} run, {results['elapsed_s']:.0f} s) — "
+               f"max sustainable open-loop rate with p99 < {P99_LIMIT_MS:g} ms, {SESSIONS} sessions")
+    out.append(results["placement"])
+    out.append(f"message: CUP POS 0200 purchase (PIN block, encrypted track 2, MAC), TPDU+header framing, "
+               f"{results['message_bytes']} bytes on the wire; every session prepares its requests before the clock "
+               "starts (unique STAN and MAC each against the gateway)")
+    other = results.get("other_work")
+    if other:
+        out.append(f"other work on this (shared) machine: up to {other['max_util']:.0%} of a core during a step, "
+                   f"{other['disturbed_steps']} of {other['steps']} steps above {DISTURBED:.0%}; "
+                   f"{other['waited_s']:.0f} s spent waiting for quiet")
+    out.append("=" * 118)
+    head = (f"{'system':<32} {'max rate':>9} {'1st fail':>8} {'p50@max':>8} {'p99@max':>8} │ "
+            f"{'probe':>6} {'SUT':>4} {'other':>5} │ {'SUT':>5} {'load':>5} {'host':>5}")
+    out.append(f"{'':<32} {'(p99<50ms)':>9} {'':>8} {'ms':>8} {'ms':>8} │ "
+               f"{'closed loop, cores':>18} │ {'CPU µs/txn @max':>17}")
+    out.append(head)
+    out.append("─" * len(head))
+    for key in ("echo", "relay", "gateway", "gateway_nometrics", "gateway_memory"):
+        r = systems.get(key)
+        if r is None:
+            continue
+        at = r["at_max"] or {}
+        cpu = at.get("cpu_us", {})
+        probe = r["closed_loop_probe"]
+        util = probe.get("util", {})
+        other_core = util.get("load", 0.0) + util.get("upstream", 0.0)
+
+        def c(name: str, cpu: dict[str, float] = cpu) -> str:
+            return f"{cpu[name]:.0f}" if name in cpu else "-"
+
+        first_fail = "-" if r["first_fail"] is None else f"{r['first_fail']:.0f}"
+        out.append(f"{r['label']:<32} {r['max_rate']:>7.0f}/s {first_fail:>8} {fmt_ms(at.get('p50')):>8} "
+                   f"{fmt_ms(at.get('p99')):>8} │ {probe['achieved']:>6.0f} {util.get('sut', 0.0):>4.0%} "
+                   f"{other_core:>5.0%} │ {c('sut'):>5} {c('load'):>5} {c('upstream'):>5}")
+    out.append("probe: closed loop with 64 in flight (saturation); SUT = utilisation of the SUT's core, other = load "
+               "generator + upstream host on the other core (100 % = one core): the side near 100 % is the limit.")
+    out.append("CPU µs/txn: CPU time per transaction of each process over the steady seconds of the max step.")
+    rat = results["ratios"]
+    out.append("")
+    out.append("ratios (max sustainable rates measured side by side in this run)")
+    out.append(f"  3/2 full gateway / bare relay       {fmt_ratio(rat['gateway_over_relay']):>6}"
+               "   (issue target >= 0.60)")
+    out.append(f"  3/1 full gateway / raw echo         {fmt_ratio(rat['gateway_over_echo']):>6}")
+    out.append(f"  2/1 bare relay / raw echo           {fmt_ratio(rat['relay_over_echo']):>6}")
+    out.append(f"  by SUT CPU per transaction: relay µs / gateway µs = {fmt_ratio(rat['cpu_relay_over_gateway'])} "
+               "(the ceiling ratio if the SUT's core were the only limit)")
+    compare = results.get("compare") or {}
+    for name, block in compare.items():
+        title = "50 % of" if name == "half" else "100 % of"
+        out.append("")
+        out.append(f"gateway variants at one common rate, {block['rate']:.0f}/s ({title} the full gateway's max), "
+                   f"{block['rounds']} interleaved round(s) each:")
+        out.append(f"  {'variant':<32} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'µs/txn':>7} {'loop':>6} "
+                   f"{'threads':>7} {'txns':>6} {'errors':>6}")
+        for v in block["variants"].values():
+            total, loop = v["cpu_us"], v["loop_us"]
+            lat = v["latency_ms"]
+            cpu = "-" if total is None else f"{total:.0f}"
+            loop_text = "-" if loop is None else f"{loop:.0f}"
+            # clamped: the process and its main thread are read a moment apart (10 ms clock ticks)
+            threads = "-" if total is None or loop is None else f"{max(0.0, total - loop):.0f}"
+            out.append(f"  {v['label']:<32} {fmt_ms(lat['p50']):>7} {fmt_ms(lat['p99']):>7} {fmt_ms(lat['p99.9']):>8} "
+                       f"{cpu:>7} {loop_text:>6} {threads:>7} {v['requests']:>6} {sum(v['errors'].values()):>6}")
+    if compare:
+        out.append("  (µs/txn: CPU of the gateway process per transaction, median of the rounds; loop = its main "
+                   "thread (event loop); threads = its worker threads, i.e. the SQLite commits)")
+    out.append("")
+    out.append("metrics cost (target <= 5 %)")
+    out.append(f"  max rate: metrics on {rat['max_metrics_on']:.0f}/s vs off {rat['max_metrics_off']:.0f}/s → cost "
+               f"{fmt_pct(rat['metrics_cost_at_max'])}  (the search's step is ~5-10 %: read it with the CPU figures)")
+    out.append(f"  CPU per transaction, on vs off: {fmt_pct(rat['metrics_cost_cpu_half'])} at 50 % of max, "
+               f"{fmt_pct(rat['metrics_cost_cpu_max'])} at the full gateway's max rate")
+    out.append("durable SQLite journal (synchronous=FULL) vs in-memory journal (target >= 0.80)")
+    out.append(f"  max rate durable / in-memory: {rat['max_metrics_on']:.0f} / {rat['max_memory']:.0f} = "
+               f"{fmt_ratio(rat['durable_over_memory'])};  CPU per transaction, in-memory / durable: "
+               f"{fmt_ratio(rat['cpu_memory_over_durable_half'])} at 50 %, "
+               f"{fmt_ratio(rat['cpu_memory_over_durable_max'])} at 100 % of max")
+    half = compare.get("half", {}).get("variants", {}).get("gateway")
+    if half:
+        lat = half["latency_ms"]
+        out.append("")
+        out.append(f"full gateway at 50 % of its max ({compare['half']['rate']:.0f}/s, {half['requests']} "
+                   f"transactions): p50 {fmt_ms(lat['p50'])} ms, p99 {fmt_ms(lat['p99'])} ms, "
+                   f"p99.9 {fmt_ms(lat['p99.9'])} ms, "
+                   f"max {fmt_ms(lat['max'])} ms")
+    rss = results.get("rss")
+    if rss:
+        lat = rss["latency_ms"]
+        out.append("")
+        out.append(f"memory: full gateway, fresh process, {rss['transactions']} transactions at {rss['rate']:.0f}/s "
+                   f"({RSS_RATE_FRACTION:.0%} of max), errors {sum(rss['errors'].values())}; latency p50 "
+                   f"{fmt_ms(lat['p50'])} ms, p99 {fmt_ms(lat['p99'])} ms, max {fmt_ms(lat['max'])} ms")
+        samples = rss["rss_kb"]
+        out.append("  RSS by transactions: " + ", ".join(
+            f"{s['transactions'] // 1000}k {s['VmRSS'] / 1024:.1f} MiB" for s in samples))
+        first, last = samples[1], samples[-1]
+        out.append(f"  RSS growth from {first['transactions']} to {last['transactions']} transactions: "
+                   f"{(last['VmRSS'] - first['VmRSS']) / 1024:+.1f} MiB;  peak RSS (VmHWM) after "
+                   f"{last['transactions']}: {last['VmHWM'] / 1024:.1f} MiB")
+    prof = results.get("profile")
+    if prof:
+        out.append("")
+        out.append(f"where the gateway's main-thread time goes (cProfile, {prof['requests']} transactions; "
+                   "SQLite commits run in worker threads, see 'threads' above):")
+        for area, share in prof["areas"].items():
+            out.append(f"  {share:6.1%}  {area}")
+        out.append("  top functions by own time:")
+        for row in prof["top"][:12]:
+            out.append(f"  {row['tottime_share']:6.1%}  {row['tottime_us_per_txn']:7.1f} µs/txn  {row['function']}")
+    out.append("")
+    return "\n".join(out)
+
+
+def fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    s = results["systems"]
+
+    def mx(key: str) -> float:
+        return float(s[key]["max_rate"]) if key in s else 0.0
+
+    def sut_cpu(key: str) -> float:
+        at = s.get(key, {}).get("at_max") or {}
+        return float(at.get("cpu_us", {}).get("sut", 0.0))
+
+    compare = results.get("compare") or {}
+
+    def cpu_at(block: str, key: str) -> float:
+        value = compare.get(block, {}).get("variants", {}).get(key, {}).get("cpu_us")
+        return float(value) if value else 0.0
+
+    on, off, mem = mx("gateway"), mx("gateway_nometrics"), mx("gateway_memory")
+
+    def cost(block: str) -> float | None:
+        on_cpu, off_cpu = cpu_at(block, "gateway"), cpu_at(block, "gateway_nometrics")
+        return on_cpu / off_cpu - 1 if on_cpu and off_cpu else None
+
+    return {
+        "gateway_over_relay": ratio(on, mx("relay")),
+        "gateway_over_echo": ratio(on, mx("echo")),
+        "relay_over_echo": ratio(mx("relay"), mx("echo")),
+        "cpu_relay_over_gateway": ratio(sut_cpu("relay"), sut_cpu("gateway")),
+        "max_metrics_on": on,
+        "max_metrics_off": off,
+        "max_memory": mem,
+        "metrics_cost_at_max": (1 - on / off) if off else None,
+        "metrics_cost_cpu_half": cost("half"),
+        "metrics_cost_cpu_max": cost("max"),
+        "durable_over_memory": ratio(on, mem),
+        "cpu_memory_over_durable_half": ratio(cpu_at("half", "gateway_memory"), cpu_at("half", "gateway")),
+        "cpu_memory_over_durable_max": ratio(cpu_at("max", "gateway_memory"), cpu_at("max", "gateway")),
+    }
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def message_bytes() -> int:
+    """Wire size of the bench 0200 (2-byte length + TPDU + header + body), for the header line."""
+    body = purchase_body(Codec(load_dialect("cup-pos")), own_working_keys(), TerminalIdent("BT000001", MERCHANT_ID),
+                         "000001", "000001")
+    return 2 + ENVELOPE_LEN + len(body)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter steps, fewer of them (about 2 minutes)")
+    parser.add_argument("--rss-count", type=int, help="transactions of the RSS run (default 100000, --quick 10000)")
+    parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    parser.add_argument("--plots", metavar="DIR", help="PNG of each system's max step (load tool's plot)")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="also run the gateway under cProfile for this long at 80 %% of its max")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, journals)")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    rss_count = args.rss_count if args.rss_count is not None else plan.rss_count
+    if rss_count < RSS_PHASES:
+        parser.error(f"--rss-count must be at least {RSS_PHASES}")
+
+    cpus = sorted(os.sched_getaffinity(0))
+    sut_cpus: set[int] | None = None
+    other_cpus: set[int] | None = None
+    if len(cpus) >= 2 and not args.no_pin:
+        sut_cpus, other_cpus = {cpus[-1]}, set(cpus[:-1])
+        os.sched_setaffinity(0, other_cpus)  # the load generator (this process)
+        placement = (f"placement: {len(cpus)} CPUs; system under test (echo server / relay / gateway) pinned to "
+                     f"CPU {cpus[-1]}; load generator (this process, 1 event loop) and upstream host (codec host / "
+                     f"sim-host) share CPU {','.join(map(str, cpus[:-1]))} — the load generator's own cost is part "
+                     "of the picture")
+    else:
+        placement = (f"placement: {len(cpus)} CPU(s), nothing pinned; load generator, system under test and upstream "
+                     "host share them — the load generator's own cost is part of the picture")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "placement": placement,
+                               "p99_limit_ms": P99_LIMIT_MS, "sessions": SESSIONS, "plan": asdict(plan),
+                               "card": f"{BENCH_CARD!r}", "systems": {}, "message_bytes": message_bytes()}
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))  # removed in the `finally` below
+    started = time.monotonic()
+    log(placement)
+    log(f"work directory {workdir}; steps of {plan.warmup:g} s warm-up + {plan.duration:g} s measured")
+    bench: Bench | None = None
+    try:
+        with Services(workdir) as services:
+            bench = Bench(plan, services, workdir, sut_cpus, other_cpus, log)
+            systems = results["systems"]
+
+            target = bench.start_echo()
+            systems["echo"] = bench.find_max(target)
+            bench.stop(target)
+
+            target = bench.start_relay()
+            systems["relay"] = bench.find_max(target)
+            bench.stop(target)
+
+            variants = (("gateway", "3 full gateway", True, False),
+                        ("gateway_nometrics", "3b gateway, metrics off", False, False),
+                        ("gateway_memory", "3c gateway, in-memory journal", True, True))
+            gateways: dict[str, Target] = {}
+            for key, label, metrics, memory in variants:  # all three up at once: idle ones cost nothing
+                gateways[key] = bench.start_gateway(key, label, metrics=metrics, memory=memory)
+            for key, target in gateways.items():
+                systems[key] = bench.find_max(target)
+            full_max = systems["gateway"]["max_rate"]
+            if full_max:
+                compare: dict[str, Any] = {}
+                results["compare"] = compare
+                for name, fraction in (("half", SAME_RATE_FRACTION), ("max", 1.0)):
+                    rate = nice_rate(fraction * full_max)
+                    bench.log(f"\nmetrics / journal comparison at {rate:.0f}/s ({fraction:.0%} of the full "
+                              f"gateway's max), {plan.compare_rounds} interleaved round(s)")
+                    compare[name] = bench.compare(gateways, rate, plan.compare_rounds)
+            for target in gateways.values():
+                bench.stop(target)
+
+            if full_max:
+                target = bench.start_gateway("gateway_rss", "3 full gateway (fresh process)")
+                try:
+                    results["rss"] = bench.rss_run(target, nice_rate(RSS_RATE_FRACTION * full_max), rss_count)
+                finally:
+                    bench.stop(target)
+                if args.profile > 0:
+                    results["profile"] = bench.profile(args.profile, nice_rate(0.8 * full_max))
+            if args.plots:
+                from gateway.load.plot import plot_report
+
+                Path(args.plots).mkdir(parents=True, exist_ok=True)
+                for key, report in bench.reports.items():
+                    plot_report(report, Path(args.plots) / f"{key}.png")
+    finally:
+        results["elapsed_s"] = time.monotonic() - started
+        if bench is not None:
+            others = [st.util.get(OTHER, 0.0) for st in bench.steps_run]
+            results["other_work"] = {"waited_s": bench.waited, "steps": len(others),
+                                     "disturbed_steps": sum(o > DISTURBED for o in others),
+                                     "max_util": max(others, default=0.0)}
+        if "gateway" in results["systems"]:
+            results["ratios"] = compute_ratios(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
