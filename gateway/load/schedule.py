@@ -20,24 +20,27 @@ class Schedule(Protocol):
 class OpenLoopSchedule:
     """Ticket i starts at `start + i / rate`; those before `measure_from` are warm-up."""
 
-    __slots__ = ("_end", "_i", "_interval", "_limit", "_measured", "_start", "measure_from")
+    __slots__ = ("_first_measured", "_i", "_interval", "_limit", "_measured", "_start", "_stop", "measure_from")
 
     def __init__(self, start: float, rate: float, measure_from: float, duration: float | None,
                  count: int | None) -> None:
         self._start = start
         self._interval = 1.0 / rate
         self.measure_from = measure_from
-        self._end = measure_from + duration if duration is not None else math.inf
+        # decided on ticket indexes, not on float times: a ticket due exactly at a boundary must not
+        # fall on either side of it by rounding (rate × duration tickets, exactly)
+        self._first_measured = math.ceil((measure_from - start) * rate - 1e-9)
+        self._stop = self._first_measured + round(duration * rate) if duration is not None else math.inf
         self._limit = count if count is not None else math.inf
         self._i = 0
         self._measured = 0
 
     def next_ticket(self, now: float) -> Ticket | None:
-        intended = self._start + self._i * self._interval
-        if intended >= self._end or self._measured >= self._limit:
+        if self._i >= self._stop or self._measured >= self._limit:
             return None
+        intended = self._start + self._i * self._interval
+        measured = self._i >= self._first_measured
         self._i += 1
-        measured = intended >= self.measure_from
         if measured:
             self._measured += 1
         return intended, measured
