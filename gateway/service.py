@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -301,11 +302,19 @@ class GatewayService:
             if rc is not None:
                 log.info("terminal %s purchase of %d refused by risk limits", terminal_id, amount)
                 return Answer(decisions.refuse(msg, rc)), None
+        released = not reserved
+
+        def release() -> None:
+            """Give the reserved amount back to the day's limit, once, whichever path gets here first."""
+            nonlocal released
+            if not released:
+                released = True
+                self.limits.release(terminal_id, amount, day)
+
         try:
             card = translate.card_data(msg, self.security)
         except SecurityError as exc:
-            if reserved:
-                self.limits.release(terminal_id, amount, day)
+            release()
             self.metrics.security_failure(exc.kind).inc()
             if isinstance(exc, PinFormatError):
                 self.metrics.pin_failures.inc()
@@ -320,25 +329,22 @@ class GatewayService:
             txn_id = await self.store.record_request(record)
             self.journal_healthy = True
         except DuplicateRequest:
-            if reserved:
-                self.limits.release(terminal_id, amount, day)
+            release()
             log.warning("terminal %s repeated batch/stan %s: 94", terminal_id, msg.get("11"))
             return Answer(decisions.refuse(msg, "94")), None
         except Exception:
             self.journal_healthy = False  # /readyz says so until a write succeeds again
             log.exception("journal write failed: refusing terminal %s stan %s", terminal_id, msg.get("11"))
-            if reserved:
-                self.limits.release(terminal_id, amount, day)
+            release()
             return Answer(decisions.refuse(msg, "96")), None
         try:
-            return await self._exchange(msg, host_req, txn_id, flow, card.pan, amount, day, reserved)
+            return await self._exchange(msg, host_req, txn_id, flow, card.pan, release)
         except Exception:
             # journalled but the outcome could not be settled normally: never leave it pending while
             # the gateway runs on. The request may have left, so reverse what is reversible.
             log.exception("txn %s (terminal %s stan %s) failed mid-exchange", txn_id, terminal_id, msg.get("11"))
             with anyio.CancelScope(shield=True):
-                if reserved:
-                    self.limits.release(terminal_id, amount, day)
+                release()
                 await self._settle_unknown(txn_id, flow)
             return Answer(decisions.refuse(msg, "96")), None
 
@@ -365,13 +371,10 @@ class GatewayService:
         return original
 
     async def _exchange(self, msg: Message, host_req: Message, txn_id: int, flow: FlowSpec, pan: str | None,
-                        amount: int, day: str, reserved: bool) -> tuple[Answer, decisions.OnDelivery | None]:
+                        release: Callable[[], None]) -> tuple[Answer, decisions.OnDelivery | None]:
+        """`release` gives back the risk-limit reservation (idempotent) when no money moved."""
         terminal_id = msg.fields["41"]
         sent_at = anyio.current_time()
-
-        def release() -> None:
-            if reserved:
-                self.limits.release(terminal_id, amount, day)
 
         try:
             reply = await self.link.request(host_req)
