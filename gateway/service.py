@@ -22,6 +22,7 @@ import anyio
 
 from gateway.config import GatewayConfig
 from gateway.core import decisions, translate
+from gateway.core.clock import local_now
 from gateway.core.limits import RiskLimits
 from gateway.core.sessions import SessionTable
 from gateway.core.settlement import reconcile
@@ -295,7 +296,7 @@ class GatewayService:
             log.warning("host link down: terminal %s stan %s gets 91", terminal_id, msg.get("11"))
             return Answer(decisions.refuse(msg, "91")), None
         amount = int(msg.fields.get("4", "0") or 0)
-        day = time.strftime("%Y%m%d")
+        day = local_now().day
         reserved = name == "purchase"
         if reserved:
             rc = self.limits.reserve(terminal_id, amount, day)

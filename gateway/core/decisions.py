@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
+from gateway.core.clock import local_now
 from gateway.core.sessions import TerminalSession
 from gateway.iso.build import response
 from gateway.iso.message import Message
@@ -71,7 +72,9 @@ def sign_in_request(request: Message, default_mode: str) -> tuple[str, str]:
 
 
 def local_time_fields(now: datetime | None = None) -> dict[str, str]:
-    now = now or datetime.now()
+    if now is None:
+        local = local_now()
+        return {"field_12": local.hhmmss, "field_13": local.mmdd}
     return {"field_12": now.strftime("%H%M%S"), "field_13": now.strftime("%m%d")}
 
 

@@ -6,10 +6,10 @@ TDK-encrypted track data on the way; no clear PIN or key ever passes through her
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from gateway.config import HostConfig
 from gateway.core import decisions
+from gateway.core.clock import local_now
 from gateway.iso.build import OriginalData, TerminalIdent, iso87
 from gateway.iso.message import Message, mask_pan
 from gateway.security.module import SecurityModule
@@ -74,7 +74,7 @@ def to_host(request: Message, flow: str, card: CardData, host: HostConfig, stan:
     """The host request for a terminal's purchase / void / refund / balance inquiry."""
     ident = TerminalIdent(request.fields["41"], request.fields["42"])
     common = {
-        "local_dt": datetime.now().strftime("%m%d%H%M%S"),
+        "local_dt": local_now().mmddhhmmss,
         "currency": request.fields.get("49", "156"),
         "condition": request.fields.get("25", "00"),
     }

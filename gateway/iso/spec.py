@@ -46,6 +46,8 @@ _DIALECT_KEYS: Final = frozenset(
 )
 _MTI_KEYS: Final = ("versions", "classes", "functions", "origins")
 _HEX_DIGITS: Final = frozenset("0123456789ABCDEF")
+#: the field keys a secondary bitmap carries (65..128): a set test instead of int() per key
+SECONDARY_FIELDS: Final = frozenset(str(f) for f in range(65, 129))
 
 
 def spec_dirs() -> tuple[Path, ...]:
@@ -93,7 +95,7 @@ class Dialect:
         """The MAC field a message with these fields carries: with a secondary bitmap present (any
         field above 64) that is the dialect's MAC field above 64 (ISO 8583:1987: 128), otherwise the
         primary one (64)."""
-        secondary = any(int(k) > 64 for k in keys)
+        secondary = not SECONDARY_FIELDS.isdisjoint(keys)
         for candidate in self.mac_fields:
             if (int(candidate) > 64) == secondary:
                 return candidate

@@ -22,6 +22,7 @@ from typing import Final
 from gateway.iso.errors import SubfieldError, ValidationError
 from gateway.iso.message import Message
 from gateway.iso.mti import original_mti
+from gateway.iso.spec import SECONDARY_FIELDS
 from gateway.iso.subfields import FORMAT_CHECKS, Layout, LayoutSpecError, layout, spec_path, verify_layout
 
 SPEC_FILE: Final = "flows.toml"
@@ -37,7 +38,6 @@ _SELECTOR_FIELD: Final[dict[str, str]] = {
 
 
 #: field keys that need a secondary bitmap
-_SECONDARY_FIELDS: Final = frozenset(str(i) for i in range(65, 129))
 
 
 class UnsupportedFlow(ValidationError):
@@ -159,7 +159,7 @@ class DialectSettings:
     def mac_field_for(self, fields: Mapping[str, str]) -> str:
         """The MAC field a message with these fields carries: the last field of its body, so 128 (where
         the dialect has it) once any field above 64 brings in a secondary bitmap."""
-        if self.mac_field_secondary is not None and not _SECONDARY_FIELDS.isdisjoint(fields):
+        if self.mac_field_secondary is not None and not SECONDARY_FIELDS.isdisjoint(fields):
             return self.mac_field_secondary
         return self.mac_field
 
