@@ -8,25 +8,35 @@
   financial traffic; reconnects back off exponentially with jitter.
 - Echo tests (0800/301) are sent on idle, from this side only; a host that does not answer one is
   treated as dead and the connection is recycled.
-- A request times out through a cancel scope; the pending slot is removed at that moment, so an answer
-  that arrives later is "unmatched" and handed to `on_unmatched` (journalled, never forwarded).
+- One writer task per connection does every write: a request appends its frame to the connection's
+  outgoing queue and the writer hands everything queued to ONE `send`. Concurrent requests share a
+  write instead of passing a send lock (and a yield) from task to task.
+- Every pending request carries a deadline; one expiry task per connection sleeps until the earliest
+  (no cancel scope or timer per request). A request that expires while its frame is still queued is
+  withdrawn (never written later) and fails with `HostNotSent`; once the writer has taken it, it fails
+  with `HostTimeout` (outcome unknown). Its pending slot is removed at that moment, so an answer that
+  arrives later is "unmatched" and handed to `on_unmatched` (journalled, never forwarded).
+- A write that fails, or stays stuck past the deadline of a request it carries, recycles the connection.
 - While the link is not signed on, `request` fails at once with `HostUnavailable` (nothing was sent),
   so terminals get 91 instead of hanging.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import IntEnum
 
 import anyio
 import anyio.abc
 
 from gateway.config import HostConfig
+from gateway.core.clock import utc_mmddhhmmss
 from gateway.iso.build import iso87
 from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
@@ -35,7 +45,7 @@ from gateway.iso.message import Message
 from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
-from gateway.metrics import Metrics
+from gateway.metrics import CounterLike, Metrics
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
 
@@ -45,6 +55,9 @@ log = logging.getLogger("gateway.host")
 #: answers that move or settle money and so must carry a valid MAC once zone keys are in use:
 #: an approval, and a reversal's "original not found" (the SAF takes it as final)
 MAC_REQUIRED_RCS = frozenset({"00", "25"})
+
+#: match key parts (config `match_key`) that are a request field; "mti_class" is derived from the MTI
+_KEY_FIELDS = {"stan": "11", "terminal": "41", "rrn": "37"}
 
 
 class LinkState(IntEnum):
@@ -77,21 +90,57 @@ class HostReply:
     mac_ok: bool
 
 
-class _Pending:
-    __slots__ = ("error", "event", "reply")
+#: where a request's frame is: in the connection's outgoing queue, inside the writer's current `send`,
+#: written, or withdrawn from the queue before the writer took it (so it is never written)
+_QUEUED, _SENDING, _SENT, _WITHDRAWN = range(4)
 
-    def __init__(self) -> None:
+
+class _Pending:
+    """One request waiting for its answer."""
+
+    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "state", "timeout")
+
+    def __init__(self, key: tuple[str, ...], frame: bytes, counter: CounterLike, timeout: float) -> None:
+        self.key = key
+        self.frame = frame
+        #: the host_out counter of this message, counted once the writer's `send` carrying it has returned
+        self.counter = counter
+        self.timeout = timeout
+        self.state = _QUEUED
+        #: settled: answered, failed, or abandoned by its requester (its heap entry is then stale)
+        self.done = False
         self.event = anyio.Event()
         self.reply: HostReply | None = None
         self.error: HostError | None = None
 
 
+class _Connection:
+    """The write side and the deadlines of one connection to the host."""
+
+    __slots__ = ("deadlines", "expiry", "idle", "outgoing", "scope", "stream", "wake")
+
+    def __init__(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
+        self.stream = stream
+        #: cancelling it recycles the connection
+        self.scope = scope
+        #: frames for the writer, in order; plain bytes are answers to the host's own requests
+        self.outgoing: list[_Pending | bytes] = []
+        self.wake = anyio.Event()
+        #: the writer waits on `wake` (only then does a new frame need to set it)
+        self.idle = False
+        #: heap of (deadline, sequence, slot); settled slots stay until they reach the top or a compaction
+        self.deadlines: list[tuple[float, int, _Pending]] = []
+        #: the expiry task's sleep: its deadline is the earliest deadline it knows of
+        self.expiry: anyio.CancelScope | None = None
+
+    def submit(self, item: _Pending | bytes) -> None:
+        self.outgoing.append(item)
+        if self.idle:
+            self.idle = False
+            self.wake.set()
+
+
 UnmatchedHandler = Callable[[Message], Awaitable[None]]
-
-
-def transmission_datetime(now: datetime | None = None) -> str:
-    """Field 7, MMDDhhmmss in UTC (ISO 8583:1987 says GMT)."""
-    return (now or datetime.now(UTC)).strftime("%m%d%H%M%S")
 
 
 class HostLink:
@@ -112,12 +161,17 @@ class HostLink:
         self.mac_len = self.dialect.mac_wire_len
         self.stans = StanAllocator()
         self.state = LinkState.DOWN
-        self._stream: anyio.abc.ByteStream | None = None
-        self._send_lock = anyio.Lock()
+        self._conn: _Connection | None = None
         self._pending: dict[tuple[str, ...], _Pending] = {}
+        #: tie-breaker of deadline heap entries (slots themselves do not compare)
+        self._sequence = itertools.count()
+        #: the match key recipe: a field number, or None for the MTI class (unknown names are ignored)
+        self._key_parts = tuple(None if name == "mti_class" else _KEY_FIELDS[name]
+                                for name in config.match_key if name == "mti_class" or name in _KEY_FIELDS)
         self._last_rx = 0.0
         self._signed_on = anyio.Event()
         self.reconnects = 0
+        #: field 7 of the current second (formatting it costs more than everything else in `allocate`)
 
     # --- public API --------------------------------------------------------------------------------
 
@@ -128,7 +182,7 @@ class HostLink:
     def allocate(self) -> tuple[str, str]:
         """A fresh host STAN (11) and transmission date-time (7): given to a request before it is
         journalled, since a later reversal's field 90 needs both."""
-        return self.stans.format(self.stans.next()), transmission_datetime()
+        return self.stans.format(self.stans.next()), utc_mmddhhmmss()
 
     def stamp(self, msg: Message) -> Message:
         """Give a request a fresh STAN and transmission date-time (reversal repeats get new ones)."""
@@ -155,7 +209,7 @@ class HostLink:
             self._set_state(LinkState.CONNECTING)
             try:
                 with anyio.fail_after(self.config.connect_timeout):
-                    stream = await anyio.connect_tcp(self.config.address.host, self.config.address.port)
+                    stream = await self._connect()
             except (OSError, TimeoutError) as exc:
                 self._set_state(LinkState.DOWN)
                 log.warning("host %s unreachable: %s; retry in %.1fs", self.config.address, exc, backoff)
@@ -173,26 +227,45 @@ class HostLink:
             await anyio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self.config.reconnect_max)
 
+    async def _connect(self) -> anyio.abc.ByteStream:
+        """Open a connection to the host (a seam: tests wrap the stream to stall or count writes)."""
+        return await anyio.connect_tcp(self.config.address.host, self.config.address.port)
+
     async def _serve_connection(self, stream: anyio.abc.ByteStream) -> None:
-        async with stream, anyio.create_task_group() as tg:
-            self._stream = stream
-            self._last_rx = anyio.current_time()
-            self._set_state(LinkState.UP)
-            tg.start_soon(self._read_loop, stream, tg.cancel_scope)
-            await self._sign_on()
-            self._set_state(LinkState.SIGNED_ON)
-            self._signed_on.set()
-            log.info("host link signed on to %s", self.config.address)
-            tg.start_soon(self._echo_loop, tg.cancel_scope)
+        async with stream:
+            try:
+                async with anyio.create_task_group() as tg:
+                    conn = self._conn = _Connection(stream, tg.cancel_scope)
+                    self._last_rx = anyio.current_time()
+                    self._set_state(LinkState.UP)
+                    tg.start_soon(self._read_loop, stream, tg.cancel_scope)
+                    tg.start_soon(self._write_loop, conn)
+                    tg.start_soon(self._expiry_loop, conn)
+                    await self._sign_on()
+                    self._set_state(LinkState.SIGNED_ON)
+                    self._signed_on.set()
+                    log.info("host link signed on to %s", self.config.address)
+                    tg.start_soon(self._echo_loop, tg.cancel_scope)
+            finally:
+                # its writer is gone: nothing more may be queued on it (run() settles what is pending)
+                self._conn = None
 
     def _drop_connection(self) -> None:
-        self._stream = None
+        self._conn = None
         self._set_state(LinkState.DOWN)
-        self._signed_on = anyio.Event()
-        # every request still waiting was (maybe) sent: its outcome is unknown
+        if self._signed_on.is_set():
+            # only a set event is replaced: whoever waits on an unset one is still waiting for a sign-on
+            self._signed_on = anyio.Event()
         pending, self._pending = self._pending, {}
         for slot in pending.values():
-            slot.error = HostTimeout("host connection lost")
+            slot.done = True
+            if slot.state == _QUEUED:
+                # the writer never took it: certainly not sent
+                slot.state = _WITHDRAWN
+                slot.error = HostNotSent("host connection lost before the request was written")
+            else:
+                # handed to a write, so (maybe) sent: its outcome is unknown
+                slot.error = HostTimeout("host connection lost")
             slot.event.set()
 
     def _set_state(self, state: LinkState) -> None:
@@ -232,17 +305,8 @@ class HostLink:
     # --- wire --------------------------------------------------------------------------------------
 
     def _key(self, msg: Message, mti: str) -> tuple[str, ...]:
-        parts = []
-        for name in self.config.match_key:
-            if name == "mti_class":
-                parts.append(match_class(mti))
-            elif name == "stan":
-                parts.append(msg.fields.get("11", ""))
-            elif name == "terminal":
-                parts.append(msg.fields.get("41", ""))
-            elif name == "rrn":
-                parts.append(msg.fields.get("37", ""))
-        return tuple(parts)
+        fields = msg.fields
+        return tuple([match_class(mti) if part is None else fields.get(part, "") for part in self._key_parts])
 
     def _encode(self, msg: Message) -> bytes:
         body = self.codec.encode(msg)
@@ -256,43 +320,116 @@ class HostLink:
         return body
 
     async def _exchange(self, msg: Message, timeout: float) -> HostReply:
-        stream = self._stream
-        if stream is None:
+        conn = self._conn
+        if conn is None:
             raise HostUnavailable("host link is down")
         key = self._key(msg, msg.mti)
-        if key in self._pending:
+        pending = self._pending
+        if key in pending:
             raise HostNotSent("duplicate match key in flight")  # STAN space exhausted within one timeout
         try:
             frame = self.framer.encode(self._encode(msg))
         except (IsoError, SecurityError) as exc:
             raise HostNotSent(f"request cannot be encoded: {exc}") from None
-        slot = _Pending()
-        self._pending[key] = slot
-        sending = written = False
+        slot = _Pending(key, frame, self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")), timeout)
+        pending[key] = slot
+        self._add_deadline(conn, slot, anyio.current_time() + timeout)
+        conn.submit(slot)
         try:
-            with anyio.move_on_after(timeout):
-                async with self._send_lock:
-                    sending = True
-                    await stream.send(frame)
-                    written = True
-                self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")).inc()
-                await slot.event.wait()
-            if not sending:
-                raise HostNotSent("timed out waiting to write to the host")
-            if not written:
-                # cancelled inside send: part of the frame may be on the wire, so every later frame
-                # would be read out of step. Recycle the connection.
-                await anyio.aclose_forcefully(stream)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise HostTimeout(f"send failed: {exc!r}") from None
+            await slot.event.wait()
         finally:
-            self._pending.pop(key, None)
-        if slot.error is not None:
-            raise slot.error
-        if slot.reply is None:
+            if not slot.done:
+                # abandoned (cancelled from outside): a frame the writer has not taken is never written
+                slot.done = True
+                if slot.state == _QUEUED:
+                    slot.state = _WITHDRAWN
+                if self._pending.get(key) is slot:
+                    del self._pending[key]
+        reply = slot.reply
+        if reply is None:
+            raise slot.error or HostTimeout(f"no answer within {timeout:.1f}s")
+        return reply
+
+    def _add_deadline(self, conn: _Connection, slot: _Pending, deadline: float) -> None:
+        heap = conn.deadlines
+        heapq.heappush(heap, (deadline, next(self._sequence), slot))
+        expiry = conn.expiry
+        if expiry is not None and deadline < expiry.deadline:
+            expiry.deadline = deadline  # e.g. a sign-on or reversal with a shorter timeout: wake earlier
+        if len(heap) > 2 * len(self._pending) + 64:
+            # settled slots leave the heap only when they reach its top: sweep them out now and then, so
+            # the heap (and the replies its slots hold) stays about as large as what is in flight
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+
+    async def _expiry_loop(self, conn: _Connection) -> None:
+        """Fail every pending request of this connection whose deadline has passed."""
+        heap = conn.deadlines
+        while True:
+            now = anyio.current_time()
+            stalled = False
+            while heap:
+                deadline, _, slot = heap[0]
+                if slot.done:
+                    heapq.heappop(heap)
+                elif deadline <= now:
+                    heapq.heappop(heap)
+                    stalled = self._expire(slot) or stalled
+                else:
+                    break
+            if stalled:
+                # cancelling the write is the only way out, and it may leave part of a frame on the wire
+                # (every later frame would be read out of step): recycle the connection
+                log.warning("a write to the host stayed stuck past a request's deadline: recycling the connection")
+                conn.scope.cancel()
+                return
+            with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf) as conn.expiry:
+                await anyio.sleep_forever()
+
+    def _expire(self, slot: _Pending) -> bool:
+        """Fail a request whose deadline has passed; True when its frame is still inside a `send`."""
+        slot.done = True
+        if self._pending.get(slot.key) is slot:
+            del self._pending[slot.key]  # from now on its answer is unmatched
+        stalled = False
+        if slot.state == _QUEUED:
+            slot.state = _WITHDRAWN  # the writer skips it: never written
+            slot.error = HostNotSent("timed out waiting to write to the host")
+        else:
+            stalled = slot.state == _SENDING
             self.metrics.host_timeouts.inc()
-            raise HostTimeout(f"no answer within {timeout:.1f}s")
-        return slot.reply
+            slot.error = HostTimeout(f"no answer within {slot.timeout:.1f}s")
+        slot.event.set()
+        return stalled
+
+    async def _write_loop(self, conn: _Connection) -> None:
+        """Write everything queued in one `send`; a failed write recycles the connection."""
+        stream = conn.stream
+        while True:
+            if not conn.outgoing:
+                conn.wake = anyio.Event()
+                conn.idle = True
+                await conn.wake.wait()
+                continue
+            batch, conn.outgoing = conn.outgoing, []
+            chunks: list[bytes] = []
+            taken: list[_Pending] = []
+            for item in batch:
+                if isinstance(item, bytes):
+                    chunks.append(item)
+                elif item.state == _QUEUED:  # not withdrawn meanwhile
+                    item.state = _SENDING
+                    chunks.append(item.frame)
+                    taken.append(item)
+            if not chunks:
+                continue
+            try:
+                await stream.send(b"".join(chunks))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise HostError(f"write to the host failed: {exc!r}") from None
+            for slot in taken:
+                slot.state = _SENT
+                slot.counter.inc()
 
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         decoder = self.framer.decoder()
@@ -300,7 +437,12 @@ class HostLink:
             async for chunk in stream:
                 self._last_rx = anyio.current_time()
                 for frame in decoder.feed(chunk):
-                    await self._on_frame(frame.body)
+                    unmatched = self._on_frame(frame.body)
+                    if unmatched is not None and self.on_unmatched is not None:
+                        try:
+                            await self.on_unmatched(unmatched)
+                        except Exception:  # journalling a late answer must never take the link down
+                            log.exception("could not journal a late host answer")
         except IsoError as exc:
             self.metrics.decode_error(exc.kind).inc()
             log.warning("host sent an undecodable stream (%s): closing the link", exc)
@@ -309,33 +451,34 @@ class HostLink:
         log.info("host connection closed")
         scope.cancel()
 
-    async def _on_frame(self, body: bytes) -> None:
+    def _on_frame(self, body: bytes) -> Message | None:
+        """Hand an answer to its request; returns an answer no request waits for (late or unmatched)."""
         try:
             msg = self.codec.decode(body)
         except IsoError as exc:
             # one bad message does not desynchronise a length-framed stream: count it, keep the link
             self.metrics.decode_error(exc.kind).inc()
             log.warning("undecodable message from host: %s", exc)
-            return
+            return None
         self.metrics.message("host_in", msg.mti, msg.fields.get("39", "")).inc()
         if is_request(msg.mti):
-            await self._answer_host_request(msg)
-            return
+            self._answer_host_request(msg)
+            return None
         mac_ok = True
         if msg.fields.get("39") in MAC_REQUIRED_RCS and msg.mti[1] in "24":
             mac_ok = self._approval_mac_ok(msg, body)
-        slot = self._pending.pop(self._key(msg, msg.mti), None)
-        if slot is None:
+        key = self._key(msg, msg.mti)
+        slot = self._pending.get(key)
+        if slot is None or slot.state == _QUEUED:
+            # nobody waits for it, or its request was never written (so it cannot be the answer to it)
             self.metrics.late_answers.inc()
             log.info("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
-            if self.on_unmatched is not None:
-                try:
-                    await self.on_unmatched(msg)
-                except Exception:  # journalling a late answer must never take the link down
-                    log.exception("could not journal a late host answer")
-            return
+            return msg
+        del self._pending[key]
+        slot.done = True
         slot.reply = HostReply(msg, mac_ok)
         slot.event.set()
+        return None
 
     def _approval_mac_ok(self, msg: Message, body: bytes) -> bool:
         """An approval of money must carry a valid MAC once zone keys are in use: without one, nobody
@@ -354,19 +497,20 @@ class HostLink:
             log.warning("host approval %s stan %s has a missing or bad MAC", msg.mti, msg.get("11"))
         return ok
 
-    async def _answer_host_request(self, msg: Message) -> None:
+    def _answer_host_request(self, msg: Message) -> None:
         """The host may echo-test us too; answer network management, refuse anything else."""
         rc = "00" if msg.mti == "0800" else "12"
         answer = Message(response_mti(msg.mti), {k: v for k, v in msg.fields.items() if k in ("7", "11", "70")})
         answer.fields["39"] = rc
-        stream = self._stream
-        if stream is None:
+        conn = self._conn
+        if conn is None:
             return
         try:
-            async with self._send_lock:
-                await stream.send(self.framer.encode(self.codec.encode(answer)))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, IsoError):
-            pass
+            frame = self.framer.encode(self.codec.encode(answer))
+        except IsoError as exc:
+            log.warning("cannot answer host request %s: %s", msg.mti, exc)
+            return
+        conn.submit(frame)  # through the writer like every other write, so frames never interleave
 
 
 def _describe(exc: BaseException) -> str:
