@@ -1,13 +1,15 @@
 """Journal throughput: durable SQLite (WAL, group commit) against the in-memory store, same run.
 
-    python bench/journal.py [--txns 4000] [--writers 1,16,64] [--backend asyncio|trio] [--normal]
-                            [--dir DIR]
+    python bench/journal.py [--txns 4000] [--writers 1,16,64] [--backend asyncio|trio]
+                            [--sync FULL|NORMAL|OFF] [--normal] [--dir DIR]
 
 Each of N concurrent writers loops `record_request` (durable before return) then
 `record_outcome(completed)`: the two journal writes of one switched transaction. Reported per store
 and per N: transactions/s, the ratio to the memory store, commits and writes per commit (how much the
-group commit shares each fsync), and the latency of `record_request` (p50/p99), which is what a
-terminal's transaction waits for before it may go upstream.
+group commit shares each fsync), the latency of `record_request` (p50/p99), which is what a
+terminal's transaction waits for before it may go upstream, and the process CPU per transaction
+(user + system, every thread's: the commit thread's too). `--sync OFF` takes the disk's syncs out of
+the picture and leaves the CPU cost of the write path.
 
 The database lives in a fresh directory (default: under the system temp dir; pass --dir to put it on
 the disk the gateway will use: a tmpfs has no real fsync and flatters SQLite).
@@ -32,7 +34,7 @@ import anyio
 from hdrh.histogram import HdrHistogram
 
 from gateway.iso.message import mask_pan
-from gateway.store import MemoryStore, SqliteStore, TxnRequest, pan_fingerprint
+from gateway.store import MemoryStore, SqliteStore, TxnKind, TxnRequest, pan_fingerprint
 
 PAN = "6222021234567894321"
 KEY = b"bench-fingerprint-key-0123456789"
@@ -61,10 +63,15 @@ class Result:
     writes: int
     p50_us: float
     p99_us: float
+    cpu_seconds: float
 
     @property
     def rate(self) -> float:
         return self.txns / self.seconds
+
+    @property
+    def cpu_us_per_txn(self) -> float:
+        return self.cpu_seconds / self.txns * 1e6
 
 
 def make_request(writer: int, seq: int, fingerprint: str) -> TxnRequest:
@@ -75,7 +82,7 @@ def make_request(writer: int, seq: int, fingerprint: str) -> TxnRequest:
         terminal_stan=f"{seq % 1_000_000:06d}",
         terminal_mti="0200",
         processing_code="000000",
-        kind="purchase",
+        kind=TxnKind.PURCHASE,
         amount=100 + seq % 900,
         currency="156",
         pan_masked=mask_pan(PAN),
@@ -125,11 +132,11 @@ async def run_one(name: str, factory: StoreFactory, writers: int, txns: int) -> 
                     txn_id, "completed", rc="00", auth_code="123456", rrn="000000000001"
                 )
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         async with anyio.create_task_group() as tg:
             for w in range(writers):
                 tg.start_soon(writer, w)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return Result(
         name,
         writers,
@@ -139,12 +146,13 @@ async def run_one(name: str, factory: StoreFactory, writers: int, txns: int) -> 
         observer.writes,
         latency.get_value_at_percentile(50),
         latency.get_value_at_percentile(99),
+        cpu,
     )
 
 
 async def main_async(args: argparse.Namespace, directory: Path) -> list[Result]:
     results = []
-    factories = stores(directory, "NORMAL" if args.normal else "FULL")
+    factories = stores(directory, "NORMAL" if args.normal else args.sync)
     for writers in args.writers:
         for name, factory in factories.items():
             results.append(await run_one(name, factory, writers, args.txns))
@@ -156,7 +164,9 @@ def main() -> None:
     parser.add_argument("--txns", type=int, default=4000, help="transactions per (store, N) run")
     parser.add_argument("--writers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    parser.add_argument("--normal", action="store_true", help="synchronous=NORMAL instead of FULL")
+    parser.add_argument("--sync", choices=["FULL", "NORMAL", "OFF"], default="FULL",
+                        help="SQLite synchronous mode (OFF: no fsync, shows the CPU cost alone)")
+    parser.add_argument("--normal", action="store_true", help="same as --sync NORMAL")
     parser.add_argument("--dir", type=Path, help="directory for the database files")
     args = parser.parse_args()
 
@@ -173,7 +183,7 @@ def main() -> None:
     )
     print(
         f"{'store':<14} {'N':>4} {'txn/s':>9} {'vs memory':>10} {'commits':>8} {'writes/commit':>14} "
-        f"{'req p50 µs':>11} {'req p99 µs':>11}"
+        f"{'req p50 µs':>11} {'req p99 µs':>11} {'CPU µs/txn':>11}"
     )
     memory = {r.writers: r.rate for r in results if r.store == "memory"}
     for r in results:
@@ -182,7 +192,7 @@ def main() -> None:
         commits = str(r.commits) if r.commits else "-"
         print(
             f"{r.store:<14} {r.writers:>4} {r.rate:>9.0f} {ratio:>10.3f} {commits:>8} {per_commit:>14} "
-            f"{r.p50_us:>11.0f} {r.p99_us:>11.0f}"
+            f"{r.p50_us:>11.0f} {r.p99_us:>11.0f} {r.cpu_us_per_txn:>11.0f}"
         )
     durable = [r for r in results if r.store != "memory"]
     if len(durable) > 1:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.store.group_commit import MAX_COMMIT_DELAY
+
 T = TypeVar("T")
 
 
@@ -83,6 +85,8 @@ class SecurityConfig:
 class StoreConfig:
     path: Path = Path("var/journal.db")
     synchronous: str = "FULL"
+    #: seconds the first write of a batch waits for others to share its commit (0: none); see group_commit
+    commit_delay: float = 0.002
     pan_hash_key_hex: str | None = None  #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
 
 
@@ -261,10 +265,13 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
     store = StoreConfig(
         path=Path(_get(st, "path", "store", str, str(std.path))),
         synchronous=_get(st, "synchronous", "store", str, std.synchronous).upper(),
+        commit_delay=_get(st, "commit_delay", "store", float, std.commit_delay),
         pan_hash_key_hex=_get(st, "pan_hash_key_hex", "store", str, "") or None,
     )
     if store.synchronous not in {"FULL", "NORMAL", "OFF"}:
         raise ConfigError("store.synchronous: expected FULL, NORMAL or OFF")
+    if store.commit_delay > MAX_COMMIT_DELAY:
+        raise ConfigError(f"store.commit_delay: at most {MAX_COMMIT_DELAY} seconds")
 
     r = _table(doc, "reversal")
     rd = ReversalConfig()

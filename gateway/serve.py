@@ -96,7 +96,7 @@ def open_store(config: GatewayConfig, metrics: Metrics, *, durable: bool = True)
         return MemoryStore.open(observer=metrics.journal, pan_key=key)  # type: ignore[return-value]
     config.store.path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore.open(config.store.path, synchronous=config.store.synchronous,  # type: ignore[return-value]
-                            observer=metrics.journal, pan_key=key)
+                            commit_delay=config.store.commit_delay, observer=metrics.journal, pan_key=key)
 
 
 async def run_gateway(

@@ -91,6 +91,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"reversal": {"backoff": []}}, "reversal.backoff"),
         ({"reversal": {"unknown_original_rc": "12"}}, "reversal.unknown_original_rc"),
         ({"limits": {"per_day": -1}}, "limits.per_day"),
+        ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
+        ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
         ({"terminals": [{"terminal_id": "123", "merchant_id": "898100012340001"}]}, "terminals[0].terminal_id"),
         ({"hots": {}}, "hots"),
         ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),
@@ -118,3 +120,4 @@ def test_the_example_config_parses() -> None:
     cfg = load_config(example, environ={})
     assert cfg.terminals[0].terminal_id == "10000001"
     assert cfg.store.synchronous == "FULL"
+    assert cfg.store.commit_delay == 0.002

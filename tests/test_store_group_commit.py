@@ -32,7 +32,7 @@ class FakeDb:
         staged = list(self.rows)
         for write in writes:
             try:
-                write.result = write.op(staged)
+                write.result = write.op(staged, *write.args)
             except Exception as exc:
                 write.error = exc
         if self.fail_commit:
@@ -101,6 +101,11 @@ async def test_batches_form_while_a_commit_is_in_progress() -> None:
     assert db.batches == [1, 16, 16, 8]  # everything that queued meanwhile, in max_batch slices
     assert db.rows == submitted  # applied in submission order (trio starts tasks in any order)
     assert sorted(db.rows[1:]) == list(range(40))  # type: ignore[type-var]
+    assert len(db.threads) == 1  # one long-lived commit thread, not a pool call per batch
+    for thread in threading.enumerate():
+        if thread.ident in db.threads:  # still listed: it must be on its way out
+            thread.join(5)
+            assert not thread.is_alive()  # the commit thread stops with the committer
 
 
 async def test_a_failed_commit_fails_every_write_of_the_batch_only() -> None:
@@ -158,3 +163,110 @@ async def test_closed_or_cancelled_committer_refuses_and_fails_queued_writes() -
     assert not committer.running
     with pytest.raises(StoreClosed):
         await committer.submit(append("too late"))
+
+
+async def test_a_caller_cancelled_during_the_commit_gets_its_outcome_then_the_cancellation() -> None:
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply)
+    scopes: dict[str, anyio.CancelScope] = {}
+    seen: dict[str, list[object]] = {"ok": [], "bad": []}
+
+    async def writer(name: str, op: Callable[[list[object]], object]) -> None:
+        with anyio.CancelScope() as scope:
+            scopes[name] = scope
+            try:
+                seen[name].append(await committer.submit(op))
+            except StoreError as exc:
+                seen[name].append(exc)
+            await anyio.sleep(5)  # the first checkpoint after the write: the cancellation lands here
+            seen[name].append("not cancelled")
+        seen[name].append(scope.cancelled_caught)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(committer.run)
+            db.gate.clear()  # the batch stalls in the commit thread, as in a slow fsync
+            tg.start_soon(writer, "ok", append("row"))
+            tg.start_soon(writer, "bad", failing)
+            await anyio.wait_all_tasks_blocked()
+            scopes["ok"].cancel()
+            scopes["bad"].cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert seen == {"ok": [], "bad": []}  # still waiting for the batch, not gone
+            db.gate.set()
+            committer.close()
+    assert seen["ok"] == [1, True]  # its result, then the cancellation
+    assert isinstance(seen["bad"][0], StoreError) and seen["bad"][1:] == [True]
+    assert db.rows == ["row"] and db.batches == [2]
+
+
+async def test_a_bare_asyncio_cancel_is_raised_once_the_write_is_settled(anyio_backend_name: str) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("Task.cancel() outside any cancel scope is asyncio's alone")
+    import asyncio
+
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply)
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        db.gate.clear()
+        task = asyncio.ensure_future(committer.submit(append("row")))
+        await anyio.wait_all_tasks_blocked()
+        task.cancel()  # not a cancel scope's: it would not be delivered again, so it is not swallowed
+        await anyio.wait_all_tasks_blocked()
+        assert not task.done()  # the write is still in the pipeline
+        db.gate.set()
+        with anyio.fail_after(10):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        committer.close()
+    assert db.rows == ["row"]  # applied all the same
+
+
+async def test_a_caller_cancelled_before_its_batch_reaches_the_thread_still_gets_its_write() -> None:
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply)
+    seen: list[object] = []
+
+    async def writer() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # cancelled before the call: the write is queued all the same, then completes
+            seen.append(await committer.submit(append("row")))
+        seen.append(scope.cancelled_caught)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        tg.start_soon(writer)
+        with anyio.move_on_after(10):
+            while len(seen) < 2:
+                await anyio.sleep(0.01)
+        # (had the batch never reached the thread, leaving this block would cancel the committer,
+        # which fails the queued write: the test fails rather than hangs)
+        assert seen == [1, False]
+        committer.close()
+    assert db.rows == ["row"]
+
+
+async def test_commit_delay_lets_writes_that_trickle_in_share_one_commit() -> None:
+    """Writes arriving one by one, 5 ms apart, while the thread is idle: with a 100 ms commit delay the
+    first waits and the others join its batch (without one, each would be handed over at once)."""
+
+    async def trickle(committer: GroupCommitter[list[object]], db: FakeDb) -> list[int]:
+        async with anyio.create_task_group() as tg:
+            await tg.start(committer.run)
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as writers:
+                    for i in range(4):
+                        writers.start_soon(committer.submit, append(i))
+                        await anyio.sleep(0.005)
+            committer.close()
+        return db.batches
+
+    delayed = FakeDb()
+    assert await trickle(GroupCommitter(delayed.apply, commit_delay=0.1), delayed) == [4]
+    assert delayed.rows == [0, 1, 2, 3]  # every write applied, in submission order
+
+
+def test_commit_delay_is_bounded() -> None:
+    with pytest.raises(ValueError, match="commit_delay"):
+        GroupCommitter(FakeDb().apply, commit_delay=0.5)
