@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -47,6 +47,8 @@ from gateway.iso.framing import CupEnvelope, Frame, make_framer
 from gateway.iso.spec import load_dialect
 from gateway.load.driver import LoadError
 from gateway.security.algorithms import (
+    DesKey,
+    KeyLike,
     encrypt_pin_block,
     encrypt_track,
     generate_key,
@@ -81,7 +83,8 @@ def terminal_id(n: int) -> str:
 # --- the load driver -----------------------------------------------------------------------------------
 
 
-def purchase_body(codec: Codec, keys: dict[KeyUsage, bytes], ident: TerminalIdent, stan: str, batch: str) -> bytes:
+def purchase_body(codec: Codec, keys: Mapping[KeyUsage, KeyLike], ident: TerminalIdent, stan: str,
+                  batch: str) -> bytes:
     """The encoded 0200 purchase of the bench card, as a terminal builds it: track 2 encrypted under the
     TDK, the PIN block (ISO 9564 format 0) under the PIK, the CUP MAC under the MAK spliced into the end."""
     card = BENCH_CARD
@@ -98,8 +101,8 @@ def purchase_body(codec: Codec, keys: dict[KeyUsage, bytes], ident: TerminalIden
     return mab + terminal_mac(keys[KeyUsage.MAK], mab)
 
 
-def own_working_keys() -> dict[KeyUsage, bytes]:
-    return {usage: generate_key(16) for usage in (KeyUsage.PIK, KeyUsage.MAK, KeyUsage.TDK)}
+def own_working_keys() -> dict[KeyUsage, DesKey]:
+    return {usage: DesKey(generate_key(16)) for usage in (KeyUsage.PIK, KeyUsage.MAK, KeyUsage.TDK)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +136,8 @@ class CupFrameSession:
         self._decoder = self._framer.decoder()
         self._frames: collections.deque[Frame] = collections.deque()
         self._stans = itertools.count(1)
-        self._keys: dict[KeyUsage, bytes] = {}
+        # working keys as `DesKey`s: their cipher contexts are built once, not for every MAC
+        self._keys: dict[KeyUsage, DesKey] = {}
         self._ready: collections.deque[Prepared] = collections.deque()
 
     async def prepare(self) -> None:
@@ -153,7 +157,8 @@ class CupFrameSession:
         block = answer.fields.get("62")
         if answer.fields.get("39") != "00" or not block:
             raise LoadError(f"terminal {self._ident.terminal_id}: sign-in answered {answer.fields.get('39')}")
-        self._keys = parse_key_block(BENCH_TMK, bytes.fromhex(block), KEY_MODE)
+        keys = parse_key_block(BENCH_TMK, bytes.fromhex(block), KEY_MODE)
+        self._keys = {usage: DesKey(key, what=str(usage)) for usage, key in keys.items()}
 
     def _build(self) -> Prepared:
         stan = self._stan()

@@ -193,6 +193,42 @@ async def test_a_hanging_request_times_out_and_its_session_is_replaced():
     assert driver.connects == 2
 
 
+async def test_a_hanging_request_times_out_at_its_deadline_while_the_other_sessions_go_on():
+    """One watcher keeps every session's deadline: the hanging request is cancelled about
+    request_timeout after it was sent (not later, not earlier), the others complete meanwhile."""
+    cancelled_after: list[float] = []
+
+    class TimedSession(ScriptedSession):
+        async def request(self, kind: str) -> str:
+            start = anyio.current_time()
+            try:
+                return await super().request(kind)
+            except anyio.get_cancelled_exc_class():
+                cancelled_after.append(anyio.current_time() - start)
+                raise
+
+    class TimedDriver(ScriptedDriver):
+        async def connect(self) -> ScriptedSession:
+            self.connects += 1
+            return TimedSession(self)
+
+    driver = TimedDriver(service=0.002, stall_at=3, stall_for=30)
+    with anyio.fail_after(10):
+        report = await run_load(driver, LoadConfig(concurrency=4, count=300, request_timeout=0.3))
+    assert report.errors == {"timeout": 1}
+    assert report.requests == 300 and report.ok == 299
+    assert len(cancelled_after) == 1 and 0.29 <= cancelled_after[0] < 0.5
+
+
+async def test_requests_that_answer_in_time_are_never_cancelled():
+    """Each request's deadline is its own: many requests in a row, each well within the timeout but
+    together far longer than it, all succeed."""
+    driver = ScriptedDriver(service=0.01)
+    with anyio.fail_after(10):
+        report = await run_load(driver, LoadConfig(concurrency=2, count=60, request_timeout=0.1))
+    assert report.errors == {} and report.ok == 60
+
+
 async def test_an_unreachable_target_is_a_load_error():
     class Refusing:
         async def connect(self) -> ScriptedSession:

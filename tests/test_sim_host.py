@@ -320,6 +320,38 @@ async def test_disconnect_fault_closes_instead_of_answering():
                     await anyio.sleep(0.01)
 
 
+async def test_a_disconnect_in_the_middle_of_one_read():
+    """Three requests in one write: the one before the disconnecting request is answered, the one
+    after it is decided (the host read it) but never answered, and the connection closes."""
+    with anyio.fail_after(10):
+        async with host() as (sim, port), client(port) as c:
+            sim.set_faults([Fault("disconnect", pan=POOR_PAN)])
+            before, doomed, after = c.purchase(10), c.purchase(10, POOR_PAN), c.purchase(20)
+            await c.stream.send(b"".join(_framed(c.encode(m)) for m in (before, doomed, after)))
+            answer, _ = await c.recv()
+            assert answer["11"] == before["11"] and answer["39"] == "00"
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await c.recv()
+            assert sim.stats.disconnects == 1
+            assert sim.ledger[TxnKey.of_request(after)].approved
+            assert sim.balance("rich") == 100_000 - 30
+
+
+async def test_requests_of_one_read_are_all_answered_in_order():
+    with anyio.fail_after(10):
+        async with host() as (sim, port), client(port) as c:
+            requests = [c.purchase(1) for _ in range(6)]
+            await c.stream.send(b"".join(_framed(c.encode(m)) for m in requests))
+            answers = [(await c.recv())[0] for _ in requests]
+            assert [a["11"] for a in answers] == [r["11"] for r in requests]
+            assert {a["39"] for a in answers} == {"00"}
+            assert sim.balance("rich") == 100_000 - 6
+
+
+def _framed(body: bytes) -> bytes:
+    return len(body).to_bytes(2, "big") + body
+
+
 async def test_garbage_body_fault():
     with anyio.fail_after(10):
         async with host() as (sim, port), client(port) as c:
