@@ -45,7 +45,9 @@ import math
 import os
 import pstats
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +88,8 @@ from gateway.load.hdr import run_histogram, summary_ms
 from gateway.load.runner import Tick
 from gateway.security.algorithms import generate_key
 
+#: the parts of a run, in order (`--only` picks some)
+PARTS = ("echo", "relay", "gateway", "variants", "rss")
 P99_LIMIT_MS = 50.0
 MIN_ACHIEVED = 0.95
 SESSIONS = 64
@@ -465,15 +469,42 @@ class Bench:
                 "rss_kb": samples, "phases": phases}
 
     def profile(self, seconds: float, rate: float) -> dict[str, Any]:
-        prof = self.workdir / "gateway.prof"
-        target = self.start_gateway("gateway_profiled", "gateway under cProfile", profile=prof)
-        self.log(f"\nprofile: {target.label}, {seconds:g} s at {rate:.0f}/s (cProfile slows it; shares matter)")
+        """Where the gateway's CPU goes at `rate`. With py-spy (a sampling profiler, dev extra) the real
+        `gateway serve` process is sampled from outside: every thread, idle time left out, no slow-down,
+        so the shares are shares of CPU. Without it, cProfile inside the process (see `summarize_profile`)."""
+        spy = py_spy()
+        if spy is None:
+            prof = self.workdir / "gateway.prof"
+            target = self.start_gateway("gateway_profiled", "gateway under cProfile", profile=prof)
+            self.log(f"\nprofile: {target.label}, {seconds:g} s at {rate:.0f}/s (py-spy not found: cProfile, "
+                     "which slows call-heavy code and counts idle time; read the shares with care)")
+            try:
+                _, step = self.run(target, LoadConfig(rate=rate, duration=seconds, warmup=1.0, sessions=SESSIONS))
+                self.log(step.line())
+            finally:
+                self.stop(target)  # SIGTERM: the launcher stops the profiler and writes the stats
+            return summarize_profile(prof, step)
+        raw = self.workdir / "gateway.spy"
+        target = self.start_gateway("gateway_sampled", "gateway sampled by py-spy")
+        self.log(f"\nprofile: {target.label}, {seconds:g} s at {rate:.0f}/s")
+        sampler = subprocess.Popen([spy, "record", "--pid", str(target.sut.pid), "--format", "raw", "--rate", "250",
+                                    "--nonblocking", "--output", str(raw)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _, step = self.run(target, LoadConfig(rate=rate, duration=seconds, warmup=1.0, sessions=SESSIONS))
             self.log(step.line())
         finally:
-            self.stop(target)  # SIGTERM: the launcher stops the profiler and writes the stats
-        return summarize_profile(prof, step)
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                _, err = sampler.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                sampler.kill()
+                _, err = sampler.communicate()
+            self.stop(target)
+        if not raw.exists():
+            self.log(f"    py-spy wrote nothing: {err.decode(errors='replace').strip()[-300:]}")
+            return {}
+        return summarize_samples(raw, step)
 
 
 def median(values: list[float]) -> float | None:
@@ -537,6 +568,47 @@ def summarize_profile(path: Path, step: Step) -> dict[str, Any]:
         "top": [{"function": f"{short_path(k[0])}:{k[1]}({k[2]})", "calls": v[1],
                  "tottime_share": round(v[2] / total, 4),
                  "tottime_us_per_txn": round(v[2] / max(1, step.requests) * 1e6, 1)} for k, v in top],
+    }
+
+
+def py_spy() -> str | None:
+    """The py-spy executable next to this interpreter (the dev extra installs it there) or on PATH."""
+    here = Path(sys.executable).with_name("py-spy")
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def summarize_samples(path: Path, step: Step) -> dict[str, Any]:
+    """py-spy's raw output ("frame;frame;... count" per line, frames "function (file:line)"): each
+    sample's leaf frame gives the area (so the shares are of CPU, all threads), and the inclusive share
+    of the gateway's own functions shows which step of a transaction pays for it."""
+    leaf_areas: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        leaf = frames[-1]
+        name, _, where = leaf.rpartition(" (")
+        area = area_of(("/" + where.rstrip(")"), 0, name))
+        leaf_areas[area] = leaf_areas.get(area, 0) + count
+        leaves[leaf] = leaves.get(leaf, 0) + count
+        for frame in {f.rsplit(":", 1)[0] for f in frames if "gateway/" in f}:
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    total = total or 1
+    return {
+        "profiler": "py-spy",
+        "requests": step.requests,
+        "samples": total,
+        "areas": {k: round(v / total, 4) for k, v in sorted(leaf_areas.items(), key=lambda kv: -kv[1])},
+        "top": [{"function": k, "share": round(v / total, 4)}
+                for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:20]],
+        "inclusive": [{"function": k, "share": round(v / total, 4)}
+                      for k, v in sorted(inclusive.items(), key=lambda kv: -kv[1])[:25]],
     }
 
 
@@ -668,7 +740,19 @@ def render(results: dict[str, Any]) -> str:
                    f"{(last['VmRSS'] - first['VmRSS']) / 1024:+.1f} MiB;  peak RSS (VmHWM) after "
                    f"{last['transactions']}: {last['VmHWM'] / 1024:.1f} MiB")
     prof = results.get("profile")
-    if prof:
+    if prof and prof.get("profiler") == "py-spy":
+        out.append("")
+        out.append(f"where the gateway's CPU goes (py-spy, {prof['samples']} samples of every thread over "
+                   f"{prof['requests']} transactions; area of the innermost frame):")
+        for area, share in prof["areas"].items():
+            out.append(f"  {share:6.1%}  {area}")
+        out.append("  top innermost functions:")
+        for row in prof["top"][:12]:
+            out.append(f"  {row['share']:6.1%}  {row['function']}")
+        out.append("  the gateway's functions, inclusive:")
+        for row in prof["inclusive"][:15]:
+            out.append(f"  {row['share']:6.1%}  {row['function']}")
+    elif prof:
         out.append("")
         out.append(f"where the gateway's main-thread time goes (cProfile, {prof['requests']} transactions; "
                    "SQLite commits run in worker threads, see 'threads' above):")
@@ -744,7 +828,12 @@ def main() -> int:
                         help="also run the gateway under cProfile for this long at 80 %% of its max")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, journals)")
+    parser.add_argument("--only", metavar="PARTS", default=",".join(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (default: all; for quick iterations)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(PARTS):
+        parser.error(f"--only takes a subset of {','.join(PARTS)}")
     plan = QUICK if args.quick else FULL
     rss_count = args.rss_count if args.rss_count is not None else plan.rss_count
     if rss_count < RSS_PHASES:
@@ -780,24 +869,27 @@ def main() -> int:
             bench = Bench(plan, services, workdir, sut_cpus, other_cpus, log)
             systems = results["systems"]
 
-            target = bench.start_echo()
-            systems["echo"] = bench.find_max(target)
-            bench.stop(target)
+            if "echo" in only:
+                target = bench.start_echo()
+                systems["echo"] = bench.find_max(target)
+                bench.stop(target)
 
-            target = bench.start_relay()
-            systems["relay"] = bench.find_max(target)
-            bench.stop(target)
+            if "relay" in only:
+                target = bench.start_relay()
+                systems["relay"] = bench.find_max(target)
+                bench.stop(target)
 
             variants = (("gateway", "3 full gateway", True, False),
                         ("gateway_nometrics", "3b gateway, metrics off", False, False),
                         ("gateway_memory", "3c gateway, in-memory journal", True, True))
+            variants = variants if "variants" in only else variants[:1] if "gateway" in only else ()
             gateways: dict[str, Target] = {}
             for key, label, metrics, memory in variants:  # all three up at once: idle ones cost nothing
                 gateways[key] = bench.start_gateway(key, label, metrics=metrics, memory=memory)
             for key, target in gateways.items():
                 systems[key] = bench.find_max(target)
-            full_max = systems["gateway"]["max_rate"]
-            if full_max:
+            full_max = systems["gateway"]["max_rate"] if "gateway" in systems else 0.0
+            if full_max and "variants" in only:
                 compare: dict[str, Any] = {}
                 results["compare"] = compare
                 for name, fraction in (("half", SAME_RATE_FRACTION), ("max", 1.0)):
@@ -808,14 +900,14 @@ def main() -> int:
             for target in gateways.values():
                 bench.stop(target)
 
-            if full_max:
+            if full_max and "rss" in only:
                 target = bench.start_gateway("gateway_rss", "3 full gateway (fresh process)")
                 try:
                     results["rss"] = bench.rss_run(target, nice_rate(RSS_RATE_FRACTION * full_max), rss_count)
                 finally:
                     bench.stop(target)
-                if args.profile > 0:
-                    results["profile"] = bench.profile(args.profile, nice_rate(0.8 * full_max))
+            if full_max and args.profile > 0:
+                results["profile"] = bench.profile(args.profile, nice_rate(0.8 * full_max))
             if args.plots:
                 from gateway.load.plot import plot_report
 
