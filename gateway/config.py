@@ -270,7 +270,7 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
     )
     if store.synchronous not in {"FULL", "NORMAL", "OFF"}:
         raise ConfigError("store.synchronous: expected FULL, NORMAL or OFF")
-    if store.commit_delay > MAX_COMMIT_DELAY:
+    if not store.commit_delay <= MAX_COMMIT_DELAY:  # also refuses nan
         raise ConfigError(f"store.commit_delay: at most {MAX_COMMIT_DELAY} seconds")
 
     r = _table(doc, "reversal")

@@ -93,6 +93,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"limits": {"per_day": -1}}, "limits.per_day"),
         ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
         ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
+        ({"store": {"commit_delay": float("nan")}}, "store.commit_delay"),
         ({"terminals": [{"terminal_id": "123", "merchant_id": "898100012340001"}]}, "terminals[0].terminal_id"),
         ({"hots": {}}, "hots"),
         ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),

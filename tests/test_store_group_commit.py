@@ -158,6 +158,10 @@ async def test_closed_or_cancelled_committer_refuses_and_fails_queued_writes() -
             tg.start_soon(writer)  # queued behind it: failed when the committer is cancelled
             await anyio.wait_all_tasks_blocked()
             tg.cancel_scope.cancel()
+            # let `run` reach its cleanup before the stalled batch comes back: a batch that returns
+            # earlier may still (correctly) hand the queued one to the thread
+            with anyio.CancelScope(shield=True):
+                await anyio.wait_all_tasks_blocked()
             db.gate.set()
     assert outcome[0] == 1 and isinstance(outcome[1], StoreClosed)
     assert not committer.running

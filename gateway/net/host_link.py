@@ -142,6 +142,9 @@ class _Connection:
 
 UnmatchedHandler = Callable[[Message], Awaitable[None]]
 
+#: late answers waiting for the journal before the host reader waits too
+LATE_ANSWER_BACKLOG = 1000
+
 
 class HostLink:
     def __init__(
@@ -155,6 +158,8 @@ class HostLink:
         self.security = security
         self.metrics = metrics
         self.on_unmatched = on_unmatched
+        #: to the task that journals late answers (set while `run` runs)
+        self._late_answers: anyio.abc.ObjectSendStream[Message] | None = None
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
@@ -202,7 +207,25 @@ class HostLink:
     # --- the connection manager --------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep the link up forever: connect, sign on, serve, and reconnect with backoff on failure."""
+        """Keep the link up forever: connect, sign on, serve, and reconnect with backoff on failure.
+        Late answers are journalled by a task of their own, so the reader never waits for the journal
+        (a burst of late answers would otherwise stall every answer behind it, into more timeouts)."""
+        send, receive = anyio.create_memory_object_stream[Message](LATE_ANSWER_BACKLOG)
+        self._late_answers = send
+        async with anyio.create_task_group() as tg, send, receive:
+            tg.start_soon(self._journal_late_answers, receive)
+            await self._keep_connected(task_status)
+
+    async def _journal_late_answers(self, answers: anyio.abc.ObjectReceiveStream[Message]) -> None:
+        async for answer in answers:
+            if self.on_unmatched is None:
+                continue
+            try:
+                await self.on_unmatched(answer)
+            except Exception:  # journalling a late answer must never take the link down
+                log.exception("could not journal a late host answer")
+
+    async def _keep_connected(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
         backoff = self.config.reconnect_min
         while True:
@@ -438,11 +461,11 @@ class HostLink:
                 self._last_rx = anyio.current_time()
                 for frame in decoder.feed(chunk):
                     unmatched = self._on_frame(frame.body)
-                    if unmatched is not None and self.on_unmatched is not None:
+                    if unmatched is not None and self._late_answers is not None:
                         try:
-                            await self.on_unmatched(unmatched)
-                        except Exception:  # journalling a late answer must never take the link down
-                            log.exception("could not journal a late host answer")
+                            self._late_answers.send_nowait(unmatched)
+                        except anyio.WouldBlock:  # a backlog that large: let the journal set the pace
+                            await self._late_answers.send(unmatched)
         except IsoError as exc:
             self.metrics.decode_error(exc.kind).inc()
             log.warning("host sent an undecodable stream (%s): closing the link", exc)

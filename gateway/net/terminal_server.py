@@ -179,6 +179,10 @@ class TerminalConnection:
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                     self.closed = True
                     batch.failure = f"write failed: {type(exc).__name__}"
+                except Exception as exc:  # a bug guard: contained to this connection, as before batching
+                    log.exception("unexpected error writing to terminal %s", self.peer)
+                    self.closed = True
+                    batch.failure = f"write failed: {type(exc).__name__}"
                 self._writing = None
             batch.done.set()
 

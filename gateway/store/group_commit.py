@@ -39,6 +39,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import anyio.lowlevel
 
 from gateway.store.base import NullObserver, StoreObserver
@@ -89,11 +90,7 @@ class _CommitThread(Generic[C]):
         self.inbox: queue.SimpleQueue[_Batch[C] | None] = queue.SimpleQueue()
         self._apply_batch = apply_batch
         self._report = report
-        # anyio's non-blocking "run this callable in that event loop soon" (what BlockingPortal uses):
-        # `anyio.from_thread.run_sync` would also work but would hold the thread until the event loop
-        # has run the callback, delaying the next batch's commit by the event loop's latency
-        self._call_soon = token.backend_class.run_sync_soon
-        self._loop = token.native_token
+        self._token = token
         # a daemon, so that an event loop torn down without running `run`'s cleanup (which stops the
         # thread) cannot keep the process alive; `run` never returns while the thread holds a batch
         self._thread = threading.Thread(target=self._serve, name="journal-commit", daemon=True)
@@ -116,10 +113,14 @@ class _CommitThread(Generic[C]):
                 for write in batch.writes:
                     write.result, write.error = None, failure
             elapsed = time.perf_counter() - started
+            # Blocks until the event loop has run the report; that costs no commit time, because the
+            # report is what hands this thread its next batch (at most one batch is ever in the thread).
             try:
-                self._call_soon(self._report, (batch, elapsed), self._loop)
+                anyio.from_thread.run_sync(self._report, batch, elapsed, token=self._token)
             except anyio.RunFinishedError:  # the event loop is gone, and with it every waiter
                 return
+            except Exception:  # never die silently with a batch unreported: its writers would hang
+                log.exception("could not report a committed batch to the event loop")
 
 
 class GroupCommitter(Generic[C]):
@@ -290,7 +291,10 @@ class GroupCommitter(Generic[C]):
     def _notify(self, size: int, elapsed: float) -> None:
         try:
             self._observer.commit(size, elapsed)
-            if self._after_batch is not None:
-                self._after_batch()
         except Exception:  # a metrics bug must not stop the journal
             log.exception("store observer failed")
+        if self._after_batch is not None:
+            try:
+                self._after_batch()
+            except Exception:
+                log.exception("store after-batch hook failed")
