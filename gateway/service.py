@@ -423,10 +423,11 @@ class GatewayService:
 
         async def on_delivery(delivered: bool) -> None:
             if delivered:
-                try:
-                    await self.store.record_outcome(txn_id, "completed", rc=rc, rrn=rrn, auth_code=auth_code)
-                except StateConflict as exc:  # e.g. an operator acted on it meanwhile: keep their state
-                    log.error("txn %s delivered but could not be marked completed: %s", txn_id, exc)
+                # Not awaited: the terminal has its answer, nothing here waits for this row, so it rides
+                # along with the next commit instead of costing one (reads in this process flush it
+                # first). Until it is on disk a crash reverses the delivered sale: the merchant's side.
+                self.store.record_outcome_soon(txn_id, "completed", rc=rc, rrn=rrn, auth_code=auth_code,
+                                               on_error=lambda exc: self._completion_failed(txn_id, exc))
                 return
             release()
             if flow.reversible:
@@ -440,6 +441,11 @@ class GatewayService:
                 await self.store.record_outcome(txn_id, "undeliverable", rc=rc, rrn=rrn, auth_code=auth_code)
 
         return Answer(answer), on_delivery
+
+    def _completion_failed(self, txn_id: int, exc: BaseException) -> None:
+        if not isinstance(exc, StateConflict):  # e.g. an operator acted on it meanwhile: keep their state
+            self.journal_healthy = False  # the disk is failing: /readyz says so until a write succeeds
+        log.error("txn %s delivered but could not be marked completed: %s", txn_id, exc)
 
     async def on_unmatched_host_answer(self, host: Message) -> None:
         """A host answer nobody waits for any more: journal it, never forward it. Its reversal was

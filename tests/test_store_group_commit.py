@@ -274,3 +274,48 @@ async def test_commit_delay_lets_writes_that_trickle_in_share_one_commit() -> No
 def test_commit_delay_is_bounded() -> None:
     with pytest.raises(ValueError, match="commit_delay"):
         GroupCommitter(FakeDb().apply, commit_delay=0.5)
+
+
+async def test_a_submit_soon_write_rides_along_with_the_next_awaited_write() -> None:
+    db = FakeDb()
+    failures: list[BaseException] = []
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply, soon_delay=5.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        committer.submit_soon(append("completed"), on_error=failures.append)
+        with anyio.fail_after(2):  # far less than the 5 s backstop: the awaited write led the batch
+            assert await committer.submit(append("next request")) == 2
+        committer.close()
+    assert db.batches == [2] and db.rows == ["completed", "next request"] and not failures
+
+
+async def test_a_lone_submit_soon_write_is_committed_by_the_backstop_or_a_flush() -> None:
+    db = FakeDb()
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply, soon_delay=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        committer.submit_soon(append("alone"), on_error=pytest.fail)
+        with anyio.fail_after(2):
+            while not db.batches:  # bounded by the fail_after: the backstop's 50 ms
+                await anyio.sleep(0.01)
+        committer.submit_soon(append("flushed"), on_error=pytest.fail)
+        with anyio.fail_after(0.04):  # before the backstop would: flush hands it over at once
+            await committer.flush()
+        assert db.rows == ["alone", "flushed"]
+        committer.submit_soon(append("at close"), on_error=pytest.fail)
+        committer.close()  # commits what nobody leads
+    assert db.rows == ["alone", "flushed", "at close"] and db.batches == [1, 1, 1]
+
+
+async def test_a_submit_soon_failure_goes_to_its_error_handler() -> None:
+    db = FakeDb()
+    failures: list[BaseException] = []
+    committer: GroupCommitter[list[object]] = GroupCommitter(db.apply)
+    async with anyio.create_task_group() as tg:
+        await tg.start(committer.run)
+        committer.submit_soon(failing, on_error=failures.append)
+        await committer.flush()
+        committer.close()
+    assert len(failures) == 1 and isinstance(failures[0], StoreError)
+    with pytest.raises(StoreClosed):
+        committer.submit_soon(append("after close"), on_error=failures.append)

@@ -120,6 +120,23 @@ async def test_record_outcome_transitions(kind: str, tmp_path: Path) -> None:
             await store.record_outcome(declined, "declined", rc="TOOLONG")
 
 
+async def test_an_outcome_recorded_soon_is_seen_by_the_next_read(kind: str, tmp_path: Path) -> None:
+    """record_outcome_soon is not awaited, yet any read in the process sees it (reads flush first), and
+    its failure (a conflicting state) goes to the handler instead of being raised."""
+    failures: list[BaseException] = []
+    async with open_store(kind, tmp_path) as store:
+        txn = await store.record_request(request("000001"))
+        store.record_outcome_soon(txn, "completed", rc="00", rrn="123456789012", auth_code="A1B2C3",
+                                  on_error=failures.append)
+        rec = await store.get(txn)
+        assert rec is not None and (rec.state, rec.rc, rec.rrn) == (TxnState.COMPLETED, "00", "123456789012")
+        store.record_outcome_soon(txn, "declined", rc="51", on_error=failures.append)  # completed is final
+        assert (await store.get(txn)).state is TxnState.COMPLETED  # type: ignore[union-attr]
+        with pytest.raises(InvalidRecord):  # bad arguments still raise at once
+            store.record_outcome_soon(txn, "completed", rc="0000", on_error=failures.append)
+    assert len(failures) == 1 and isinstance(failures[0], StateConflict)
+
+
 async def test_unknown_outcomes_are_the_pending_rows(kind: str, tmp_path: Path) -> None:
     async with open_store(kind, tmp_path) as store:
         ids = [await store.record_request(request(f"{i:06d}")) for i in range(1, 6)]

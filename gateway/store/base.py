@@ -15,6 +15,7 @@ Operations that move several things (a state change and a SAF entry) do so in on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from gateway.iso.totals import SettlementTotals
@@ -78,6 +79,22 @@ class Store(Protocol):
         """pending → completed | declined | timed_out | undeliverable | host_rejected, or
         completed → undeliverable. `StateConflict` otherwise (e.g. the reversal is already queued: the
         answer is then a late answer)."""
+        ...
+
+    def record_outcome_soon(
+        self,
+        txn_id: int,
+        state: TxnState | str,
+        *,
+        on_error: Callable[[BaseException], None],
+        rc: str | None = None,
+        auth_code: str | None = None,
+        rrn: str | None = None,
+    ) -> None:
+        """`record_outcome` for an outcome nothing waits for (a delivered approval): it joins the next
+        commit instead of costing one, at most a few tens of milliseconds later; reads in this process
+        see it at once (they flush first). A failure (e.g. `StateConflict`) goes to `on_error`. Invalid
+        arguments raise at once."""
         ...
 
     async def queue_reversal(

@@ -21,6 +21,13 @@ an fsync and two thread wake-ups, far more CPU than a write (bench/gateway.py at
 delay took 17 % off the gateway's CPU per transaction, for 2 ms more latency per write). The delay is
 paid only when the thread is idle; under load the batch fills while the previous one commits.
 
+`submit_soon` is for a write nobody needs to wait for (a delivered approval's "completed": the
+terminal has its answer already): it joins the open batch without leading it, so it rides along with
+the next awaited write's commit instead of costing a commit of its own; if no other write comes, the
+backstop commits it `soon_delay` later. Its failure goes to its `on_error`. `flush()` waits until
+everything submitted so far is committed: the stores call it before every read, so a read in this
+process always sees this process's writes.
+
 Waiting is shielded from cancellation: once submitted, an op is applied or failed as a whole and its
 caller learns which, then the cancellation is delivered (at the caller's next checkpoint). A caller
 that gives up early could otherwise not know whether its journal row exists.
@@ -53,6 +60,8 @@ T = TypeVar("T")
 DEFAULT_MAX_BATCH = 512
 #: a longer delay would be a latency bug, not a tuning choice
 MAX_COMMIT_DELAY = 0.1
+#: how long a `submit_soon` write may wait for another write's commit before it gets its own
+DEFAULT_SOON_DELAY = 0.02
 
 
 class Write(Generic[C]):
@@ -60,13 +69,16 @@ class Write(Generic[C]):
     `error` on each write. The arguments travel apart from the function so that a backend can tell
     its kinds of op apart by `op` alone, and no closure or partial is built per write."""
 
-    __slots__ = ("args", "error", "op", "result")
+    __slots__ = ("args", "error", "on_error", "op", "result")
 
-    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...],
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.op = op
         self.args = args
         self.result: Any = None
         self.error: BaseException | None = None
+        #: set for a write nobody waits for (`submit_soon`): how its failure is reported
+        self.on_error = on_error
 
 
 class _Batch(Generic[C]):
@@ -137,12 +149,16 @@ class GroupCommitter(Generic[C]):
         max_batch: int = DEFAULT_MAX_BATCH,
         after_batch: Callable[[], None] | None = None,
         commit_delay: float = 0.0,
+        soon_delay: float = DEFAULT_SOON_DELAY,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if not 0.0 <= commit_delay <= MAX_COMMIT_DELAY:
             raise ValueError(f"commit_delay must be within 0..{MAX_COMMIT_DELAY} seconds")
         self._commit_delay = commit_delay
+        self._soon_delay = soon_delay
+        #: set when a `submit_soon` write waits in a batch nobody leads: the backstop task's cue
+        self._soon_waiting = anyio.Event()
         self._apply_batch = apply_batch
         self._observer = observer or NullObserver()
         self._max_batch = max_batch
@@ -178,10 +194,11 @@ class GroupCommitter(Generic[C]):
         else:
             batch = _Batch()
             batches.append(batch)
-            # the thread is idle and nobody is about to feed it: this write's task hands the batch
-            # over, after one checkpoint so that the other tasks runnable now can join the batch
-            if self._in_flight is None and not self._leader_pending:
-                self._leader_pending = leader = True
+        # the thread is idle and nobody is about to feed it (the open batch is new, or holds only
+        # `submit_soon` writes): this write's task hands the oldest batch over, after a checkpoint or
+        # the commit delay so that other writes can join
+        if self._in_flight is None and not self._leader_pending:
+            self._leader_pending = leader = True
         write: Write[C] = Write(op, args)
         batch.writes.append(write)
         try:
@@ -209,10 +226,47 @@ class GroupCommitter(Generic[C]):
             raise write.error
         return write.result  # type: ignore[no-any-return]
 
+    def submit_soon(self, op: Callable[..., Any], *args: Any, on_error: Callable[[BaseException], None]) -> None:
+        """Apply `op(conn, *args)` in a coming commit without waiting for it (see the module doc);
+        `on_error(exc)` is called on the event loop if it fails. Raises StoreClosed at once when the
+        committer takes no more writes."""
+        if not self._accepting:
+            raise StoreClosed("the store is not open for writes")
+        batches = self._batches
+        if batches and len(batches[-1].writes) < self._max_batch:
+            batch = batches[-1]
+        else:
+            batch = _Batch()
+            batches.append(batch)
+        batch.writes.append(Write(op, args, on_error))
+        if self._in_flight is None and not self._leader_pending:
+            self._soon_waiting.set()  # nothing is about to carry it to the thread: the backstop will
+
+    async def flush(self) -> None:
+        """Until every write submitted so far is committed (or failed)."""
+        newest = self._batches[-1] if self._batches else self._in_flight
+        if newest is None:
+            return
+        if not self._leader_pending:
+            self._handoff()  # an unled batch (`submit_soon` writes only): no reason to wait for the backstop
+        await newest.done.wait()
+
+    async def _backstop(self) -> None:
+        """Hands an unled batch to the idle thread `soon_delay` after a `submit_soon` write found
+        nothing to ride along with."""
+        while True:
+            await self._soon_waiting.wait()
+            self._soon_waiting = anyio.Event()
+            await anyio.sleep(self._soon_delay)
+            if not self._leader_pending:
+                self._handoff()
+
     def close(self) -> None:
         """Stop accepting writes for good; `run` commits what is queued, then returns."""
         self._closed = True
         self._accepting = False
+        if not self._leader_pending:
+            self._handoff()  # `submit_soon` writes nobody leads are committed too
         self._check_drained()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -229,7 +283,10 @@ class GroupCommitter(Generic[C]):
         task_status.started()
         try:
             self._check_drained()
-            await self._drained.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._backstop)
+                await self._drained.wait()
+                tg.cancel_scope.cancel()
         finally:
             self._accepting = False
             self._thread = None  # the thread takes no further batch
@@ -245,6 +302,7 @@ class GroupCommitter(Generic[C]):
                 for write in batch.writes:
                     write.result, write.error = None, closed
                 batch.done.set()
+                _report_soon_failures(batch)
             self._running = False
 
     # --- event loop side of the hand-offs ----------------------------------------------------------
@@ -268,6 +326,7 @@ class GroupCommitter(Generic[C]):
         try:
             self._in_flight = None
             batch.done.set()
+            _report_soon_failures(batch)
             size = len(batch.writes)
             self.commits += 1
             self.writes += size
@@ -298,3 +357,13 @@ class GroupCommitter(Generic[C]):
                 self._after_batch()
             except Exception:
                 log.exception("store after-batch hook failed")
+
+
+def _report_soon_failures(batch: _Batch[Any]) -> None:
+    """`submit_soon` writes have no waiter to raise to: their failures go to their `on_error`."""
+    for write in batch.writes:
+        if write.on_error is not None and write.error is not None:
+            try:
+                write.on_error(write.error)
+            except Exception:
+                log.exception("a journal write's error handler failed")

@@ -18,7 +18,7 @@ import anyio.lowlevel
 
 from gateway.iso.totals import SettlementTotals
 from gateway.store.base import NullObserver, StoreObserver
-from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, NotReversible, StateConflict
+from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, NotReversible, StateConflict, StoreError
 from gateway.store.records import (
     MISSING_SAF,
     ONLY_PARKED,
@@ -142,6 +142,22 @@ class MemoryStore:
             raise StateConflict("transaction", txn_id, rec.state, f"record outcome {new}")
         self._set(txn_id, state=new, rc=_keep(rc, rec.rc), auth_code=_keep(auth_code, rec.auth_code),
                   rrn=_keep(rrn, rec.rrn), updated_at=self._clock())
+
+    def record_outcome_soon(
+        self, txn_id: int, state: TxnState | str, *, on_error: Callable[[BaseException], None],
+        rc: str | None = None, auth_code: str | None = None, rrn: str | None = None,
+    ) -> None:
+        """Applied at once (memory has no commit to share); a failure goes to `on_error`, as with SQLite."""
+        new = parse_outcome(state)
+        check_outcome_args(txn_id, rc, auth_code, rrn)
+        try:
+            rec = self._txn(txn_id)
+            if not outcome_allowed(rec.state, new):
+                raise StateConflict("transaction", txn_id, rec.state, f"record outcome {new}")
+            self._set(txn_id, state=new, rc=_keep(rc, rec.rc), auth_code=_keep(auth_code, rec.auth_code),
+                      rrn=_keep(rrn, rec.rrn), updated_at=self._clock())
+        except StoreError as exc:
+            on_error(exc)
 
     async def queue_reversal(
         self, txn_id: int, reason: str, *, state: TxnState | str | None = None, rc: str | None = None,

@@ -535,6 +535,7 @@ class SqliteStore:
         reader, limiter = self._reader, self._read_limiter
         if reader is None or limiter is None:
             raise StoreClosed("the store is not open")
+        await self._committer.flush()  # read this process's writes, `record_outcome_soon`'s included
         try:
             return await anyio.to_thread.run_sync(fn, reader, limiter=limiter)
         except sqlite3.Error as exc:
@@ -565,6 +566,15 @@ class SqliteStore:
         new = parse_outcome(state)
         check_outcome_args(txn_id, rc, auth_code, rrn)
         await self._write(_op_record_outcome, txn_id, new, rc, auth_code, rrn, self._clock())
+
+    def record_outcome_soon(
+        self, txn_id: int, state: TxnState | str, *, on_error: Callable[[BaseException], None],
+        rc: str | None = None, auth_code: str | None = None, rrn: str | None = None,
+    ) -> None:
+        new = parse_outcome(state)
+        check_outcome_args(txn_id, rc, auth_code, rrn)
+        self._committer.submit_soon(_op_record_outcome, txn_id, new, rc, auth_code, rrn, self._clock(),
+                                    on_error=on_error)
 
     async def queue_reversal(
         self, txn_id: int, reason: str, *, state: TxnState | str | None = None, rc: str | None = None,
