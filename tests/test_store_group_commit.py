@@ -158,10 +158,11 @@ async def test_closed_or_cancelled_committer_refuses_and_fails_queued_writes() -
             tg.start_soon(writer)  # queued behind it: failed when the committer is cancelled
             await anyio.wait_all_tasks_blocked()
             tg.cancel_scope.cancel()
-            # let `run` reach its cleanup before the stalled batch comes back: a batch that returns
-            # earlier may still (correctly) hand the queued one to the thread
-            with anyio.CancelScope(shield=True):
-                await anyio.wait_all_tasks_blocked()
+            # let `run` reach its cleanup (it stops feeding the thread) before the stalled batch comes
+            # back: a batch that returns earlier may still, correctly, hand the queued one over
+            with anyio.CancelScope(shield=True), anyio.fail_after(5):
+                while committer._thread is not None:
+                    await anyio.sleep(0.001)
             db.gate.set()
     assert outcome[0] == 1 and isinstance(outcome[1], StoreClosed)
     assert not committer.running
