@@ -217,7 +217,7 @@ async def test_a_hanging_request_times_out_at_its_deadline_while_the_other_sessi
         report = await run_load(driver, LoadConfig(concurrency=4, count=300, request_timeout=0.3))
     assert report.errors == {"timeout": 1}
     assert report.requests == 300 and report.ok == 299
-    assert len(cancelled_after) == 1 and 0.29 <= cancelled_after[0] < 0.5
+    assert len(cancelled_after) == 1 and 0.29 <= cancelled_after[0] < 1.0  # not the 30 s stall; slack for a loaded CI
 
 
 async def test_requests_that_answer_in_time_are_never_cancelled():
