@@ -130,7 +130,7 @@ class Plan:
 
 FULL = Plan(warmup=1.0, duration=4.0, probe_warmup=0.5, probe_duration=2.0,
             fractions=(0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3), refine=1, rss_count=100_000,
-            quiet_wait=60.0, compare_rounds=2, compare_duration=4.0)
+            quiet_wait=60.0, compare_rounds=4, compare_duration=4.0)
 QUICK = Plan(warmup=0.5, duration=1.5, probe_warmup=0.5, probe_duration=1.0,
              fractions=(0.6, 0.8, 1.0, 1.2), refine=0, rss_count=10_000, quiet_wait=20.0,
              compare_rounds=1, compare_duration=2.0)

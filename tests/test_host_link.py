@@ -5,7 +5,7 @@ against a bare loopback host: one writer per connection (queued frames share a w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from stream_support import ForwardingStream
 
 from gateway.config import Endpoint, HostConfig
 from gateway.iso.build import iso87
@@ -155,11 +156,11 @@ class FakeHost:
         return [m.fields["11"] for m in self.received if m.mti == mti]
 
 
-class GatedStream(anyio.abc.ByteStream):
+class GatedStream(ForwardingStream):
     """A real loopback stream whose writes a test can hold at a gate, fail, and count."""
 
     def __init__(self, inner: anyio.abc.ByteStream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.writes: list[bytes] = []
         self.gate: anyio.Event | None = None
         self.stuck = anyio.Event()
@@ -182,19 +183,6 @@ class GatedStream(anyio.abc.ByteStream):
         if self.fail_next:
             raise anyio.BrokenResourceError
         await self.inner.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.inner.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self.inner.extra_attributes
 
 
 class GatedLink(HostLink):

@@ -13,6 +13,7 @@ import struct
 import anyio
 import anyio.abc
 import pytest
+from stream_support import ForwardingStream
 
 from gateway.config import Endpoint, TerminalSideConfig
 from gateway.iso.framing import Frame
@@ -190,25 +191,16 @@ async def test_terminal_that_stops_reading_makes_writes_time_out() -> None:
 # --- the writer task, the idle watchdog and the reused workers -------------------------------------------
 
 
-class CountingStream(anyio.abc.ByteStream):
+class CountingStream(ForwardingStream):
     """The server side of a connection with its `send` calls counted (how many writes reached the socket)."""
 
     def __init__(self, inner: anyio.abc.SocketStream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.sends = 0
 
     async def send(self, item: bytes) -> None:
         self.sends += 1
         await self.inner.send(item)
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.inner.receive(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def count_server_sends(monkeypatch: pytest.MonkeyPatch, sndbuf: int | None = None) -> list[CountingStream]:

@@ -137,6 +137,10 @@ class MemoryStore:
         new = parse_outcome(state)
         check_outcome_args(txn_id, rc, auth_code, rrn)
         await anyio.lowlevel.checkpoint()
+        self._apply_outcome(txn_id, new, rc, auth_code, rrn)
+
+    def _apply_outcome(self, txn_id: int, new: TxnState, rc: str | None, auth_code: str | None,
+                       rrn: str | None) -> None:
         rec = self._txn(txn_id)
         if not outcome_allowed(rec.state, new):
             raise StateConflict("transaction", txn_id, rec.state, f"record outcome {new}")
@@ -151,11 +155,7 @@ class MemoryStore:
         new = parse_outcome(state)
         check_outcome_args(txn_id, rc, auth_code, rrn)
         try:
-            rec = self._txn(txn_id)
-            if not outcome_allowed(rec.state, new):
-                raise StateConflict("transaction", txn_id, rec.state, f"record outcome {new}")
-            self._set(txn_id, state=new, rc=_keep(rc, rec.rc), auth_code=_keep(auth_code, rec.auth_code),
-                      rrn=_keep(rrn, rec.rrn), updated_at=self._clock())
+            self._apply_outcome(txn_id, new, rc, auth_code, rrn)
         except StoreError as exc:
             on_error(exc)
 
