@@ -15,13 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
 from gateway.iso.message import mask_pan
 from gateway.lab import CARD_CUP, CARD_CUP_2, CARD_LOW, CARD_VISA, Lab, open_lab
 from gateway.sim.host_rules import Fault
-from gateway.sim.terminal import TxnResult
+from gateway.sim.terminal import TerminalSimulator, TxnResult
 from gateway.store.records import TxnState
 
 HOST_TIMEOUT = 1.5  #: seconds the gateway waits for the host in the demo
@@ -87,7 +88,10 @@ class _GatewayLogLines(logging.Handler):
         self.screen.note(record.getMessage())
 
 
-async def _timed(call: Callable[[], Awaitable[TxnResult]]) -> tuple[TxnResult, float]:
+R = TypeVar("R")
+
+
+async def _timed(call: Callable[[], Awaitable[R]]) -> tuple[R, float]:
     t = time.monotonic()
     result = await call()
     return result, time.monotonic() - t
@@ -98,9 +102,9 @@ async def _run(lab: Lab, screen: Screen) -> list[Scene]:
     t1, t2, t3 = (lab.terminal(entry.terminal_id, timeout=10.0) for entry in lab.config.terminals[:3])
     names = {t1: "T1", t2: "T2", t3: "T3"}
 
-    async def show(term: object, what: str, call: Callable[[], Awaitable[TxnResult]]) -> TxnResult:
+    async def show(term: TerminalSimulator, what: str, call: Callable[[], Awaitable[TxnResult]]) -> TxnResult:
         result, elapsed = await _timed(call)
-        screen.txn(names.get(term, "T?"), what, result, elapsed)  # type: ignore[arg-type]
+        screen.txn(names.get(term, "T?"), what, result, elapsed)
         return result
 
     screen.title("sign-in: fresh PIK/MAK/TDK per terminal, check values verified by the terminal")

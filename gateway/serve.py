@@ -13,8 +13,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -139,17 +138,6 @@ async def run_gateway(
                  config.host.address)
         task_status.started(RunningGateway(service, link, saf, store, metrics, terminal_port, admin_port,
                                            recovered))
-
-
-@asynccontextmanager
-async def gateway_running(config: GatewayConfig, **kwargs: object) -> AsyncIterator[RunningGateway]:
-    """`async with gateway_running(config) as gw:` for tests and the demo; stops it on exit."""
-    async with anyio.create_task_group() as tg:
-        running = await tg.start(lambda task_status: run_gateway(config, task_status=task_status, **kwargs))
-        try:
-            yield running
-        finally:
-            tg.cancel_scope.cancel()
 
 
 # --- `gateway serve` ---------------------------------------------------------------------------------

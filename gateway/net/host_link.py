@@ -34,6 +34,7 @@ from enum import IntEnum
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 
 from gateway.config import HostConfig
 from gateway.core.clock import utc_mmddhhmmss
@@ -159,7 +160,7 @@ class HostLink:
         self.metrics = metrics
         self.on_unmatched = on_unmatched
         #: to the task that journals late answers (set while `run` runs)
-        self._late_answers: anyio.abc.ObjectSendStream[Message] | None = None
+        self._late_answers: MemoryObjectSendStream[Message] | None = None
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
