@@ -40,6 +40,9 @@ class SafSender:
         self.forwarding_id = forwarding_id
         self._wake = anyio.Event()
         self._busy: set[int] = set()
+        #: entries whose attempt ended while the queue was being read: that read's snapshot may predate
+        #: the attempt's journal write (an acknowledged reversal would look due again and go out twice)
+        self._ended_during_read: set[int] = set()
         #: an entry queued before this process started may have reached the host just before the old
         #: process died: its next attempt is a repeat (0401) even though no attempt was recorded
         self._started_at = time.time()
@@ -57,6 +60,7 @@ class SafSender:
                 self._wake = anyio.Event()
                 if not self.link.ready:
                     continue
+                self._ended_during_read = set()
                 try:
                     due = await self.store.due_reversals(time.time(), 64)
                 except Exception:
@@ -65,6 +69,8 @@ class SafSender:
                 for entry in due:
                     if entry.saf_id in self._busy:
                         continue  # one attempt at a time per original: keeps them ordered
+                    if entry.saf_id in self._ended_during_read:
+                        continue  # possibly a stale view of it: the next poll reads it afresh
                     self._busy.add(entry.saf_id)
                     tg.start_soon(self._attempt, entry)
 
@@ -77,6 +83,7 @@ class SafSender:
             log.exception("reversal attempt for txn %s failed inside the gateway", entry.txn_id)
         finally:
             self._busy.discard(entry.saf_id)
+            self._ended_during_read.add(entry.saf_id)
 
     async def _send(self, entry: SafEntry) -> None:
         attempts: int = entry.attempts
