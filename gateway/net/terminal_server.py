@@ -39,6 +39,8 @@ from gateway.metrics import Metrics
 log = logging.getLogger("gateway.terminal")
 
 _ALREADY_CLOSED: Final = "terminal connection already closed"
+#: what a write to a connection the terminal dropped raises (no log line: that is the terminal's doing)
+_WRITE_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 class Undeliverable(Exception):
@@ -176,11 +178,9 @@ class TerminalConnection:
                 self._writing = batch
                 try:
                     await stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                    self.closed = True
-                    batch.failure = f"write failed: {type(exc).__name__}"
-                except Exception as exc:  # a bug guard: contained to this connection, as before batching
-                    log.exception("unexpected error writing to terminal %s", self.peer)
+                except Exception as exc:
+                    if not isinstance(exc, _WRITE_ERRORS):  # a bug guard: contained to this connection
+                        log.exception("unexpected error writing to terminal %s", self.peer)
                     self.closed = True
                     batch.failure = f"write failed: {type(exc).__name__}"
                 self._writing = None

@@ -187,13 +187,8 @@ class GroupCommitter(Generic[C]):
         exception."""
         if not self._accepting:
             raise StoreClosed("the store is not open for writes")
-        batches = self._batches
         leader = False
-        if batches and len(batches[-1].writes) < self._max_batch:
-            batch = batches[-1]
-        else:
-            batch = _Batch()
-            batches.append(batch)
+        batch = self._open_batch()
         # the thread is idle and nobody is about to feed it (the open batch is new, or holds only
         # `submit_soon` writes): this write's task hands the oldest batch over, after a checkpoint or
         # the commit delay so that other writes can join
@@ -232,15 +227,18 @@ class GroupCommitter(Generic[C]):
         committer takes no more writes."""
         if not self._accepting:
             raise StoreClosed("the store is not open for writes")
-        batches = self._batches
-        if batches and len(batches[-1].writes) < self._max_batch:
-            batch = batches[-1]
-        else:
-            batch = _Batch()
-            batches.append(batch)
-        batch.writes.append(Write(op, args, on_error))
+        self._open_batch().writes.append(Write(op, args, on_error))
         if self._in_flight is None and not self._leader_pending:
             self._soon_waiting.set()  # nothing is about to carry it to the thread: the backstop will
+
+    def _open_batch(self) -> _Batch[C]:
+        """The batch a new write joins: the newest, unless it is full."""
+        batches = self._batches
+        if batches and len(batches[-1].writes) < self._max_batch:
+            return batches[-1]
+        batch: _Batch[C] = _Batch()
+        batches.append(batch)
+        return batch
 
     async def flush(self) -> None:
         """Until every write submitted so far is committed (or failed)."""
