@@ -20,7 +20,10 @@ For each: a closed-loop probe (64 in flight) gives the saturation rate P; then o
 fractions of P; the first step with p99 >= 50 ms, any error or an achieved rate under 95 % of its target
 ends the search (then, in the full run, one bisection step between the last pass and that failure). The
 maximum sustainable rate is the highest passing target. Steps are `warmup` + `duration` seconds and
-bounded in number.
+bounded in number. Every system is up for the whole search and the searches take turns, one step
+each (probe 1, probe 2, probe 3, step 1, step 2, step 3, ...): this machine is shared and its speed
+drifts by tens of percent over minutes, so measuring one system after the other would put that drift
+into the ratios.
 
 Also measured: the gateway with metrics off (admin.metrics = false, so `NullMetrics`) and with an
 in-memory journal (`run_gateway(durable=False)` through `bench/common.py`'s launcher: `gateway serve`
@@ -181,6 +184,57 @@ class Step:
         errs = f"  errors {sum(self.errors.values())} {dict(self.errors)}" if self.errors else ""
         return (f"    {target}  achieved {self.achieved:7.0f}/s  {lat}  lag {self.send_lag_ms or 0:6.2f} ms  "
                 f"[cpu/txn, util: {cpu}]{errs}{verdict}{self.note}")
+
+
+class MaxSearch:
+    """One target's search for its maximum sustainable rate, a step at a time: open-loop steps at
+    `plan.fractions` of the closed-loop probe's rate until the first failure; if even the first fails,
+    down by 0.6 (at most 3 times); then `plan.refine` bisections between the last pass and the failure
+    while they are more than 4 % apart. The highest passing rate is the maximum."""
+
+    DESCENTS = 3
+
+    def __init__(self, plan: Plan, probe: Step) -> None:
+        self.plan = plan
+        self.probe = probe
+        self.steps: list[Step] = []
+        self.good: Step | None = None
+        self.bad: Step | None = None
+        self.good_report: LoadReport | None = None
+        self._climbed = 0
+        self._descents = 0
+        self._refines = 0
+
+    @property
+    def max_rate(self) -> float:
+        return self.good.rate if self.good is not None and self.good.rate is not None else 0.0
+
+    def next_rate(self) -> float | None:
+        """The next step's target rate; None when the search is over."""
+        plan, peak = self.plan, self.probe.achieved
+        if self.bad is None and self._climbed < len(plan.fractions):
+            return nice_rate(peak * plan.fractions[self._climbed])
+        if self.good is None:
+            if self._descents < self.DESCENTS:
+                return nice_rate(peak * plan.fractions[0] * 0.6 ** (self._descents + 1))
+            return None
+        good, bad = self.good.rate, self.bad.rate if self.bad is not None else None
+        if self._refines < plan.refine and good is not None and bad is not None and (bad - good) / bad >= 0.04:
+            return nice_rate((good + bad) / 2)
+        return None
+
+    def record(self, report: LoadReport | None, step: Step) -> None:
+        if self.bad is None and self._climbed < len(self.plan.fractions):
+            self._climbed += 1
+        elif self.good is None:
+            self._descents += 1
+        else:
+            self._refines += 1
+        self.steps.append(step)
+        if step.passed:
+            self.good, self.good_report = step, report
+        else:
+            self.bad = step
 
 
 class CpuSampler:
@@ -348,11 +402,11 @@ class Bench:
         except LoadError as exc:  # e.g. sign-ins timing out under the previous step's backlog
             step = Step("open", rate, 0.0, 0, {"load": 1}, None, None, None, None, None, False, {}, {},
                         note=f"  ({exc})")
-            self.log(step.line())
+            self.log(step.line() + f"  ({target.label})")
             return None, step
         step.passed = (step.p99 is not None and step.p99 < P99_LIMIT_MS and not step.errors
                        and step.achieved >= MIN_ACHIEVED * rate)
-        self.log(step.line())
+        self.log(step.line() + f"  ({target.label})")
         if not step.passed and step.disturbed and not retried:
             self.log("    (other work on the machine during a failed step: repeating it once)")
             return self.step(target, rate, retried=True)
@@ -360,52 +414,41 @@ class Bench:
 
     # --- the searches ----------------------------------------------------------------------------------
 
-    def find_max(self, target: Target) -> dict[str, Any]:
-        plan = self.plan
-        self.log(f"\n{target.label}: {target.sut.name} pid {target.sut.pid}"
-                 + (f", upstream {target.upstream.name} pid {target.upstream.pid}" if target.upstream else ""))
-        _, probe = self.run(target, LoadConfig(concurrency=SESSIONS, duration=plan.probe_duration,
-                                               warmup=plan.probe_warmup, request_timeout=10.0))
-        self.log(probe.line() + "  (probe)")
-        peak = probe.achieved
-        steps: list[Step] = []
-        good: Step | None = None
-        bad: Step | None = None
-        good_report: LoadReport | None = None
-
-        def attempt(rate: float) -> bool:
-            nonlocal good, bad, good_report
-            report, step = self.step(target, rate)
-            steps.append(step)
-            if step.passed:
-                good, good_report = step, report
-            else:
-                bad = step
-            return bool(step.passed)
-
-        for fraction in plan.fractions:
-            if not attempt(nice_rate(peak * fraction)):
-                break
-        rate = plan.fractions[0] * peak
-        for _ in range(3):  # even the lowest fraction failed: come down, boundedly
-            if good is not None:
-                break
-            rate *= 0.6
-            attempt(nice_rate(rate))
-        for _ in range(plan.refine):
-            if good is None or bad is None or good.rate is None or bad.rate is None:
-                break
-            if (bad.rate - good.rate) / bad.rate < 0.04:
-                break
-            attempt(nice_rate((good.rate + bad.rate) / 2))
-        if good_report is not None:
-            self.reports[target.key] = good_report
-        max_rate = good.rate if good is not None and good.rate is not None else 0.0
-        self.log(f"  → {target.label}: max sustainable {max_rate:.0f}/s "
-                 f"(first failing step {bad.rate if bad is not None else '-'}/s)")
-        return {"label": target.label, "closed_loop_probe": asdict(probe), "max_rate": max_rate,
-                "first_fail": bad.rate if bad is not None else None,
-                "at_max": asdict(good) if good is not None else None, "steps": [asdict(s) for s in steps]}
+    def find_max(self, targets: dict[str, Target]) -> dict[str, dict[str, Any]]:
+        """The maximum sustainable rate of every target. The searches take turns one step at a time
+        (probe A, probe B, step A, step B, ...), so a slow spell of the shared machine falls on all of
+        them alike instead of on whichever system happened to be measured then: the ratios between
+        them are what this benchmark is about."""
+        searches: dict[str, MaxSearch] = {}
+        for target in targets.values():
+            self.log(f"\n{target.label}: {target.sut.name} pid {target.sut.pid}"
+                     + (f", upstream {target.upstream.name} pid {target.upstream.pid}" if target.upstream else ""))
+        self.log("\nclosed-loop probes, then open-loop steps taking turns")
+        for key, target in targets.items():
+            _, probe = self.run(target, LoadConfig(concurrency=SESSIONS, duration=self.plan.probe_duration,
+                                                   warmup=self.plan.probe_warmup, request_timeout=10.0))
+            self.log(probe.line() + f"  (probe, {target.label})")
+            searches[key] = MaxSearch(self.plan, probe)
+        pending = dict(searches)
+        while pending:
+            for key, search in list(pending.items()):
+                rate = search.next_rate()
+                if rate is None:
+                    del pending[key]
+                    self.log(f"  → {targets[key].label}: max sustainable {search.max_rate:.0f}/s (first failing step "
+                             f"{search.bad.rate if search.bad is not None else '-'}/s)")
+                    continue
+                report, step = self.step(targets[key], rate)
+                search.record(report, step)
+        out: dict[str, dict[str, Any]] = {}
+        for key, search in searches.items():
+            if search.good_report is not None:
+                self.reports[key] = search.good_report
+            out[key] = {"label": targets[key].label, "closed_loop_probe": asdict(search.probe),
+                        "max_rate": search.max_rate, "first_fail": search.bad.rate if search.bad is not None else None,
+                        "at_max": asdict(search.good) if search.good is not None else None,
+                        "steps": [asdict(st) for st in search.steps]}
+        return out
 
     def compare(self, targets: dict[str, Target], rate: float, rounds: int) -> dict[str, Any]:
         """Every variant at `rate` in turn, `rounds` times (A B C A B C ...), so drift and other work on the
@@ -869,25 +912,25 @@ def main() -> int:
             bench = Bench(plan, services, workdir, sut_cpus, other_cpus, log)
             systems = results["systems"]
 
+            # every system up at once (an idle one costs nothing), so their searches can take turns
+            targets: dict[str, Target] = {}
             if "echo" in only:
-                target = bench.start_echo()
-                systems["echo"] = bench.find_max(target)
-                bench.stop(target)
-
+                targets["echo"] = bench.start_echo()
             if "relay" in only:
-                target = bench.start_relay()
-                systems["relay"] = bench.find_max(target)
-                bench.stop(target)
-
-            variants = (("gateway", "3 full gateway", True, False),
+                targets["relay"] = bench.start_relay()
+            variants: tuple[tuple[str, str, bool, bool], ...] = (("gateway", "3 full gateway", True, False),
                         ("gateway_nometrics", "3b gateway, metrics off", False, False),
                         ("gateway_memory", "3c gateway, in-memory journal", True, True))
             variants = variants if "variants" in only else variants[:1] if "gateway" in only else ()
             gateways: dict[str, Target] = {}
-            for key, label, metrics, memory in variants:  # all three up at once: idle ones cost nothing
+            for key, label, metrics, memory in variants:
                 gateways[key] = bench.start_gateway(key, label, metrics=metrics, memory=memory)
-            for key, target in gateways.items():
-                systems[key] = bench.find_max(target)
+            targets.update(gateways)
+            if targets:
+                systems.update(bench.find_max(targets))
+            for key in ("echo", "relay"):
+                if key in targets:
+                    bench.stop(targets[key])
             full_max = systems["gateway"]["max_rate"] if "gateway" in systems else 0.0
             if full_max and "variants" in only:
                 compare: dict[str, Any] = {}
