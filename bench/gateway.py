@@ -27,10 +27,11 @@ into the ratios.
 
 Also measured: the gateway with metrics off (admin.metrics = false, so `NullMetrics`) and with an
 in-memory journal (`run_gateway(durable=False)` through `bench/common.py`'s launcher: `gateway serve`
-has no such switch), each at its own maximum and, in interleaved rounds, at 50 % and 100 % of the full
-gateway's maximum (CPU time per transaction is the sharp comparison there; the full gateway's p50/p99
-at 50 % come from these rounds); a fresh full gateway's RSS (VmRSS, VmHWM from /proc/PID/status)
-sampled every fifth of `--rss-count` transactions; optionally a cProfile run of the gateway.
+has no such switch), each at its own maximum and, in interleaved rounds together with the bare relay,
+at 50 % and 100 % of the full gateway's maximum (CPU time per transaction at one common rate is the
+sharp comparison there; the full gateway's p50/p99 at 50 % come from these rounds); a fresh full
+gateway's RSS (VmRSS, VmHWM from /proc/PID/status) sampled every fifth of `--rss-count` transactions;
+optionally a py-spy (or cProfile) profile of the gateway.
 
 CPU time per transaction of every process (from /proc/PID/stat over the steady part of a step) is
 reported next to each rate: with two cores, the load generator and the upstream host share one core
@@ -477,7 +478,7 @@ class Bench:
             out["variants"][key] = {
                 "label": targets[key].label,
                 "cpu_us": median([st.cpu_us.get("sut", 0.0) for st in done]),
-                "loop_us": median([st.cpu_us.get("sut_loop", 0.0) for st in done]),
+                "loop_us": median([st.cpu_us["sut_loop"] for st in done if "sut_loop" in st.cpu_us]),
                 "latency_ms": summary_ms(hists[key]),
                 "requests": sum(st.requests for st in done),
                 "errors": errors,
@@ -670,7 +671,8 @@ def fmt_ms(value: float | None) -> str:
 
 
 def ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
+    """a / b; None when either is missing (0: a system or a figure this run did not measure)."""
+    return a / b if a and b else None
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -728,12 +730,16 @@ def render(results: dict[str, Any]) -> str:
     out.append(f"  3/1 full gateway / raw echo         {fmt_ratio(rat['gateway_over_echo']):>6}")
     out.append(f"  2/1 bare relay / raw echo           {fmt_ratio(rat['relay_over_echo']):>6}")
     out.append(f"  by SUT CPU per transaction: relay µs / gateway µs = {fmt_ratio(rat['cpu_relay_over_gateway'])} "
-               "(the ceiling ratio if the SUT's core were the only limit)")
+               "(each at its own max)")
     compare = results.get("compare") or {}
+    if "relay" in compare.get("max", {}).get("variants", {}):
+        out.append(f"  by SUT CPU per transaction at one common rate: relay µs / gateway µs = "
+                   f"{fmt_ratio(rat['cpu_relay_over_gateway_half'])} at {compare['half']['rate']:.0f}/s, "
+                   f"{fmt_ratio(rat['cpu_relay_over_gateway_max'])} at {compare['max']['rate']:.0f}/s")
     for name, block in compare.items():
         title = "50 % of" if name == "half" else "100 % of"
         out.append("")
-        out.append(f"gateway variants at one common rate, {block['rate']:.0f}/s ({title} the full gateway's max), "
+        out.append(f"systems at one common rate, {block['rate']:.0f}/s ({title} the full gateway's max), "
                    f"{block['rounds']} interleaved round(s) each:")
         out.append(f"  {'variant':<32} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'µs/txn':>7} {'loop':>6} "
                    f"{'threads':>7} {'txns':>6} {'errors':>6}")
@@ -747,8 +753,8 @@ def render(results: dict[str, Any]) -> str:
             out.append(f"  {v['label']:<32} {fmt_ms(lat['p50']):>7} {fmt_ms(lat['p99']):>7} {fmt_ms(lat['p99.9']):>8} "
                        f"{cpu:>7} {loop_text:>6} {threads:>7} {v['requests']:>6} {sum(v['errors'].values()):>6}")
     if compare:
-        out.append("  (µs/txn: CPU of the gateway process per transaction, median of the rounds; loop = its main "
-                   "thread (event loop); threads = its worker threads, i.e. the SQLite commits)")
+        out.append("  (µs/txn: CPU of the system's process per transaction, median of the rounds; for a gateway, "
+                   "loop = its main thread (event loop), threads = its other threads, i.e. the SQLite commits)")
     out.append("")
     out.append("metrics cost (target <= 5 %)")
     out.append(f"  max rate: metrics on {rat['max_metrics_on']:.0f}/s vs off {rat['max_metrics_off']:.0f}/s → cost "
@@ -839,6 +845,8 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
         "gateway_over_echo": ratio(on, mx("echo")),
         "relay_over_echo": ratio(mx("relay"), mx("echo")),
         "cpu_relay_over_gateway": ratio(sut_cpu("relay"), sut_cpu("gateway")),
+        "cpu_relay_over_gateway_half": ratio(cpu_at("half", "relay"), cpu_at("half", "gateway")),
+        "cpu_relay_over_gateway_max": ratio(cpu_at("max", "relay"), cpu_at("max", "gateway")),
         "max_metrics_on": on,
         "max_metrics_off": off,
         "max_memory": mem,
@@ -928,18 +936,22 @@ def main() -> int:
             targets.update(gateways)
             if targets:
                 systems.update(bench.find_max(targets))
-            for key in ("echo", "relay"):
-                if key in targets:
-                    bench.stop(targets[key])
+            if "echo" in targets:
+                bench.stop(targets["echo"])
             full_max = systems["gateway"]["max_rate"] if "gateway" in systems else 0.0
-            if full_max and "variants" in only:
+            # the relay too: at one common rate, CPU per transaction compares the same arrival pattern
+            # (at its own, much higher max the relay batches far more than the gateway can at its max)
+            same_rate = ({"relay": targets["relay"]} if "relay" in targets else {}) | gateways
+            if full_max and len(same_rate) >= 2:
                 compare: dict[str, Any] = {}
                 results["compare"] = compare
                 for name, fraction in (("half", SAME_RATE_FRACTION), ("max", 1.0)):
                     rate = nice_rate(fraction * full_max)
-                    bench.log(f"\nmetrics / journal comparison at {rate:.0f}/s ({fraction:.0%} of the full "
-                              f"gateway's max), {plan.compare_rounds} interleaved round(s)")
-                    compare[name] = bench.compare(gateways, rate, plan.compare_rounds)
+                    bench.log(f"\n{', '.join(t.label for t in same_rate.values())} at {rate:.0f}/s ({fraction:.0%} of "
+                              f"the full gateway's max), {plan.compare_rounds} interleaved round(s)")
+                    compare[name] = bench.compare(same_rate, rate, plan.compare_rounds)
+            if "relay" in targets:
+                bench.stop(targets["relay"])
             for target in gateways.values():
                 bench.stop(target)
 
