@@ -449,7 +449,9 @@ class GatewayService:
 
     async def on_unmatched_host_answer(self, host: Message) -> None:
         """A host answer nobody waits for any more: journal it, never forward it. Its reversal was
-        queued when the request timed out, so a late approval changes nothing for the customer."""
+        queued when the request timed out, so a late approval changes nothing for the customer; if the
+        host had already answered that reversal 25 ("original not found": the reversal overtook the
+        original), the journal reopens the reversal and it goes again."""
         stan = host.fields.get("11", "")
         original = await self.store.find_by_host_stan(stan, terminal_id=host.fields.get("41")) if stan else None
         txn_id = original.txn_id if original is not None else None
@@ -461,6 +463,13 @@ class GatewayService:
         )
         log.warning("late host answer %s stan %s (rc %s, txn %s) journalled, not forwarded",
                     host.mti, stan, host.get("39"), txn_id)
+        if original is not None and original.state is TxnState.REVERSED:
+            now = await self.store.get(original.txn_id)
+            if now is not None and now.state is TxnState.REVERSAL_QUEUED:
+                self.metrics.reversals_queued.inc()
+                self.saf.wake()
+                log.warning("txn %s: the host approved it after answering its reversal %s: reversal reopened",
+                            original.txn_id, original.reversal_rc)
 
     # --- terminal reversal -------------------------------------------------------------------------
 

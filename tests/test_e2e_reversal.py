@@ -410,6 +410,46 @@ async def test_late_approval_is_journalled_not_forwarded_and_the_reversal_wins(t
         await assert_no_charge_without_receipt(lab)
 
 
+async def test_late_approval_after_a_25_to_the_reversal_is_reversed_again(tmp_path):
+    """A slow issuer path: the host books the purchase only after the gateway's timeout. The gateway's
+    reversal overtakes it and gets 25 ("original not found", final: nothing booked), then the host
+    approves the purchase after all. The late approval reopens the reversal; its repeat (0401) finds
+    the original and reverses it: the customer ends up not charged."""
+    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        lab.host.add_fault(Fault("booked_late", seconds=HOST_TIMEOUT + 0.75, pan=CARD_CUP.pan, mti=("0200",),
+                                 limit=1))
+        term = lab.terminal(timeout=5.0)
+        await term.connect()
+        await term.sign_in()
+
+        result = await term.purchase(4_000, CARD_CUP)
+        assert result.rc == "98"
+        txn_id = (await only_txn(lab)).txn_id
+
+        async def reversed_with(rc: str) -> TxnRecord | None:
+            rec = await lab.gateway.store.get(txn_id)
+            return rec if rec is not None and rec.state is TxnState.REVERSED and rec.reversal_rc == rc else None
+
+        first = await eventually(lambda: reversed_with("25"), "the reversal answered 25")
+        assert first.late_rc is None and lab.host.ledger.get(host_key(lab, first)) is None  # not booked yet
+
+        late = await late_answers_of(lab, txn_id)
+        assert [a.rc for a in late] == ["00"]
+        rec = await eventually(lambda: reversed_with("00"), "the reopened reversal acknowledged")
+        assert (rec.reversed_from, rec.reversal_reason, rec.late_rc) == (TxnState.TIMED_OUT, "98", "00")
+        entry = host_entry(lab, rec)
+        assert entry.approved and entry.reversed  # booked late by the host, and reversed all the same
+        assert lab.host.stats.messages["0400"] == 1 and lab.host.stats.messages["0401"] == 1
+        (saf,) = await lab.gateway.store.list_saf()
+        assert (saf.state, saf.ack_rc, saf.total_attempts) == (SafState.DONE, "00", 2)
+        assert counter(lab, "reversals_queued") == 2  # at the timeout, and again at the late approval
+        assert counter(lab, "reversals_acknowledged") == 2
+
+        echo = await term.echo()
+        assert echo.rc == "00" and term.late_answers == []
+        await assert_no_charge_without_receipt(lab)
+
+
 # --- 6..9: reversals the terminal sends, and the SAF queue -----------------------------------------
 
 

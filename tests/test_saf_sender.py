@@ -36,17 +36,20 @@ class StaleReadStore(MemoryStore):
             await self.acked.wait()
         return snapshot
 
-    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
-        await super().ack_reversal(saf_id, rc, attempt_at=attempt_at)
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
+        acknowledged = await super().ack_reversal(saf_id, rc, attempt_at=attempt_at)
         self.acked.set()
+        return acknowledged
 
 
 class AnsweringLink:
     ready = True
 
-    def __init__(self) -> None:
+    def __init__(self, codes: tuple[str, ...] = ("00",)) -> None:
         self.sent: list[Message] = []
         self.stan = 0
+        #: the host's field 39 to each reversal in turn (the last one from then on)
+        self.codes = codes
 
     def stamp(self, msg: Message) -> Message:
         self.stan += 1
@@ -56,7 +59,8 @@ class AnsweringLink:
     async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
         self.sent.append(msg)
         await anyio.sleep(0.05)  # the answer takes a while: the sender polls the queue meanwhile
-        return HostReply(Message("0410", {"39": "00"}), mac_ok=True)
+        rc = self.codes[min(len(self.sent), len(self.codes)) - 1]
+        return HostReply(Message("0410", {"39": rc}), mac_ok=True)
 
 
 async def test_a_reversal_acknowledged_during_a_queue_read_is_not_sent_again() -> None:
@@ -75,3 +79,29 @@ async def test_a_reversal_acknowledged_during_a_queue_read_is_not_sent_again() -
         tg.cancel_scope.cancel()
     assert len(link.sent) == 1, [m.mti for m in link.sent]
     assert (await store.list_saf())[0].state.value == "done"  # acknowledged by the host
+
+
+async def test_a_25_after_a_late_approval_is_a_failed_attempt_and_the_repeat_reverses() -> None:
+    """The host approved the original late, then answered its reversal 25 ("not found"): not final. The
+    sender counts a failed attempt and repeats (0401) on its back-off until the host acknowledges."""
+    store = MemoryStore(pan_key=PAN_KEY)
+    link = AnsweringLink(codes=("25", "00"))
+    config = ReversalConfig(poll_interval=0.01, backoff=(0.05,), max_attempts=5)
+    sender = SafSender(config, store, link, Metrics(process_metrics=False),  # type: ignore[arg-type]
+                       acquirer_id="00000001234", forwarding_id="00000001234")
+    await anyio.sleep(0.01)  # queued after the sender started: its first attempt is a 0400
+    txn = await store.record_request(request("000001"))
+    await store.queue_reversal(txn, "98", state="timed_out")
+    await store.record_late_answer(txn, "00")
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        with anyio.fail_after(5):
+            while (await store.list_saf())[0].state.value != "done":
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert [m.mti for m in link.sent] == ["0400", "0401"]
+    (entry,) = await store.list_saf()
+    assert (entry.ack_rc, entry.total_attempts) == ("00", 2)
+    assert entry.last_error == "host answered 25 but approved the original late"
+    rec = await store.get(txn)
+    assert rec is not None and (rec.state.value, rec.reversal_rc) == ("reversed", "00")

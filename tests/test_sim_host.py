@@ -402,6 +402,23 @@ async def test_late_answer_arrives_after_the_callers_timeout():
             assert late["11"] == request["11"] and late["39"] == "00"
 
 
+async def test_booked_late_lets_a_reversal_overtake_its_original():
+    """`booked_late`: the host decides the purchase only when its delay is over, so a reversal sent
+    meanwhile finds nothing (25) and the purchase is approved afterwards."""
+    with anyio.fail_after(10):
+        async with host() as (sim, port), client(port) as c:
+            sim.set_faults([Fault("booked_late", seconds=0.4, mti=("0200",), limit=1)])
+            purchase = c.purchase(700)
+            await c.send(purchase)
+            reversal = await c.call(iso87.reversal(purchase, "98"))
+            assert reversal["39"] == "25" and sim.balance("rich") == 100_000  # not booked yet
+            late, _ = await c.recv(timeout=2)
+            assert late["11"] == purchase["11"] and late["39"] == "00"
+            assert sim.balance("rich") == 100_000 - 700  # booked now
+            again = await c.call(iso87.reversal(purchase, "98", repeat=True))
+            assert again["39"] == "00" and sim.balance("rich") == 100_000
+
+
 async def test_reject_first_k_reversals():
     with anyio.fail_after(10):
         async with host() as (sim, port), client(port) as c:

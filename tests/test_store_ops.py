@@ -399,6 +399,63 @@ async def test_attempts_ack_and_repeat_flag(kind: str, tmp_path: Path) -> None:
         assert await store.get_saf(4242) is None
 
 
+async def test_late_approval_reopens_a_reversal_the_host_answered_25(kind: str, tmp_path: Path) -> None:
+    """The reversal overtook its original at the host ("25, not found"); then the host approves the
+    original after all: the journal puts the reversal back in the queue, as a repeat, due now."""
+    clock = FakeClock()
+    observer = Recorder()
+    async with open_store(kind, tmp_path, clock=clock, observer=observer) as store:
+        txn = await store.record_request(request("000001"))
+        other = await store.record_request(request("000002"))
+        saf_id = (await store.record_timeout_and_queue_reversal(txn)).saf_id
+        other_saf = (await store.record_timeout_and_queue_reversal(other)).saf_id
+        assert await store.ack_reversal(saf_id, "25", attempt_at=clock.now) is True
+        assert await store.ack_reversal(other_saf, "00", attempt_at=clock.now) is True
+        assert (await store.get(txn)).state is TxnState.REVERSED
+        assert await store.saf_depth() == 0
+
+        clock.now += 3
+        await store.record_late_answer(other, "00")  # its reversal was acknowledged 00: nothing to do
+        await store.record_late_answer(txn, "05")  # a late decline booked nothing: nothing to do
+        assert (await store.get(other)).state is TxnState.REVERSED
+        assert (await store.get(txn)).state is TxnState.REVERSED
+        assert await store.due_reversals(clock.now + 1000) == []
+
+        await store.record_late_answer(txn, "00")
+        rec = await store.get(txn)
+        assert (rec.state, rec.late_rc) == (TxnState.REVERSAL_QUEUED, "00")
+        (entry,) = await store.due_reversals(clock.now)
+        # the attempt count goes on (not an operator's fresh start): the next one is a repeat (0401)
+        assert (entry.saf_id, entry.state, entry.attempts, entry.total_attempts, entry.is_repeat) == (
+            saf_id, SafState.PENDING, 1, 1, True,
+        )
+        assert (entry.ack_rc, entry.next_attempt_at) == (None, clock.now)
+        assert entry.last_error == "the host approved the original after answering its reversal 25"
+        assert await store.saf_depth() == 1 and observer.depths[-1] == 1
+        # the repeat finds the original now
+        assert await store.ack_reversal(saf_id, "00", attempt_at=clock.now) is True
+        rec = await store.get(txn)
+        assert (rec.state, rec.reversal_rc) == (TxnState.REVERSED, "00")
+        assert (await store.get_saf(saf_id)).total_attempts == 2
+
+
+async def test_a_25_after_a_late_approval_is_not_an_acknowledgement(kind: str, tmp_path: Path) -> None:
+    """The late approval came first, the reversal's 25 after it: the 25 cannot be true any more, so
+    it acknowledges nothing (the sender counts a failed attempt and repeats)."""
+    clock = FakeClock()
+    async with open_store(kind, tmp_path, clock=clock) as store:
+        txn = await store.record_request(request("000001"))
+        saf_id = (await store.record_timeout_and_queue_reversal(txn)).saf_id
+        await store.record_late_answer(txn, "00")
+        assert (await store.get(txn)).state is TxnState.REVERSAL_QUEUED  # unchanged: already queued
+        assert await store.ack_reversal(saf_id, "25", attempt_at=clock.now) is False
+        entry = await store.get_saf(saf_id)
+        assert (entry.state, entry.attempts, entry.ack_rc) == (SafState.PENDING, 0, None)  # untouched
+        assert (await store.get(txn)).state is TxnState.REVERSAL_QUEUED
+        assert await store.ack_reversal(saf_id, "00", attempt_at=clock.now) is True
+        assert (await store.get(txn)).reversal_rc == "00"
+
+
 async def test_park_retry_and_drop(kind: str, tmp_path: Path) -> None:
     clock = FakeClock()
     observer = Recorder()

@@ -5,7 +5,10 @@
 - Attempts back off on the configured schedule; after `max_attempts` the entry is parked with its
   reason for an operator (`gateway saf list|retry|drop`), with a log line and a metric.
 - The host answering 00 acknowledges the reversal. 25 ("original not found") is final too: the host
-  never booked the original, so nothing is charged. Anything else is a failed attempt.
+  never booked the original, so nothing is charged — unless the host approves that original late (the
+  reversal overtook it on the host's side): then the 25 counts as a failed attempt, and a 25 already
+  taken as final is reopened by the journal when the late approval comes (`Store.record_late_answer`).
+  Anything else is a failed attempt.
 - While the host link is down nothing is sent and no attempt is counted.
 """
 
@@ -87,7 +90,7 @@ class SafSender:
 
     async def _send(self, entry: SafEntry) -> None:
         attempts: int = entry.attempts
-        repeat = attempts > 0 or entry.queued_at < self._started_at
+        repeat = entry.is_repeat or entry.queued_at < self._started_at
         msg = build_host_reversal(entry, repeat=repeat, acquirer_id=self.acquirer_id,
                                   forwarding_id=self.forwarding_id)
         self.link.stamp(msg)
@@ -102,10 +105,12 @@ class SafSender:
         self.metrics.reversals_sent.inc()
         rc = reply.message.get("39", "")
         if rc in FINAL_RCS and reply.mac_ok:
-            await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time())
-            self.metrics.reversals_acknowledged.inc()
-            log.info("reversal of txn %s acknowledged by the host (rc %s, attempt %d)",
-                     entry.txn_id, rc, attempts + 1)
+            if await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time()):
+                self.metrics.reversals_acknowledged.inc()
+                log.info("reversal of txn %s acknowledged by the host (rc %s, attempt %d)",
+                         entry.txn_id, rc, attempts + 1)
+            else:
+                await self._failed(entry, attempts + 1, f"host answered {rc} but approved the original late")
         else:
             await self._failed(entry, attempts + 1, f"host answered {rc}" + ("" if reply.mac_ok else " (bad MAC)"))
 

@@ -151,6 +151,8 @@ class HostReply:
     delay: float = 0.0
     garbage: Literal["body", "length"] = "body"
     decision: Decision | None = None
+    #: a `booked_late` request, decided only when its delay is over: (body, reject_first, wrong_mac)
+    deferred: tuple[bytes, int, bool] | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -253,6 +255,23 @@ class HostSimulator:
                 return reply  # lost on the way in: the host never saw it
             reject_first = max((f.count for f in faults if f.kind == "reject_reversal"), default=0)
             wrong_mac = any(f.kind == "wrong_mac" for f in faults)
+            booked_late = [f.seconds for f in faults if f.kind == "booked_late" and f.seconds > 0]
+            if booked_late:
+                reply.delay += max(booked_late)
+                reply.deferred = (body, reject_first, wrong_mac)
+                return reply  # decided by `book` when the delay is over
+        return self._decide_into(reply, body, request, reject_first, wrong_mac)
+
+    def book(self, reply: HostReply) -> HostReply:
+        """Decide a `booked_late` request now that its delay is over."""
+        if reply.deferred is None or reply.request is None:
+            return reply
+        body, reject_first, wrong_mac = reply.deferred
+        reply.deferred = None
+        return self._decide_into(reply, body, reply.request, reject_first, wrong_mac)
+
+    def _decide_into(self, reply: HostReply, body: bytes, request: Message, reject_first: int,
+                     wrong_mac: bool) -> HostReply:
         answer, decision = self._decide(body, request, reject_first)
         reply.decision = decision
         self.stats.responses[answer.fields.get("39", "")] += 1
@@ -490,6 +509,7 @@ class _Connection:
         """A delayed reply: wait, then answer (or drop, send garbage, disconnect) as decided."""
         if reply.delay:
             await anyio.sleep(reply.delay)
+        reply = self.sim.book(reply)
         if reply.action == "disconnect":
             await self._disconnect(reply)
             return

@@ -46,10 +46,11 @@ PROCESSING_KINDS: Final[Mapping[str, TxnKind]] = {
 }
 
 FaultKind = Literal[
-    "delay", "late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal", "close_after"
+    "delay", "late", "booked_late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal", "close_after"
 ]
 FAULT_KINDS: Final = frozenset(
-    {"delay", "late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal", "close_after"}
+    {"delay", "late", "booked_late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal",
+     "close_after"}
 )
 
 
@@ -126,7 +127,9 @@ class Fault:
     `nth` (only the n-th message that passes the other selectors, 1-based), `every` (each n-th),
     `rate` (probability, drawn from the plan's seeded RNG). `limit` caps how often it fires.
 
-    Kinds: `delay`/`late` answer after `seconds` (late: longer than the gateway waits); `drop` never
+    Kinds: `delay`/`late` answer after `seconds` (late: longer than the gateway waits); `booked_late`
+    decides the request only after `seconds`, then answers (a reversal arriving meanwhile finds no
+    original and gets 25, and the original is booked afterwards: a slow issuer path); `drop` never
     answers; `disconnect` closes the connection instead of answering; `garbage` sends a valid length
     prefix with a random body (`garbage="body"`) or an invalid length prefix (`garbage="length"`);
     `wrong_mac` corrupts the response MAC; `reject_reversal` answers 96 to the first `count` reversal

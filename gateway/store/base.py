@@ -133,7 +133,10 @@ class Store(Protocol):
         amount: int | None = None,
     ) -> int:
         """Journal a host answer that came after the timeout (never forwarded). `txn_id` None when it
-        matches nothing. Does not change the transaction's state; sets its `late_rc`/`late_at`."""
+        matches nothing. Sets the transaction's `late_rc`/`late_at`; does not change its state, with one
+        exception: an approval (00) of a transaction whose reversal the host answered 25 ("original not
+        found") reopens that reversal (SAF entry pending again, due now, its attempts counting on, so
+        the next one is a repeat; transaction `reversal_queued`): the host booked the original after all."""
         ...
 
     # --- journal reads -----------------------------------------------------------------------------
@@ -202,9 +205,11 @@ class Store(Protocol):
         new attempt count. `StateConflict` unless pending."""
         ...
 
-    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
-        """The host acknowledged: entry done, transaction `reversed`. Idempotent; also accepted for a
-        parked or dropped entry (the host's word wins)."""
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
+        """The host acknowledged: entry done, transaction `reversed`; True. Idempotent; also accepted
+        for a parked or dropped entry (the host's word wins). False, and nothing changed, for a 25
+        ("original not found") when the host has approved that original late: the sender counts it
+        as a failed attempt and repeats the reversal."""
         ...
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:

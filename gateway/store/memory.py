@@ -23,6 +23,7 @@ from gateway.store.records import (
     MISSING_SAF,
     ONLY_PARKED,
     OPEN_SAF_STATES,
+    REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
     REVERSAL_STATES,
     REVERSIBLE_STATES,
@@ -43,6 +44,7 @@ from gateway.store.records import (
     check_rc,
     check_reason,
     clip_text,
+    not_found_overtaken,
     outcome_allowed,
     pan_fingerprint,
     parse_enum,
@@ -215,6 +217,7 @@ class MemoryStore:
         if txn_id is not None:
             self._txn(txn_id)
             self._set(txn_id, late_rc=rc, late_at=now, updated_at=now)
+            self._reopen_if_overtaken(txn_id, now)
         late_id = len(self._late) + 1
         self._late.append(LateAnswer(
             late_id=late_id, txn_id=txn_id, rc=rc, auth_code=auth_code, rrn=rrn, host_mti=host_mti,
@@ -330,13 +333,28 @@ class MemoryStore:
         self._saf_changed()
         return int(row["attempts"])
 
-    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
+    def _reopen_if_overtaken(self, txn_id: int, now: float) -> None:
+        """A reversal the host answered 25 whose original it has now approved goes again."""
+        rec = self._txns[txn_id]
+        if rec.state is not TxnState.REVERSED or not not_found_overtaken(rec.reversal_rc, rec.late_rc):
+            return
+        for row in self._saf.values():
+            if row["txn_id"] == txn_id and row["state"] == SafState.DONE:
+                row.update(state=SafState.PENDING, next_attempt_at=now, ack_rc=None,
+                           last_error=REOPENED_BY_LATE_APPROVAL, updated_at=now)
+                self._set(txn_id, state=TxnState.REVERSAL_QUEUED, updated_at=now)
+                self._saf_changed()
+                return
+
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
         check_id(saf_id, "saf_id")
         check_rc(rc)
         await anyio.lowlevel.checkpoint()
         row = self._saf_row(saf_id)
         if row["state"] == SafState.DONE:
-            return
+            return True
+        if not_found_overtaken(rc, self._txns[row["txn_id"]].late_rc):
+            return False  # the host approved the original late: "not found" is no longer true
         now = self._clock()
         counted = 0 if attempt_at is None else 1
         row.update(state=SafState.DONE, ack_rc=rc, updated_at=now, attempts=row["attempts"] + counted,
@@ -344,6 +362,7 @@ class MemoryStore:
                    last_attempt_at=row["last_attempt_at"] if attempt_at is None else attempt_at)
         self._set(row["txn_id"], state=TxnState.REVERSED, reversal_rc=rc, updated_at=now)
         self._saf_changed()
+        return True
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
         check_id(saf_id, "saf_id")

@@ -113,6 +113,19 @@ MISSING_SAF: Final = "queue a reversal: its SAF entry is missing"
 ONLY_PARKED: Final = "retry it (only a parked entry can be retried)"
 #: SAF entries still needing action: the queue depth reported to the observer
 OPEN_SAF_STATES: Final = (SafState.PENDING, SafState.PARKED)
+#: the host's "original not found" to a reversal: final (nothing was booked) unless the host approves
+#: that original afterwards after all, e.g. when the reversal overtook a slow original on the host's side
+RC_ORIGINAL_NOT_FOUND: Final = "25"
+#: a late host answer with this code booked the original: money moved, a "not found" reversal is undone
+RC_LATE_APPROVAL: Final = "00"
+#: the last_error of a reversal reopened by a late approval
+REOPENED_BY_LATE_APPROVAL: Final = "the host approved the original after answering its reversal 25"
+
+
+def not_found_overtaken(reversal_rc: str | None, late_rc: str | None) -> bool:
+    """Whether a reversal answered "original not found" is contradicted by a late approval of that
+    original: then the reversal must go again (as a repeat), or the card stays charged."""
+    return reversal_rc == RC_ORIGINAL_NOT_FOUND and late_rc == RC_LATE_APPROVAL
 
 #: settlement (reference §3.7): a voided purchase stays in debit and the void is counted in credit
 DEBIT_KINDS: Final = frozenset({TxnKind.PURCHASE, TxnKind.COMPLETION, TxnKind.OFFLINE_SALE})

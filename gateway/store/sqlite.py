@@ -51,6 +51,7 @@ from gateway.store.records import (
     ONLY_PARKED,
     OPEN_SAF_STATES,
     OUTCOME_STATES,
+    REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
     REVERSAL_STATES,
     REVERSIBLE_STATES,
@@ -72,6 +73,7 @@ from gateway.store.records import (
     check_rc,
     check_reason,
     clip_text,
+    not_found_overtaken,
     outcome_allowed,
     outcome_sources,
     pan_fingerprint,
@@ -266,12 +268,27 @@ def _op_record_late_answer(
                            (rc, now, now, txn_id))
         if cur.rowcount == 0:
             raise NotFound("transaction", txn_id)
+        _reopen_if_overtaken(conn, txn_id, now)
     cur = conn.execute(
         f"INSERT INTO late_answer ({', '.join(LATE_COLUMNS[1:])})"
         f" VALUES ({', '.join('?' * (len(LATE_COLUMNS) - 1))})",
         (txn_id, rc, auth_code, rrn, host_mti, host_stan, terminal_id, amount, now),
     )
     return int(cur.lastrowid or 0)
+
+
+def _reopen_if_overtaken(conn: sqlite3.Connection, txn_id: int, now: float) -> None:
+    """A reversal the host answered 25 whose original it has now approved goes again."""
+    row = conn.execute("SELECT state, reversal_rc, late_rc FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    if row[0] != TxnState.REVERSED or not not_found_overtaken(row[1], row[2]):
+        return
+    cur = conn.execute(
+        "UPDATE saf SET state = ?, next_attempt_at = ?, ack_rc = NULL, last_error = ?, updated_at = ?"
+        " WHERE txn_id = ? AND state = ?",
+        (SafState.PENDING, now, REOPENED_BY_LATE_APPROVAL, now, txn_id, SafState.DONE),
+    )
+    if cur.rowcount:
+        _set_txn_state(conn, txn_id, TxnState.REVERSAL_QUEUED, now)
 
 
 def _op_mark_attempt(
@@ -289,10 +306,13 @@ def _op_mark_attempt(
     return int(conn.execute("SELECT attempts FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()[0])
 
 
-def _op_ack(conn: sqlite3.Connection, saf_id: int, rc: str, attempt_at: float | None, now: float) -> None:
+def _op_ack(conn: sqlite3.Connection, saf_id: int, rc: str, attempt_at: float | None, now: float) -> bool:
     state, txn_id = _saf_state(conn, saf_id)
     if state == SafState.DONE:
-        return  # a repeated acknowledgement changes nothing
+        return True  # a repeated acknowledgement changes nothing
+    late_rc = conn.execute("SELECT late_rc FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()[0]
+    if not_found_overtaken(rc, late_rc):
+        return False  # the host approved the original late: "not found" is no longer true
     counted = 0 if attempt_at is None else 1  # the attempt the host acknowledged is an attempt too
     conn.execute(
         "UPDATE saf SET state = ?, ack_rc = ?, attempts = attempts + ?, total_attempts = total_attempts + ?,"
@@ -300,6 +320,7 @@ def _op_ack(conn: sqlite3.Connection, saf_id: int, rc: str, attempt_at: float | 
         (SafState.DONE, rc, counted, counted, attempt_at, now, saf_id),
     )
     _set_txn_state(conn, txn_id, TxnState.REVERSED, now, reversal_rc=rc)
+    return True
 
 
 def _op_park(
@@ -347,7 +368,7 @@ def _count_open_saf(conn: sqlite3.Connection) -> int:
 
 #: writes that change the SAF queue: the depth is re-counted after their commit
 _SAF_OPS: Final[frozenset[Callable[..., object]]] = frozenset(
-    {_op_queue_reversal, _op_mark_attempt, _op_ack, _op_park, _op_retry, _op_drop}
+    {_op_queue_reversal, _op_mark_attempt, _op_ack, _op_park, _op_retry, _op_drop, _op_record_late_answer}
 )
 #: writes that change the database with at most one statement and raise only before it or when it
 #: failed: SQLite undoes a failed statement by itself, so they need no savepoint (the two writes of
@@ -708,10 +729,10 @@ class SqliteStore:
             _op_mark_attempt, saf_id, now, next_attempt_at, clip_text(error, "error"), self._clock()
         )
 
-    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> None:
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
         check_id(saf_id, "saf_id")
         check_rc(rc)
-        await self._write(_op_ack, saf_id, rc, attempt_at, self._clock())
+        return await self._write(_op_ack, saf_id, rc, attempt_at, self._clock())
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
         check_id(saf_id, "saf_id")
