@@ -416,7 +416,7 @@ async def test_late_approval_after_a_25_to_the_reversal_is_reversed_again(tmp_pa
     approves the purchase after all. The late approval reopens the reversal; its repeat (0401) finds
     the original and reverses it: the customer ends up not charged."""
     async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
-        lab.host.add_fault(Fault("booked_late", seconds=HOST_TIMEOUT + 0.75, pan=CARD_CUP.pan, mti=("0200",),
+        lab.host.add_fault(Fault("booked_late", seconds=HOST_TIMEOUT + 1.5, pan=CARD_CUP.pan, mti=("0200",),
                                  limit=1))
         term = lab.terminal(timeout=5.0)
         await term.connect()
