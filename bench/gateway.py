@@ -202,6 +202,8 @@ class MaxSearch:
         self.good: Step | None = None
         self.bad: Step | None = None
         self.good_report: LoadReport | None = None
+        #: why the search stopped early (a process of the system died), None when it ran its course
+        self.error: str | None = None
         self._climbed = 0
         self._descents = 0
         self._refines = 0
@@ -425,9 +427,15 @@ class Bench:
             self.log(f"\n{target.label}: {target.sut.name} pid {target.sut.pid}"
                      + (f", upstream {target.upstream.name} pid {target.upstream.pid}" if target.upstream else ""))
         self.log("\nclosed-loop probes, then open-loop steps taking turns")
+        out: dict[str, dict[str, Any]] = {}
         for key, target in targets.items():
-            _, probe = self.run(target, LoadConfig(concurrency=SESSIONS, duration=self.plan.probe_duration,
-                                                   warmup=self.plan.probe_warmup, request_timeout=10.0))
+            try:
+                _, probe = self.run(target, LoadConfig(concurrency=SESSIONS, duration=self.plan.probe_duration,
+                                                       warmup=self.plan.probe_warmup, request_timeout=10.0))
+            except Exception as exc:  # e.g. its process died: the other systems are still measured
+                self.log(f"  → {target.label}: probe failed ({exc!r}): left out")
+                out[key] = {"label": target.label, "error": repr(exc)}
+                continue
             self.log(probe.line() + f"  (probe, {target.label})")
             searches[key] = MaxSearch(self.plan, probe)
         pending = dict(searches)
@@ -439,16 +447,22 @@ class Bench:
                     self.log(f"  → {targets[key].label}: max sustainable {search.max_rate:.0f}/s (first failing step "
                              f"{search.bad.rate if search.bad is not None else '-'}/s)")
                     continue
-                report, step = self.step(targets[key], rate)
+                try:
+                    report, step = self.step(targets[key], rate)
+                except Exception as exc:  # the search ends here; what it found so far stands
+                    del pending[key]
+                    search.error = repr(exc)
+                    self.log(f"  → {targets[key].label}: search stopped at {rate:.0f}/s ({exc!r}); max so far "
+                             f"{search.max_rate:.0f}/s")
+                    continue
                 search.record(report, step)
-        out: dict[str, dict[str, Any]] = {}
         for key, search in searches.items():
             if search.good_report is not None:
                 self.reports[key] = search.good_report
             out[key] = {"label": targets[key].label, "closed_loop_probe": asdict(search.probe),
                         "max_rate": search.max_rate, "first_fail": search.bad.rate if search.bad is not None else None,
                         "at_max": asdict(search.good) if search.good is not None else None,
-                        "steps": [asdict(st) for st in search.steps]}
+                        "steps": [asdict(st) for st in search.steps], "error": search.error}
         return out
 
     def compare(self, targets: dict[str, Target], rate: float, rounds: int) -> dict[str, Any]:
@@ -706,6 +720,9 @@ def render(results: dict[str, Any]) -> str:
         r = systems.get(key)
         if r is None:
             continue
+        if "closed_loop_probe" not in r:
+            out.append(f"{r['label']:<32} not measured: {r.get('error')}")
+            continue
         at = r["at_max"] or {}
         cpu = at.get("cpu_us", {})
         probe = r["closed_loop_probe"]
@@ -755,17 +772,20 @@ def render(results: dict[str, Any]) -> str:
     if compare:
         out.append("  (µs/txn: CPU of the system's process per transaction, median of the rounds; for a gateway, "
                    "loop = its main thread (event loop), threads = its other threads, i.e. the SQLite commits)")
-    out.append("")
-    out.append("metrics cost (target <= 5 %)")
-    out.append(f"  max rate: metrics on {rat['max_metrics_on']:.0f}/s vs off {rat['max_metrics_off']:.0f}/s → cost "
-               f"{fmt_pct(rat['metrics_cost_at_max'])}  (the search's step is ~5-10 %: read it with the CPU figures)")
-    out.append(f"  CPU per transaction, on vs off: {fmt_pct(rat['metrics_cost_cpu_half'])} at 50 % of max, "
-               f"{fmt_pct(rat['metrics_cost_cpu_max'])} at the full gateway's max rate")
-    out.append("durable SQLite journal (synchronous=FULL) vs in-memory journal (target >= 0.80)")
-    out.append(f"  max rate durable / in-memory: {rat['max_metrics_on']:.0f} / {rat['max_memory']:.0f} = "
-               f"{fmt_ratio(rat['durable_over_memory'])};  CPU per transaction, in-memory / durable: "
-               f"{fmt_ratio(rat['cpu_memory_over_durable_half'])} at 50 %, "
-               f"{fmt_ratio(rat['cpu_memory_over_durable_max'])} at 100 % of max")
+    if "gateway" in systems and "gateway_nometrics" in systems:
+        out.append("")
+        out.append("metrics cost (target <= 5 %)")
+        out.append(f"  max rate: metrics on {rat['max_metrics_on']:.0f}/s vs off {rat['max_metrics_off']:.0f}/s → "
+                   f"cost {fmt_pct(rat['metrics_cost_at_max'])}  (the search's step is ~5-10 %: read it with the "
+                   "CPU figures)")
+        out.append(f"  CPU per transaction, on vs off: {fmt_pct(rat['metrics_cost_cpu_half'])} at 50 % of max, "
+                   f"{fmt_pct(rat['metrics_cost_cpu_max'])} at the full gateway's max rate")
+    if "gateway" in systems and "gateway_memory" in systems:
+        out.append("durable SQLite journal (synchronous=FULL) vs in-memory journal (target >= 0.80)")
+        out.append(f"  max rate durable / in-memory: {rat['max_metrics_on']:.0f} / {rat['max_memory']:.0f} = "
+                   f"{fmt_ratio(rat['durable_over_memory'])};  CPU per transaction, in-memory / durable: "
+                   f"{fmt_ratio(rat['cpu_memory_over_durable_half'])} at 50 %, "
+                   f"{fmt_ratio(rat['cpu_memory_over_durable_max'])} at 100 % of max")
     half = compare.get("half", {}).get("variants", {}).get("gateway")
     if half:
         lat = half["latency_ms"]
@@ -822,7 +842,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     s = results["systems"]
 
     def mx(key: str) -> float:
-        return float(s[key]["max_rate"]) if key in s else 0.0
+        return float(s.get(key, {}).get("max_rate", 0.0))
 
     def sut_cpu(key: str) -> float:
         at = s.get(key, {}).get("at_max") or {}
@@ -938,7 +958,7 @@ def main() -> int:
                 systems.update(bench.find_max(targets))
             if "echo" in targets:
                 bench.stop(targets["echo"])
-            full_max = systems["gateway"]["max_rate"] if "gateway" in systems else 0.0
+            full_max = systems.get("gateway", {}).get("max_rate", 0.0)
             # the relay too: at one common rate, CPU per transaction compares the same arrival pattern
             # (at its own, much higher max the relay batches far more than the gateway can at its max)
             same_rate = ({"relay": targets["relay"]} if "relay" in targets else {}) | gateways
@@ -976,8 +996,7 @@ def main() -> int:
             results["other_work"] = {"waited_s": bench.waited, "steps": len(others),
                                      "disturbed_steps": sum(o > DISTURBED for o in others),
                                      "max_util": max(others, default=0.0)}
-        if "gateway" in results["systems"]:
-            results["ratios"] = compute_ratios(results)
+        results["ratios"] = compute_ratios(results)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
         if args.keep:

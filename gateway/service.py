@@ -35,7 +35,7 @@ from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
 from gateway.iso.validate import flow as flow_spec
 from gateway.metrics import Metrics
-from gateway.net.host_link import HostLink, HostNotSent, HostTimeout, HostUnavailable
+from gateway.net.host_link import HostLink, HostNotSent, HostReply, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
 from gateway.net.terminal_server import TerminalConnection, Undeliverable
 from gateway.security.errors import MacError, PinFormatError, SecurityError
@@ -447,29 +447,28 @@ class GatewayService:
             self.journal_healthy = False  # the disk is failing: /readyz says so until a write succeeds
         log.error("txn %s delivered but could not be marked completed: %s", txn_id, exc)
 
-    async def on_unmatched_host_answer(self, host: Message) -> None:
+    async def on_unmatched_host_answer(self, reply: HostReply) -> None:
         """A host answer nobody waits for any more: journal it, never forward it. Its reversal was
         queued when the request timed out, so a late approval changes nothing for the customer; if the
         host had already answered that reversal 25 ("original not found": the reversal overtook the
-        original), the journal reopens the reversal and it goes again."""
+        original), the journal reopens the reversal and it goes again (only for an approval whose MAC
+        verified: anything else proves nothing)."""
+        host = reply.message
         stan = host.fields.get("11", "")
         original = await self.store.find_by_host_stan(stan, terminal_id=host.fields.get("41")) if stan else None
         txn_id = original.txn_id if original is not None else None
         amount = host.fields.get("4", "")
-        await self.store.record_late_answer(
+        recorded = await self.store.record_late_answer(
             txn_id, host.fields.get("39", "")[:2] or "??", auth_code=host.get("38"), rrn=host.get("37"),
             host_mti=host.mti, host_stan=stan or None, terminal_id=host.get("41"),
-            amount=int(amount) if amount.isdigit() else None,
+            amount=int(amount) if amount.isdigit() else None, authenticated=reply.mac_ok,
         )
-        log.warning("late host answer %s stan %s (rc %s, txn %s) journalled, not forwarded",
-                    host.mti, stan, host.get("39"), txn_id)
-        if original is not None and original.state is TxnState.REVERSED:
-            now = await self.store.get(original.txn_id)
-            if now is not None and now.state is TxnState.REVERSAL_QUEUED:
-                self.metrics.reversals_queued.inc()
-                self.saf.wake()
-                log.warning("txn %s: the host approved it after answering its reversal %s: reversal reopened",
-                            original.txn_id, original.reversal_rc)
+        log.warning("late host answer %s stan %s (rc %s, txn %s%s) journalled, not forwarded",
+                    host.mti, stan, host.get("39"), txn_id, "" if reply.mac_ok else ", MAC not verified")
+        if recorded.reopened:
+            self.metrics.reversals_queued.inc()
+            self.saf.wake()
+            log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)
 
     # --- terminal reversal -------------------------------------------------------------------------
 

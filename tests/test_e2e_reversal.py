@@ -439,9 +439,10 @@ async def test_late_approval_after_a_25_to_the_reversal_is_reversed_again(tmp_pa
         assert (rec.reversed_from, rec.reversal_reason, rec.late_rc) == (TxnState.TIMED_OUT, "98", "00")
         entry = host_entry(lab, rec)
         assert entry.approved and entry.reversed  # booked late by the host, and reversed all the same
-        assert lab.host.stats.messages["0400"] == 1 and lab.host.stats.messages["0401"] == 1
+        # one 0400 (answered 25), then repeats (a loaded machine may time one out) until acknowledged
+        assert lab.host.stats.messages["0400"] == 1 and lab.host.stats.messages["0401"] >= 1
         (saf,) = await lab.gateway.store.list_saf()
-        assert (saf.state, saf.ack_rc, saf.total_attempts) == (SafState.DONE, "00", 2)
+        assert (saf.state, saf.ack_rc, saf.total_attempts) == (SafState.DONE, "00", 1 + lab.host.stats.messages["0401"])
         assert counter(lab, "reversals_queued") == 2  # at the timeout, and again at the late approval
         assert counter(lab, "reversals_acknowledged") == 2
 

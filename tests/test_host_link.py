@@ -375,8 +375,9 @@ async def test_a_late_answer_is_unmatched_and_journalled() -> None:
     metrics = Metrics(process_metrics=False)
     late: list[Message] = []
 
-    async def on_unmatched(msg: Message) -> None:
-        late.append(msg)
+    async def on_unmatched(reply: HostReply) -> None:
+        assert reply.mac_ok  # no MAC on this link: nothing to fail
+        late.append(reply.message)
 
     async with open_link(metrics, on_unmatched) as (host, link):
         host.hold = True

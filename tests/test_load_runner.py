@@ -97,18 +97,19 @@ async def test_open_loop_keeps_the_schedule_and_counts_the_queueing_behind_a_sta
 
 async def test_open_loop_is_not_padded_by_timer_jitter_when_sessions_are_free():
     # the service is instant: the timers' own lateness (uvloop 1 ms ticks, trio rounding up) is reported
-    # as send lag and kept out of the latency of requests that had a free session. Padding would show
-    # in every run; a stall of the shared test machine (>50 ms in these 0.5 s, seen once in ~50 CI runs)
-    # is counted as queueing, correctly, so a run with a tail is repeated once before the tail counts.
+    # as send lag and kept out of the latency of requests that had a free session. Measured here: p90
+    # 0.03-0.06 ms as it is, 0.9-1.1 ms with the lateness counted as latency. Padding would show in
+    # every run; a stall of the shared test machine is counted as queueing, correctly (one of >50 ms
+    # in these 0.5 s was seen once in ~50 CI runs), so a run with a tail is repeated once.
     for _attempt in range(2):
         driver = ScriptedDriver(service=0.0)
         with anyio.fail_after(10):
             report = await run_load(driver, LoadConfig(rate=400, duration=0.5, sessions=4))
         assert report.requests == 200
         assert report.send_lag_ms["mean"] is not None and report.send_lag_ms["max"] is not None
-        assert report.latency_ms["p50"] < 1.0
-        if report.latency_ms["p99"] < 50:
+        if report.latency_ms["p90"] < 0.3 and report.latency_ms["p99"] < 50:
             break
+    assert report.latency_ms["p90"] < 0.3, report.latency_ms
     assert report.latency_ms["p99"] < 50
 
 

@@ -236,13 +236,16 @@ async def test_late_answer_is_journalled_without_changing_the_state(kind: str, t
         assert rec.auth_code is None  # never promoted to the transaction's own outcome
         orphan = await store.record_late_answer(None, "05", host_stan="123456")
         answers = await store.late_answers()
-        assert [(a.late_id, a.txn_id, a.rc) for a in answers] == [(orphan, None, "05"), (late, txn, "00")]
-        assert [a.late_id for a in await store.late_answers(txn_id=txn)] == [late]
+        assert [(a.late_id, a.txn_id, a.rc) for a in answers] == [
+            (orphan.late_id, None, "05"), (late.late_id, txn, "00"),
+        ]
+        assert [a.late_id for a in await store.late_answers(txn_id=txn)] == [late.late_id]
+        assert not late.reopened  # its reversal is still queued: nothing to reopen
         assert answers[1].auth_code == "999999" and answers[1].received_at == clock.now
         with pytest.raises(NotFound):
             await store.record_late_answer(31337, "00")
         # a host answer with no field 39 is still journalled
-        assert await store.record_late_answer(txn, "") > late
+        assert (await store.record_late_answer(txn, "")).late_id > late.late_id
 
 
 async def test_list_transactions_filters_newest_first(kind: str, tmp_path: Path) -> None:
@@ -409,44 +412,57 @@ async def test_late_approval_reopens_a_reversal_the_host_answered_25(kind: str, 
         other = await store.record_request(request("000002"))
         saf_id = (await store.record_timeout_and_queue_reversal(txn)).saf_id
         other_saf = (await store.record_timeout_and_queue_reversal(other)).saf_id
+        for _ in range(2):  # the 25 came on the second attempt
+            await store.mark_reversal_attempt(saf_id, clock.now, clock.now, "host answered 96")
         assert await store.ack_reversal(saf_id, "25", attempt_at=clock.now) is True
         assert await store.ack_reversal(other_saf, "00", attempt_at=clock.now) is True
         assert (await store.get(txn)).state is TxnState.REVERSED
         assert await store.saf_depth() == 0
 
         clock.now += 3
-        await store.record_late_answer(other, "00")  # its reversal was acknowledged 00: nothing to do
-        await store.record_late_answer(txn, "05")  # a late decline booked nothing: nothing to do
+        # nothing to reopen: a reversal acknowledged 00, a late decline, an approval whose MAC failed
+        assert not (await store.record_late_answer(other, "00")).reopened
+        assert not (await store.record_late_answer(txn, "05")).reopened
+        assert not (await store.record_late_answer(txn, "00", authenticated=False)).reopened
         assert (await store.get(other)).state is TxnState.REVERSED
-        assert (await store.get(txn)).state is TxnState.REVERSED
+        rec = await store.get(txn)
+        assert (rec.state, rec.late_rc, rec.late_approved_at) == (TxnState.REVERSED, "00", None)
         assert await store.due_reversals(clock.now + 1000) == []
 
-        await store.record_late_answer(txn, "00")
+        assert (await store.record_late_answer(txn, "00")).reopened
         rec = await store.get(txn)
-        assert (rec.state, rec.late_rc) == (TxnState.REVERSAL_QUEUED, "00")
+        assert (rec.state, rec.reversal_rc, rec.late_approved_at) == (TxnState.REVERSAL_QUEUED, None, clock.now)
         (entry,) = await store.due_reversals(clock.now)
-        # the attempt count goes on (not an operator's fresh start): the next one is a repeat (0401)
+        # one attempt counted (the next goes as a 0401), the rest of the budget fresh
         assert (entry.saf_id, entry.state, entry.attempts, entry.total_attempts, entry.is_repeat) == (
-            saf_id, SafState.PENDING, 1, 1, True,
+            saf_id, SafState.PENDING, 1, 3, True,
         )
         assert (entry.ack_rc, entry.next_attempt_at) == (None, clock.now)
         assert entry.last_error == "the host approved the original after answering its reversal 25"
         assert await store.saf_depth() == 1 and observer.depths[-1] == 1
+        assert not (await store.record_late_answer(txn, "00")).reopened  # already queued again
         # the repeat finds the original now
         assert await store.ack_reversal(saf_id, "00", attempt_at=clock.now) is True
         rec = await store.get(txn)
         assert (rec.state, rec.reversal_rc) == (TxnState.REVERSED, "00")
-        assert (await store.get_saf(saf_id)).total_attempts == 2
+        assert (await store.get_saf(saf_id)).total_attempts == 4
 
 
 async def test_a_25_after_a_late_approval_is_not_an_acknowledgement(kind: str, tmp_path: Path) -> None:
     """The late approval came first, the reversal's 25 after it: the 25 cannot be true any more, so
-    it acknowledges nothing (the sender counts a failed attempt and repeats)."""
+    it acknowledges nothing (the sender counts a failed attempt and repeats). A later late answer of
+    another kind does not make the approval go away; an approval whose MAC failed proves nothing."""
     clock = FakeClock()
     async with open_store(kind, tmp_path, clock=clock) as store:
         txn = await store.record_request(request("000001"))
         saf_id = (await store.record_timeout_and_queue_reversal(txn)).saf_id
-        await store.record_late_answer(txn, "00")
+        unproven = await store.record_request(request("000002"))
+        unproven_saf = (await store.record_timeout_and_queue_reversal(unproven)).saf_id
+        await store.record_late_answer(unproven, "00", authenticated=False)
+        assert await store.ack_reversal(unproven_saf, "25", attempt_at=clock.now) is True
+
+        assert not (await store.record_late_answer(txn, "00")).reopened  # already queued
+        await store.record_late_answer(txn, "96")  # e.g. a second, garbled answer: the approval stays
         assert (await store.get(txn)).state is TxnState.REVERSAL_QUEUED  # unchanged: already queued
         assert await store.ack_reversal(saf_id, "25", attempt_at=clock.now) is False
         entry = await store.get_saf(saf_id)

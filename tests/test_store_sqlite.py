@@ -192,9 +192,10 @@ async def test_opening_an_old_database_upgrades_it(tmp_path: Path) -> None:
     async with SqliteStore.open(path) as store:
         old = await store.get(1)
         assert (old.amount, old.state, old.late_rc) == (1500, TxnState.COMPLETED, None)
-        # what version 2 added works on the upgraded file
+        # what versions 2 and 3 added works on the upgraded file
         await store.record_late_answer(1, "00")
-        assert (await store.get(1)).late_rc == "00"
+        upgraded = await store.get(1)
+        assert (upgraded.late_rc, upgraded.late_approved_at is not None) == ("00", True)
         assert (await store.settlement_totals("T0000001", "000001")).domestic.debit_amount == 1500
     conn = sqlite3.connect(path, isolation_level=None)
     assert schema_version(conn) == LATEST_VERSION == MIGRATIONS[-1].version

@@ -141,7 +141,8 @@ class _Connection:
             self.wake.set()
 
 
-UnmatchedHandler = Callable[[Message], Awaitable[None]]
+#: receives each answer nobody waits for, with whether its MAC verified
+UnmatchedHandler = Callable[[HostReply], Awaitable[None]]
 
 #: late answers waiting for the journal before the host reader waits too
 LATE_ANSWER_BACKLOG = 1000
@@ -160,7 +161,7 @@ class HostLink:
         self.metrics = metrics
         self.on_unmatched = on_unmatched
         #: to the task that journals late answers (set while `run` runs)
-        self._late_answers: MemoryObjectSendStream[Message] | None = None
+        self._late_answers: MemoryObjectSendStream[HostReply] | None = None
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
@@ -211,13 +212,13 @@ class HostLink:
         """Keep the link up forever: connect, sign on, serve, and reconnect with backoff on failure.
         Late answers are journalled by a task of their own, so the reader never waits for the journal
         (a burst of late answers would otherwise stall every answer behind it, into more timeouts)."""
-        send, receive = anyio.create_memory_object_stream[Message](LATE_ANSWER_BACKLOG)
+        send, receive = anyio.create_memory_object_stream[HostReply](LATE_ANSWER_BACKLOG)
         self._late_answers = send
         async with anyio.create_task_group() as tg, send, receive:
             tg.start_soon(self._journal_late_answers, receive)
             await self._keep_connected(task_status)
 
-    async def _journal_late_answers(self, answers: anyio.abc.ObjectReceiveStream[Message]) -> None:
+    async def _journal_late_answers(self, answers: anyio.abc.ObjectReceiveStream[HostReply]) -> None:
         async for answer in answers:
             if self.on_unmatched is None:
                 continue
@@ -475,7 +476,7 @@ class HostLink:
         log.info("host connection closed")
         scope.cancel()
 
-    def _on_frame(self, body: bytes) -> Message | None:
+    def _on_frame(self, body: bytes) -> HostReply | None:
         """Hand an answer to its request; returns an answer no request waits for (late or unmatched)."""
         try:
             msg = self.codec.decode(body)
@@ -497,7 +498,7 @@ class HostLink:
             # nobody waits for it, or its request was never written (so it cannot be the answer to it)
             self.metrics.late_answers.inc()
             log.info("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
-            return msg
+            return HostReply(msg, mac_ok)
         del self._pending[key]
         slot.done = True
         slot.reply = HostReply(msg, mac_ok)

@@ -129,7 +129,8 @@ class Fault:
 
     Kinds: `delay`/`late` answer after `seconds` (late: longer than the gateway waits); `booked_late`
     decides the request only after `seconds`, then answers (a reversal arriving meanwhile finds no
-    original and gets 25, and the original is booked afterwards: a slow issuer path); `drop` never
+    original and gets 25, and the original is booked afterwards: a slow issuer path; if the connection
+    goes down first, it is never booked); `drop` never
     answers; `disconnect` closes the connection instead of answering; `garbage` sends a valid length
     prefix with a random body (`garbage="body"`) or an invalid length prefix (`garbage="length"`);
     `wrong_mac` corrupts the response MAC; `reject_reversal` answers 96 to the first `count` reversal

@@ -23,6 +23,7 @@ from gateway.store.errors import (
 from gateway.store.memory import MemoryStore
 from gateway.store.records import (
     LateAnswer,
+    LateRecorded,
     QueuedReversal,
     ReversalInitiator,
     SafEntry,
@@ -39,6 +40,7 @@ __all__ = [
     "DuplicateRequest",
     "InvalidRecord",
     "LateAnswer",
+    "LateRecorded",
     "MemoryStore",
     "NotFound",
     "NotReversible",

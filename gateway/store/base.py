@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from gateway.iso.totals import SettlementTotals
 from gateway.store.records import (
     LateAnswer,
+    LateRecorded,
     QueuedReversal,
     ReversalInitiator,
     SafEntry,
@@ -131,12 +132,15 @@ class Store(Protocol):
         host_stan: str | None = None,
         terminal_id: str | None = None,
         amount: int | None = None,
-    ) -> int:
+        authenticated: bool = True,
+    ) -> LateRecorded:
         """Journal a host answer that came after the timeout (never forwarded). `txn_id` None when it
-        matches nothing. Sets the transaction's `late_rc`/`late_at`; does not change its state, with one
-        exception: an approval (00) of a transaction whose reversal the host answered 25 ("original not
-        found") reopens that reversal (SAF entry pending again, due now, its attempts counting on, so
-        the next one is a repeat; transaction `reversal_queued`): the host booked the original after all."""
+        matches nothing; `authenticated` False when its MAC did not verify (journalled, proves nothing).
+        Sets the transaction's `late_rc`/`late_at`, and `late_approved_at` for an authenticated approval
+        (00). Does not change the transaction's state, with one exception: an authenticated approval of
+        a transaction whose reversal the host answered 25 ("original not found") reopens that reversal
+        (SAF entry pending again, due now, one attempt counted so the next goes as a repeat; transaction
+        `reversal_queued`, its `reversal_rc` cleared): the host booked the original after all."""
         ...
 
     # --- journal reads -----------------------------------------------------------------------------
@@ -208,8 +212,8 @@ class Store(Protocol):
     async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
         """The host acknowledged: entry done, transaction `reversed`; True. Idempotent; also accepted
         for a parked or dropped entry (the host's word wins). False, and nothing changed, for a 25
-        ("original not found") when the host has approved that original late: the sender counts it
-        as a failed attempt and repeats the reversal."""
+        ("original not found") when the host has approved that original late (`late_approved_at`): the
+        sender counts it as a failed attempt and repeats the reversal."""
         ...
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:

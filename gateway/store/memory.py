@@ -23,12 +23,14 @@ from gateway.store.records import (
     MISSING_SAF,
     ONLY_PARKED,
     OPEN_SAF_STATES,
+    RC_LATE_APPROVAL,
     REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
     REVERSAL_STATES,
     REVERSIBLE_STATES,
     SAF_COLUMNS,
     LateAnswer,
+    LateRecorded,
     QueuedReversal,
     ReversalInitiator,
     SafEntry,
@@ -207,23 +209,26 @@ class MemoryStore:
     async def record_late_answer(
         self, txn_id: int | None, rc: str, *, auth_code: str | None = None, rrn: str | None = None,
         host_mti: str | None = None, host_stan: str | None = None, terminal_id: str | None = None,
-        amount: int | None = None,
-    ) -> int:
+        amount: int | None = None, authenticated: bool = True,
+    ) -> LateRecorded:
         if txn_id is not None:
             check_id(txn_id, "txn_id")
         check_late_args(rc, amount)
         await anyio.lowlevel.checkpoint()
         now = self._clock()
+        reopened = False
         if txn_id is not None:
-            self._txn(txn_id)
-            self._set(txn_id, late_rc=rc, late_at=now, updated_at=now)
-            self._reopen_if_overtaken(txn_id, now)
+            rec = self._txn(txn_id)
+            approved = authenticated and rc == RC_LATE_APPROVAL
+            self._set(txn_id, late_rc=rc, late_at=now, updated_at=now,
+                      late_approved_at=rec.late_approved_at or (now if approved else None))
+            reopened = approved and self._reopen_if_overtaken(txn_id, now)
         late_id = len(self._late) + 1
         self._late.append(LateAnswer(
             late_id=late_id, txn_id=txn_id, rc=rc, auth_code=auth_code, rrn=rrn, host_mti=host_mti,
             host_stan=host_stan, terminal_id=terminal_id, amount=amount, received_at=now,
         ))
-        return late_id
+        return LateRecorded(late_id, reopened)
 
     # --- journal reads -----------------------------------------------------------------------------
 
@@ -333,18 +338,20 @@ class MemoryStore:
         self._saf_changed()
         return int(row["attempts"])
 
-    def _reopen_if_overtaken(self, txn_id: int, now: float) -> None:
-        """A reversal the host answered 25 whose original it has now approved goes again."""
+    def _reopen_if_overtaken(self, txn_id: int, now: float) -> bool:
+        """A reversal the host answered 25 whose original it has now approved goes again (as a repeat:
+        one attempt counted, the rest of the budget fresh)."""
         rec = self._txns[txn_id]
-        if rec.state is not TxnState.REVERSED or not not_found_overtaken(rec.reversal_rc, rec.late_rc):
-            return
+        if rec.state is not TxnState.REVERSED or not not_found_overtaken(rec.reversal_rc, rec.late_approved_at):
+            return False
         for row in self._saf.values():
             if row["txn_id"] == txn_id and row["state"] == SafState.DONE:
-                row.update(state=SafState.PENDING, next_attempt_at=now, ack_rc=None,
+                row.update(state=SafState.PENDING, attempts=1, next_attempt_at=now, ack_rc=None,
                            last_error=REOPENED_BY_LATE_APPROVAL, updated_at=now)
-                self._set(txn_id, state=TxnState.REVERSAL_QUEUED, updated_at=now)
+                self._set(txn_id, state=TxnState.REVERSAL_QUEUED, reversal_rc=None, updated_at=now)
                 self._saf_changed()
-                return
+                return True
+        return False
 
     async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
         check_id(saf_id, "saf_id")
@@ -353,7 +360,7 @@ class MemoryStore:
         row = self._saf_row(saf_id)
         if row["state"] == SafState.DONE:
             return True
-        if not_found_overtaken(rc, self._txns[row["txn_id"]].late_rc):
+        if not_found_overtaken(rc, self._txns[row["txn_id"]].late_approved_at):
             return False  # the host approved the original late: "not found" is no longer true
         now = self._clock()
         counted = 0 if attempt_at is None else 1

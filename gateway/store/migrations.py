@@ -123,6 +123,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX txn_created ON txn (created_at)",
         ),
     ),
+    Migration(
+        3,
+        "late approvals that reopen a reversal answered 25",
+        ("ALTER TABLE txn ADD COLUMN late_approved_at REAL",),
+    ),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1].version

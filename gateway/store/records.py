@@ -116,16 +116,26 @@ OPEN_SAF_STATES: Final = (SafState.PENDING, SafState.PARKED)
 #: the host's "original not found" to a reversal: final (nothing was booked) unless the host approves
 #: that original afterwards after all, e.g. when the reversal overtook a slow original on the host's side
 RC_ORIGINAL_NOT_FOUND: Final = "25"
-#: a late host answer with this code booked the original: money moved, a "not found" reversal is undone
+#: a late host answer with this code (and a MAC that verified) booked the original: money moved
 RC_LATE_APPROVAL: Final = "00"
 #: the last_error of a reversal reopened by a late approval
 REOPENED_BY_LATE_APPROVAL: Final = "the host approved the original after answering its reversal 25"
 
 
-def not_found_overtaken(reversal_rc: str | None, late_rc: str | None) -> bool:
-    """Whether a reversal answered "original not found" is contradicted by a late approval of that
-    original: then the reversal must go again (as a repeat), or the card stays charged."""
-    return reversal_rc == RC_ORIGINAL_NOT_FOUND and late_rc == RC_LATE_APPROVAL
+def not_found_overtaken(reversal_rc: str | None, late_approved_at: float | None) -> bool:
+    """Whether a reversal answered "original not found" is contradicted by an (authenticated) late
+    approval of that original: then the reversal must go again, or the card stays charged."""
+    return reversal_rc == RC_ORIGINAL_NOT_FOUND and late_approved_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LateRecorded:
+    """What `Store.record_late_answer` did."""
+
+    late_id: int
+    #: the late answer was an approval that reopened a reversal the host had answered 25
+    reopened: bool = False
+
 
 #: settlement (reference §3.7): a voided purchase stays in debit and the void is counted in credit
 DEBIT_KINDS: Final = frozenset({TxnKind.PURCHASE, TxnKind.COMPLETION, TxnKind.OFFLINE_SALE})
@@ -354,6 +364,8 @@ class TxnRecord(TxnRequest):
     reversal_rc: str | None = None  #: the host's answer to the reversal
     late_rc: str | None = None  #: the latest host answer that came after the timeout
     late_at: float | None = None
+    #: when a late approval whose MAC verified came (never cleared by later late answers)
+    late_approved_at: float | None = None
     created_at: float
     updated_at: float
 

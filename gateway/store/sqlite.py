@@ -51,6 +51,7 @@ from gateway.store.records import (
     ONLY_PARKED,
     OPEN_SAF_STATES,
     OUTCOME_STATES,
+    RC_LATE_APPROVAL,
     REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
     REVERSAL_STATES,
@@ -58,6 +59,7 @@ from gateway.store.records import (
     SAF_COLUMNS,
     TXN_COLUMNS,
     LateAnswer,
+    LateRecorded,
     QueuedReversal,
     ReversalInitiator,
     SafEntry,
@@ -260,35 +262,46 @@ def _op_queue_reversal(
 
 
 def _op_record_late_answer(
-    conn: sqlite3.Connection, txn_id: int | None, rc: str, auth_code: str | None, rrn: str | None,
-    host_mti: str | None, host_stan: str | None, terminal_id: str | None, amount: int | None, now: float,
-) -> int:
+    conn: sqlite3.Connection, txn_id: int | None, rc: str, authenticated: bool, auth_code: str | None,
+    rrn: str | None, host_mti: str | None, host_stan: str | None, terminal_id: str | None, amount: int | None,
+    now: float,
+) -> LateRecorded:
+    reopened = False
     if txn_id is not None:
-        cur = conn.execute("UPDATE txn SET late_rc = ?, late_at = ?, updated_at = ? WHERE txn_id = ?",
-                           (rc, now, now, txn_id))
+        approved = authenticated and rc == RC_LATE_APPROVAL
+        cur = conn.execute(
+            "UPDATE txn SET late_rc = ?, late_at = ?, updated_at = ?,"
+            " late_approved_at = CASE WHEN ? THEN coalesce(late_approved_at, ?) ELSE late_approved_at END"
+            " WHERE txn_id = ?",
+            (rc, now, now, approved, now, txn_id),
+        )
         if cur.rowcount == 0:
             raise NotFound("transaction", txn_id)
-        _reopen_if_overtaken(conn, txn_id, now)
+        reopened = approved and _reopen_if_overtaken(conn, txn_id, now)
     cur = conn.execute(
         f"INSERT INTO late_answer ({', '.join(LATE_COLUMNS[1:])})"
         f" VALUES ({', '.join('?' * (len(LATE_COLUMNS) - 1))})",
         (txn_id, rc, auth_code, rrn, host_mti, host_stan, terminal_id, amount, now),
     )
-    return int(cur.lastrowid or 0)
+    return LateRecorded(int(cur.lastrowid or 0), reopened)
 
 
-def _reopen_if_overtaken(conn: sqlite3.Connection, txn_id: int, now: float) -> None:
-    """A reversal the host answered 25 whose original it has now approved goes again."""
-    row = conn.execute("SELECT state, reversal_rc, late_rc FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()
+def _reopen_if_overtaken(conn: sqlite3.Connection, txn_id: int, now: float) -> bool:
+    """A reversal the host answered 25 whose original it has now approved goes again (as a repeat:
+    one attempt counted, the rest of the budget fresh)."""
+    row = conn.execute("SELECT state, reversal_rc, late_approved_at FROM txn WHERE txn_id = ?",
+                       (txn_id,)).fetchone()
     if row[0] != TxnState.REVERSED or not not_found_overtaken(row[1], row[2]):
-        return
+        return False
     cur = conn.execute(
-        "UPDATE saf SET state = ?, next_attempt_at = ?, ack_rc = NULL, last_error = ?, updated_at = ?"
-        " WHERE txn_id = ? AND state = ?",
+        "UPDATE saf SET state = ?, attempts = 1, next_attempt_at = ?, ack_rc = NULL, last_error = ?,"
+        " updated_at = ? WHERE txn_id = ? AND state = ?",
         (SafState.PENDING, now, REOPENED_BY_LATE_APPROVAL, now, txn_id, SafState.DONE),
     )
-    if cur.rowcount:
-        _set_txn_state(conn, txn_id, TxnState.REVERSAL_QUEUED, now)
+    if not cur.rowcount:
+        return False
+    _set_txn_state(conn, txn_id, TxnState.REVERSAL_QUEUED, now, reversal_rc=None)
+    return True
 
 
 def _op_mark_attempt(
@@ -310,8 +323,8 @@ def _op_ack(conn: sqlite3.Connection, saf_id: int, rc: str, attempt_at: float | 
     state, txn_id = _saf_state(conn, saf_id)
     if state == SafState.DONE:
         return True  # a repeated acknowledgement changes nothing
-    late_rc = conn.execute("SELECT late_rc FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()[0]
-    if not_found_overtaken(rc, late_rc):
+    late_approved_at = conn.execute("SELECT late_approved_at FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()[0]
+    if not_found_overtaken(rc, late_approved_at):
         return False  # the host approved the original late: "not found" is no longer true
     counted = 0 if attempt_at is None else 1  # the attempt the host acknowledged is an attempt too
     conn.execute(
@@ -618,14 +631,14 @@ class SqliteStore:
     async def record_late_answer(
         self, txn_id: int | None, rc: str, *, auth_code: str | None = None, rrn: str | None = None,
         host_mti: str | None = None, host_stan: str | None = None, terminal_id: str | None = None,
-        amount: int | None = None,
-    ) -> int:
+        amount: int | None = None, authenticated: bool = True,
+    ) -> LateRecorded:
         if txn_id is not None:
             check_id(txn_id, "txn_id")
         check_late_args(rc, amount)
         return await self._write(
-            _op_record_late_answer, txn_id, rc, auth_code, rrn, host_mti, host_stan, terminal_id, amount,
-            self._clock(),
+            _op_record_late_answer, txn_id, rc, authenticated, auth_code, rrn, host_mti, host_stan, terminal_id,
+            amount, self._clock(),
         )
 
     # --- journal reads -----------------------------------------------------------------------------
