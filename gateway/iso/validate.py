@@ -37,9 +37,6 @@ _SELECTOR_FIELD: Final[dict[str, str]] = {
 }
 
 
-#: field keys that need a secondary bitmap
-
-
 class UnsupportedFlow(ValidationError):
     """A well-formed message whose MTI/processing code/60.1/70 names no flow this dialect supports."""
 

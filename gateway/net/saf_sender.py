@@ -25,11 +25,12 @@ from gateway.core.reversal import build_host_reversal
 from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostNotSent, HostTimeout
 from gateway.store.base import Store
-from gateway.store.records import SafEntry
+from gateway.store.records import RC_ORIGINAL_NOT_FOUND, SafEntry
 
 log = logging.getLogger("gateway.saf")
 
-FINAL_RCS = frozenset({"00", "25"})
+#: the host's answers that end a reversal (a 25 unless the original was approved late: see the store)
+FINAL_RCS = frozenset({"00", RC_ORIGINAL_NOT_FOUND})
 
 
 class SafSender:
