@@ -1,0 +1,188 @@
+"""The trace file format (version 1): JSON lines, streamed in and out, never loaded whole.
+
+Line 1 is a `TraceHeader` (``"kind": "trace"``). Every further line is a `FrameRecord`
+(``"kind": "frame"``) or an `EventRecord` (``"kind": "event"``), in the order the system under test
+(SUT: our gateway, anyone's gateway behind `trace proxy`, or whatever an import came from) saw them.
+
+Directions are relative to the SUT, on each leg::
+
+    terminal ──(terminal, in)──▶ SUT ──(host, out)──▶ host
+    terminal ◀─(terminal, out)── SUT ◀─(host, in)──── host
+
+`conn` names a TCP connection within the trace ("T1", "T2", … on the terminal leg, "H1", … on the
+host leg), so frames of one connection can be paired and replayed on one connection.
+
+Field values are the codec's (`gateway.iso.message.Message`): strings, binary fields as uppercase hex.
+Secret fields hold surrogates of the same length and format (so the frame still encodes, and the same
+card is the same surrogate everywhere in the trace); `secrets` says which fields were replaced and how
+a replay must treat them (`SecretKind`). `wire` is the hex of the framed bytes *as re-encoded from the
+surrogate fields* (never the clear original), so `trace check` can re-encode and compare it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, Any, Final
+
+FORMAT_VERSION: Final = 1
+
+
+class Leg(StrEnum):
+    TERMINAL = "terminal"
+    HOST = "host"
+
+
+class Direction(StrEnum):
+    IN = "in"  #: towards the SUT (terminal → SUT, host → SUT)
+    OUT = "out"  #: from the SUT (SUT → terminal, SUT → host)
+
+
+class SecretKind(StrEnum):
+    """How a surrogate field must be treated by a replay and by comparisons."""
+
+    PAN = "pan"  #: surrogate PAN: same length, same first 6 digits, Luhn-valid, consistent per trace
+    TRACK = "track"  #: surrogate track 2/3 built on the surrogate PAN (clear form; re-encrypt if 53.3=1)
+    PIN = "pin"  #: PIN block placeholder: a replay computes a fresh one for the surrogate PAN
+    MAC = "mac"  #: MAC placeholder: a replay recomputes it; comparisons verify, never compare
+    KEY = "key"  #: key material (sign-in field 62, key exchange): placeholder, never compared
+    CVV = "cvv"  #: card verification value: placeholder
+    CHIP = "chip"  #: ICC data with sensitive tags surrogated
+
+
+class EventKind(StrEnum):
+    CONNECT = "connect"
+    CLOSE = "close"  #: `detail` says who closed and why, when known
+    TIMEOUT = "timeout"  #: the SUT gave up waiting for an answer (detail: the request's match key)
+    UNDECODABLE = "undecodable"  #: a frame that did not decode (detail: the error; wire kept only if safe)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceHeader:
+    source: str  #: "gateway serve", "trace proxy", "import:pcap", "import:jpos-xml", "import:hex", ...
+    dialects: dict[str, str]  #: leg → dialect name, e.g. {"terminal": "cup-pos", "host": "iso87-ascii"}
+    framings: dict[str, str]  #: leg → framing kind ("cup", "len2", "ascii4")
+    created: str = ""  #: ISO 8601 time the recording started
+    version: int = FORMAT_VERSION
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "trace", "version": self.version, "created": self.created, "source": self.source,
+                "dialects": self.dialects, "framings": self.framings, "notes": self.notes}
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRecord:
+    seq: int  #: position in the trace, from 1
+    t: float  #: seconds since the epoch when the SUT sent or received the frame
+    leg: Leg
+    dir: Direction
+    conn: str
+    mti: str
+    fields: dict[str, str]
+    wire: str = ""  #: hex of the framed bytes, re-encoded from the surrogate fields
+    envelope: dict[str, str] | None = None  #: CUP framing: {"tpdu": hex, "header": hex}
+    secrets: dict[str, SecretKind] = field(default_factory=dict)  #: field → how it was replaced
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": "frame", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg.value,
+                               "dir": self.dir.value, "conn": self.conn, "mti": self.mti, "fields": self.fields}
+        if self.envelope is not None:
+            out["envelope"] = self.envelope
+        if self.secrets:
+            out["secrets"] = {k: v.value for k, v in self.secrets.items()}
+        if self.wire:
+            out["wire"] = self.wire
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    seq: int
+    t: float
+    leg: Leg
+    conn: str
+    event: EventKind
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "event", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg.value,
+                "conn": self.conn, "event": self.event.value, "detail": self.detail}
+
+
+Record = FrameRecord | EventRecord
+
+
+class TraceFormatError(ValueError):
+    """A line that is not a valid trace record; the message names the line number."""
+
+
+def parse_line(line: str, lineno: int) -> TraceHeader | Record:
+    try:
+        obj = json.loads(line)
+        kind = obj["kind"]
+        if kind == "trace":
+            if obj.get("version") != FORMAT_VERSION:
+                raise TraceFormatError(f"line {lineno}: trace format version {obj.get('version')!r} "
+                                       f"is not {FORMAT_VERSION}")
+            return TraceHeader(source=str(obj.get("source", "")), dialects=dict(obj["dialects"]),
+                               framings=dict(obj["framings"]), created=str(obj.get("created", "")),
+                               notes=dict(obj.get("notes", {})))
+        if kind == "frame":
+            fields = obj["fields"]
+            if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+                raise TraceFormatError(f"line {lineno}: fields must be an object of strings")
+            env = obj.get("envelope")
+            return FrameRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]),
+                               dir=Direction(obj["dir"]), conn=str(obj["conn"]), mti=str(obj["mti"]),
+                               fields={str(k): v for k, v in fields.items()},
+                               wire=str(obj.get("wire", "")), envelope=dict(env) if env is not None else None,
+                               secrets={str(k): SecretKind(v) for k, v in obj.get("secrets", {}).items()})
+        if kind == "event":
+            return EventRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]), conn=str(obj["conn"]),
+                               event=EventKind(obj["event"]), detail=str(obj.get("detail", "")))
+        raise TraceFormatError(f"line {lineno}: unknown record kind {kind!r}")
+    except TraceFormatError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TraceFormatError(f"line {lineno}: not a trace record ({type(exc).__name__}: {exc})") from None
+
+
+def read_trace(path: Path) -> tuple[TraceHeader, Iterator[Record]]:
+    """The header, and an iterator over the records that reads the file as it goes (constant memory).
+    The file is closed when the iterator is exhausted or garbage-collected."""
+    f = path.open(encoding="utf-8")
+    try:
+        first = f.readline()
+        if not first:
+            raise TraceFormatError(f"{path}: empty file, not a trace")
+        header = parse_line(first, 1)
+        if not isinstance(header, TraceHeader):
+            raise TraceFormatError(f"{path}: line 1 is not a trace header")
+    except BaseException:
+        f.close()
+        raise
+    return header, _records(f)
+
+
+def _records(f: IO[str]) -> Iterator[Record]:
+    with f:
+        for lineno, line in enumerate(f, start=2):
+            if line.strip():
+                rec = parse_line(line, lineno)
+                if isinstance(rec, TraceHeader):
+                    raise TraceFormatError(f"line {lineno}: a second trace header")
+                yield rec
+
+
+def write_records(out: IO[str], header: TraceHeader, records: Iterable[Record]) -> int:
+    """Write a whole trace (header first); returns the number of records written."""
+    out.write(json.dumps(header.to_json(), separators=(",", ":")) + "\n")
+    n = 0
+    for rec in records:
+        out.write(json.dumps(rec.to_json(), separators=(",", ":")) + "\n")
+        n += 1
+    return n
