@@ -340,6 +340,11 @@ class Codec:
         return CodecError("message cannot be encoded")
 
 
+def codec_implementation() -> str:
+    """Which codec implementation `Codec` uses, for `gateway --version` and the benchmarks."""
+    return "pure-python (pyiso8583)"
+
+
 _NUMERIC_ERROR: Final = "non-digit in numeric field"
 _TRACK_ERROR: Final = "track data holds characters other than digits and separator"
 _HEX_ERROR: Final = "binary field is not hexadecimal"
