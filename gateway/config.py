@@ -112,6 +112,16 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceConfig:
+    """Recording both legs to a trace (gateway.trace): off unless `path` is set."""
+
+    path: Path | None = None
+    max_bytes: int = 64 * 1024 * 1024  #: per file; the live file rotates to path.1, path.2, ...
+    max_files: int = 8  #: files kept in all (disk used: at most max_bytes × max_files)
+    max_pending: int = 8 * 1024 * 1024  #: bytes waiting for the writer before records are dropped
+
+
+@dataclass(frozen=True, slots=True)
 class TerminalEntry:
     terminal_id: str
     merchant_id: str
@@ -128,6 +138,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     terminals: tuple[TerminalEntry, ...] = ()
+    trace: TraceConfig = field(default_factory=TraceConfig)
     _by_id: dict[str, TerminalEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,7 +198,8 @@ def _endpoint(table: Mapping[str, Any], key: str, path: str, default: Endpoint) 
 
 def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
     """Turn a parsed TOML document into a `GatewayConfig`, naming the key of any bad value."""
-    known_tables = {"terminal_side", "host", "security", "store", "reversal", "limits", "admin", "terminals"}
+    known_tables = {"terminal_side", "host", "security", "store", "reversal", "limits", "admin", "terminals",
+                    "trace"}
     for key in doc:
         if key not in known_tables:
             raise ConfigError(f"{key}: unknown section")
@@ -330,7 +342,22 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
             raise ConfigError(f"{path}.merchant_id: expected 15 characters")
         terminals.append(TerminalEntry(tid, mid, _get(entry, "tmk", path, str, "") or None))
 
-    return GatewayConfig(terminal_side, host, security, store, reversal, limits, admin, tuple(terminals))
+    return GatewayConfig(terminal_side, host, security, store, reversal, limits, admin, tuple(terminals),
+                         trace=_trace_config(_table(doc, "trace")))
+
+
+def _trace_config(tr: Mapping[str, Any]) -> TraceConfig:
+    td = TraceConfig()
+    _check_unknown(tr, "trace", set(TraceConfig.__slots__))  # type: ignore[attr-defined]
+    path = _get(tr, "path", "trace", str, "")
+    trace = TraceConfig(
+        path=Path(path) if path else None,
+        max_bytes=_get(tr, "max_bytes", "trace", int, td.max_bytes),
+        max_files=_get(tr, "max_files", "trace", int, td.max_files),
+        max_pending=_get(tr, "max_pending", "trace", int, td.max_pending),
+    )
+    _positive(trace, "trace", ("max_bytes", "max_files", "max_pending"))
+    return trace
 
 
 #: environment overrides: GATEWAY_<SECTION>__<KEY>=value (values parsed as TOML scalars when they can be)
