@@ -151,7 +151,7 @@ def jpos_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg) -> Iterator
     framing = encoder.framings[leg.value]
     conns: dict[str, str] = {}
     prefix = "T" if leg is Leg.TERMINAL else "H"
-    parser = ET.XMLPullParser(events=("end",))
+    parser: Any = ET.XMLPullParser(events=("end",))
     parser.feed(b"<jpos-import>")
     count = 0
     fed_all = False
@@ -163,8 +163,10 @@ def jpos_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg) -> Iterator
             parser.feed(b"</jpos-import>")
             fed_all = True
         count += 1
-        for _, elem in parser.read_events():
-            if elem.tag != "log":
+        for event in parser.read_events():
+            found = event[1]
+            elem = found if isinstance(found, ET.Element) else None
+            if elem is None or elem.tag != "log":
                 continue
             realm = elem.get("realm", "")
             conn = conns.get(realm)
