@@ -158,8 +158,8 @@ class Checker:
         elif isinstance(rec, EventRecord):
             extra.setdefault("leg", rec.leg.value)
         where = f"#{rec.seq} " if rec is not None else ""
-        c.findings.append(Finding(kind, where + message, seq=rec.seq if rec is not None else None, rule=case,
-                                  **extra))
+        extra.setdefault("rule", case)
+        c.findings.append(Finding(kind, where + message, seq=rec.seq if rec is not None else None, **extra))
 
     # --- the stream --------------------------------------------------------------------------------
 
