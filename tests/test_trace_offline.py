@@ -168,7 +168,7 @@ def test_reversal_must_name_an_original_and_a_repeat_must_repeat() -> None:
     assert [f.field for f in found["repeats"]] == ["11"]
     stranger = iso87.reversal(iso87.purchase(IDENT, "000555", "1231235959", "1234", 7, track2=CARD_CUP.track2),
                               "98")
-    found = run_check(records + [enc.frame(4.0, Leg.HOST, Direction.OUT, "H1", Codec(ISO).encode(stranger))])
+    found = run_check([*records, enc.frame(4.0, Leg.HOST, Direction.OUT, "H1", Codec(ISO).encode(stranger))])
     assert found["originals"] and found["originals"][0].field == "90"
 
 

@@ -48,14 +48,25 @@ _LETTERS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TRACK_SEPARATORS: Final = "D=^"
 
 
-def luhn_valid(digits: str) -> bool:
+def _luhn_sum(digits: str) -> int:
     total = 0
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48
         if i % 2:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
-    return total % 10 == 0
+    return total
+
+
+def luhn_valid(digits: str) -> bool:
+    return _luhn_sum(digits) % 10 == 0
+
+
+#: Luhn weight of a digit in a doubled position, and its inverse (both permutations of 0-9)
+_DOUBLED: Final = [d * 2 - 9 if d > 4 else d * 2 for d in range(10)]
+_UNDOUBLE: Final = {w: d for d, w in enumerate(_DOUBLED)}
+#: results remembered per trace (the same card shows up on both legs and in every message of a flow)
+_CACHE_LIMIT: Final = 50_000
 
 
 class Surrogates:
@@ -65,6 +76,17 @@ class Surrogates:
         self._key = key if key is not None else _secrets.token_bytes(32)
         #: surrogate PAN → digest of the PAN it stands for (collision detection, bounded)
         self._owners: dict[str, bytes] = {}
+        #: digest of an input → its surrogate (PANs and tracks), so repeats cost one HMAC
+        self._memo: dict[bytes, str] = {}
+
+    def _remember(self, digest: bytes, value: str) -> str:
+        if len(self._memo) >= _CACHE_LIMIT:
+            self._memo.clear()
+        self._memo[digest] = value
+        return value
+
+    def _digest(self, label: str, value: str) -> bytes:
+        return hmac.digest(self._key, f"{label}\x00{value}".encode("utf-8", "surrogatepass"), hashlib.sha256)[:16]
 
     # --- primitives --------------------------------------------------------------------------------
 
@@ -75,11 +97,13 @@ class Surrogates:
         return first + hmac.digest(self._key, msg + b"\x02", hashlib.sha256)
 
     def digits(self, label: str, value: str, n: int, counter: int = 0) -> str:
-        out: list[str] = []
+        out = ""
+        block = 0
         while len(out) < n:
-            block = self._stream(label, value, counter + 1000 * (len(out) // 64))
-            out.extend(str(b % 10) for b in block)
-        return "".join(out[:n])
+            # 64 bytes → ~154 decimal digits; the first few are skewed towards small values: skip them
+            out += str(int.from_bytes(self._stream(label, value, counter + 1000 * block), "big"))[3:]
+            block += 1
+        return out[:n]
 
     def hexes(self, label: str, value: str, n: int) -> str:
         blocks = [self._stream(label, value, i).hex().upper() for i in range(n // 128 + 1)]
@@ -105,20 +129,23 @@ class Surrogates:
         n = len(pan)
         if n < 2:
             return self.digits("pan1", pan, n)
-        digest = hmac.digest(self._key, b"owner\x00" + pan.encode(), hashlib.sha256)[:12]
+        digest = self._digest("owner", pan)
+        known = self._memo.get(digest)
+        if known is not None:
+            return known
         keep_head, keep_tail = (6, 4) if n >= 13 else (min(6, max(0, n - 4)), 0)
+        fix = n - keep_tail - 1  # the digit that makes it Luhn-valid: the last derived one
+        doubled = (n - 1 - fix) % 2 == 1
+        candidate = pan
         for counter in range(1000):
             derived = self.digits("pan", pan, n, counter)
             chars = [
                 pan[i] if (i < keep_head or i >= n - keep_tail) and pan[i].isdigit() else derived[i]
                 for i in range(n)
             ]
-            # the digit that makes it Luhn-valid: the last derived position before the kept tail
-            fix = n - keep_tail - 1
-            for d in "0123456789":
-                chars[fix] = d
-                if luhn_valid("".join(chars)):
-                    break
+            chars[fix] = "0"
+            need = -_luhn_sum("".join(chars)) % 10
+            chars[fix] = str(_UNDOUBLE[need] if doubled else need)
             candidate = "".join(chars)
             if candidate == pan:
                 continue
@@ -126,9 +153,9 @@ class Surrogates:
             if owner is None:
                 if len(self._owners) < MAX_TRACKED:
                     self._owners[candidate] = digest
-                return candidate
+                return self._remember(digest, candidate)
             if owner == digest:
-                return candidate
+                return self._remember(digest, candidate)
         return candidate  # 1,000 collisions in a row: a tiny PAN space; accept the last one
 
     # --- tracks ------------------------------------------------------------------------------------
@@ -148,6 +175,13 @@ class Surrogates:
 
     def track(self, value: str, *, encrypted: bool = False, format_code: bool = False) -> str:
         """Track 2 (or 3 with `format_code`: two digits before the PAN) in clear form."""
+        digest = self._digest(f"track{int(encrypted)}{int(format_code)}", value)
+        known = self._memo.get(digest)
+        if known is None:
+            known = self._remember(digest, self._track(value, encrypted, format_code))
+        return known
+
+    def _track(self, value: str, encrypted: bool, format_code: bool) -> str:
         n = len(value)
         clear = value[: n - 17] if encrypted and n >= 17 else ("" if encrypted else value)
         cut = next((i for i, ch in enumerate(clear) if ch in "D="), -1)
