@@ -6,11 +6,11 @@ side by side in one run.
 Two full gateways (`gateway serve`, SQLite journal synchronous=FULL, metrics on), each in front of its
 own `gateway sim-host`, are driven in interleaved rounds (off, on, on, off, ...) by the same open-loop
 load (`gateway.load.run_load`, CUP 0200 purchases with PIN block, encrypted track and MAC). Gateways
-are pinned to CPU 0, hosts, the load generator and the trace writer process to CPU 1. Reported per variant: the median over the
-rounds of the gateway process's CPU time per transaction (/proc/PID/stat, all threads), and, for the
-recording gateway, of its trace writer process (a child: decoding, surrogates, JSON and disk are
-there), plus p50/p99 latency. The money path's figure is the gateway process's: that is where the
-event loop runs. Nothing leaves loopback; every process is stopped at the end.
+are pinned to CPU 0; hosts, the load generator and the trace writer process to CPU 1. Reported per
+variant: the median over the rounds of the gateway process's CPU time per transaction (/proc/PID/stat,
+all threads), and, for the recording gateway, of its trace writer process (a child: decoding,
+surrogates, JSON and disk are there), plus p50/p99 latency. The money path's figure is the gateway
+process's: that is where the event loop runs. Nothing leaves loopback; every process is stopped at the end.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> int:
     with Services(workdir) as services:
         targets = {}
         for key in ("off", "on"):
-            host, m = services.start(f"sim-host {key}", [PY, "-m", "gateway.cli", "sim-host", "--listen",
+            _host, m = services.start(f"sim-host {key}", [PY, "-m", "gateway.cli", "sim-host", "--listen",
                                                          "127.0.0.1:0", "--config", str(host_config), "--zmk",
                                                          zmk.hex().upper()], cpus=other,
                                      ready=r"listening on 127\.0\.0\.1:(\d+)")
