@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
 from gateway.iso.framing import CupEnvelope
 from gateway.iso.message import Message
@@ -43,6 +44,9 @@ class TraceEncoder:
         self._codec = {leg: make_codec(d, lenient=lenient) for leg, d in self._dialect.items()}
         self._framer = {leg: make_trace_framer(kind) for leg, kind in self.framings.items()}
         self.seq = 0
+
+    def codec(self, leg: Leg) -> Codec:
+        return self._codec[leg.value]
 
     def header(self, source: str, created: str, **notes: object) -> TraceHeader:
         return TraceHeader(source=source, dialects=dict(self.dialects), framings=dict(self.framings),

@@ -56,7 +56,9 @@ class SecretKind(StrEnum):
 class EventKind(StrEnum):
     CONNECT = "connect"
     CLOSE = "close"  #: `detail` says who closed and why, when known
-    TIMEOUT = "timeout"  #: the SUT gave up waiting for an answer (detail: the request's match key)
+    #: the SUT gave up waiting for an answer; detail: the request's match key as `format_match_key`
+    #: writes it ("class=020 11=000123 41=10000001"), plus " sent=no" when it was never written
+    TIMEOUT = "timeout"
     UNDECODABLE = "undecodable"  #: a frame that did not decode (detail: the error; wire kept only if safe)
     #: the SUT decided an answer but could not write it (terminal gone, write timeout); detail: MTI,
     #: STAN, terminal and response code as `format_match_key` writes them (plus "39=..")

@@ -58,7 +58,7 @@ def _sut_direction(leg: Leg, mti: str) -> Direction:
 def hex_records(lines: Iterable[str], encoder: TraceEncoder, leg: Leg) -> Iterator[Record]:
     framing = encoder.framings[leg.value]
     framer = make_trace_framer(framing)
-    codec = encoder._codec[leg.value]
+    codec = encoder.codec(leg)
     conn = "T1" if leg is Leg.TERMINAL else "H1"
     for lineno, raw in enumerate(lines, start=1):
         line = raw.split("#", 1)[0].strip()
