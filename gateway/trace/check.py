@@ -241,6 +241,8 @@ class Checker:
             if isinstance(late, _Open):
                 self._late_answer(late, rec)
                 return
+            if self.options.continued and self._first_t is not None and rec.t < self._first_t + self.options.window:
+                return  # a rotated part: its request is in the part before
             self._find("pairing", FindingKind.UNEXPECTED_FRAME, "answer without a request", rec)
             return
         entry = waiting[0]
