@@ -46,7 +46,7 @@ STATE_MEANING: Final[dict[str, str]] = {
     TxnState.UNDELIVERABLE: "approved, but the answer never reached the terminal",
     TxnState.HOST_REJECTED: "the host's approval failed the gateway's checks",
     TxnState.REVERSAL_QUEUED: "being reversed (store-and-forward queue)",
-    TxnState.REVERSED: "reversed: the host has undone it, no money moved in the end",
+    TxnState.REVERSED: "the host has undone it: no money moved in the end",
     TxnState.REVERSAL_FAILED: "reversal parked: an operator must retry or drop it (`gateway saf`)",
     TxnState.REVERSAL_DROPPED: "reversal closed by an operator (see the SAF note)",
 }
