@@ -138,7 +138,7 @@ def next_steps(files: LabFiles, program: str, ports: Ports) -> str:
         f"  {program} serve --config {config}",
         f"  {program} sim-terminal --keys {keys} --target {target}",
         "or load instead of one terminal:",
-        f"  {program} load --keys {keys} --driver cup --target {target} --rate 200 --duration 10",
+        f"  {program} load --keys {keys} --driver cup --target {target} --rate 100 --duration 10",
         "Then look at what happened:",
         f"  {program} journal show --config {config}",
         f"  {program} saf list --config {config}",

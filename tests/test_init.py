@@ -137,7 +137,7 @@ def test_the_printed_commands_run_a_lab(tmp_path: Path, processes: list[subproce
     assert run.stdout.count(" rc 00 ") == 2
 
     # the load tool drives the four registered terminals (not the unregistered LT... of its default)
-    small = _argv(load.replace("--rate 200 --duration 10", "--rate 50 --count 40"))
+    small = _argv(load.replace("--rate 100 --duration 10", "--rate 50 --count 40"))
     loaded = subprocess.run(small, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     assert "40 requests" in loaded.stdout and "errors 0" in loaded.stdout
