@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import TextIO
 
 from gateway.config import ConfigError, Endpoint, load_config
@@ -39,8 +40,6 @@ def _admin_address(args: argparse.Namespace) -> str:
     if args.admin:
         return str(Endpoint.parse(args.admin, "--admin"))
     if args.config:
-        from pathlib import Path
-
         listen = load_config(Path(args.config)).admin.listen
         if listen is None:
             raise ConfigError(f"{args.config}: admin.listen is off; nothing to ask")

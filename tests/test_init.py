@@ -130,7 +130,7 @@ def test_the_printed_commands_run_a_lab(tmp_path: Path, processes: list[subproce
                            cwd=tmp_path, capture_output=True, text=True, timeout=90)
     assert ready.returncode == 0, ready.stderr + "".join(log.read_text() for log in logs)
 
-    run = subprocess.run(_argv(terminal) + ["--count", "2"], cwd=tmp_path, capture_output=True, text=True,
+    run = subprocess.run([*_argv(terminal), "--count", "2"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("signed in 10000001 batch ")
@@ -142,7 +142,7 @@ def test_the_printed_commands_run_a_lab(tmp_path: Path, processes: list[subproce
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     assert "40 requests" in loaded.stdout and "errors 0" in loaded.stdout
 
-    shown = subprocess.run(_argv(journal) + ["--limit", "100", "--json"], cwd=tmp_path, capture_output=True,
+    shown = subprocess.run([*_argv(journal), "--limit", "100", "--json"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     import json

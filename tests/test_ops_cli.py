@@ -25,7 +25,8 @@ PURCHASE = (
 SECRET_ZMK = "0123456789ABCDEFFEDCBA9876543210"
 
 
-def gateway(*argv: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def gateway(*argv: str, env: dict[str, str] | None = None,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([GATEWAY, *argv], capture_output=True, text=True, timeout=60, env=env, input=stdin)
 
 
