@@ -341,6 +341,7 @@ def test_sign_ins_from_worker_threads_with_a_store_file(tmp_path):
 
 def test_terminal_mac_accepts_the_field_64_string(hsm, terminal):
     mab = os.urandom(64)
-    hsm.verify_terminal_mac(TID, mab, terminal.mac(mab).decode())
-    with pytest.raises(MacError):
-        hsm.verify_terminal_mac(TID, mab, "ÄÄÄÄÄÄÄÄ")
+    hsm.verify_terminal_mac(TID, mab, terminal.mac(mab).hex())  # the Message value: the 8 bytes in hex
+    for bad in ("ÄÄÄÄÄÄÄÄ", "FF" * 8, terminal.mac(mab).decode()):
+        with pytest.raises(MacError):
+            hsm.verify_terminal_mac(TID, mab, bad)

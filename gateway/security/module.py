@@ -58,11 +58,12 @@ class SecurityModule(Protocol):
     def has_terminal_master_key(self, terminal_id: str) -> bool: ...
 
     def verify_terminal_mac(self, terminal_id: str, mab: bytes, mac: bytes) -> None:
-        """Raises MacError when `mac` (field 64, 8 ASCII hex bytes) does not authenticate `mab`."""
+        """Raises MacError when `mac` (field 64's 8 wire bytes: normally ASCII hex characters, but any
+        byte may arrive) does not authenticate `mab`."""
         ...
 
     def generate_terminal_mac(self, terminal_id: str, mab: bytes) -> bytes:
-        """Field 64 for a message to the terminal: 8 ASCII hex bytes."""
+        """Field 64's 8 wire bytes for a message to the terminal (ASCII hex characters)."""
         ...
 
     def translate_pin_to_host(self, terminal_id: str, pin_block: bytes, pan: str | None) -> bytes:
@@ -200,11 +201,14 @@ class SoftwareSecurityModule:
 
     def verify_terminal_mac(self, terminal_id: str, mab: bytes, mac: bytes | str, *,
                             expected_length: int | None = None) -> None:
-        """`mac` is field 64 as bytes (or its str value from `Message`). `expected_length`, when
-        given, is the MAB length the caller's framing implies; a MAB of another length (a truncated
-        message) fails as a MAC error."""
+        """`mac` is field 64 as its 8 wire bytes, or as its `Message` value (those bytes in hex: field
+        64 is binary, reference §2). `expected_length`, when given, is the MAB length the caller's
+        framing implies; a MAB of another length (a truncated message) fails as a MAC error."""
         if isinstance(mac, str):
-            mac = mac.encode("ascii", "replace")
+            try:
+                mac = bytes.fromhex(mac)
+            except ValueError:
+                raise MacError("terminal MAC value is not hex") from None
         if len(mac) != CUP_MAC_LENGTH:
             raise MacError(f"terminal MAC must be {CUP_MAC_LENGTH} bytes, got {len(mac)}")
         if expected_length is not None and len(mab) != expected_length:

@@ -579,7 +579,7 @@ class TerminalSimulator:
             mab = body[:-8]
             value = terminal_mac(mak, mab, self.mac_algorithm)
             body = mab + value
-            request = Message(request.mti, {**request.fields, "64": value.decode("ascii")})
+            request = Message(request.mti, {**request.fields, "64": value.hex().upper()})  # 8 bytes
         stan = request.fields.get("11", "")
         amount_text = request.fields.get("4")
         base = TxnResult(
@@ -616,15 +616,15 @@ class TerminalSimulator:
         )
 
     def _response_mac_ok(self, answer: _Answer) -> bool:
-        received = answer.message.fields.get("64")
         mak = self._keys.get(KeyUsage.MAK)
-        if received is None or mak is None:
+        if "64" not in answer.message.fields or mak is None:
             return False
         try:
             expected = terminal_mac(mak, answer.body[:-8], self.mac_algorithm)
         except SecurityError:
             return False
-        return macs_equal(expected, received.upper().encode("ascii"))
+        # field 64 is 8 bytes on the wire, normally ASCII hex characters (either case)
+        return macs_equal(expected, answer.body[-8:].upper())
 
     # --- wire: send, and read as the leader while waiting ------------------------------------------
 
