@@ -5,7 +5,9 @@
 - The link has its own STAN space and stamps field 7 (transmission date-time) and 11 on every request
   *before* the caller journals it: field 90 of a later reversal needs both.
 - Every (re)connect signs on (0800/001) and, when configured, exchanges zone keys (0800/101) before any
-  financial traffic; reconnects back off exponentially with jitter.
+  financial traffic; reconnects back off exponentially with jitter, and the back-off starts afresh
+  only after a connection that signed on (a host that accepts and closes at once is not hammered).
+  Each connection's end is one log line: why it ended, and the delay really waited before the next.
 - Echo tests (0800/301) are sent on idle, from this side only; a host that does not answer one is
   treated as dead and the connection is recycled.
 - One writer task per connection does every write: a request appends its frame to the connection's
@@ -178,6 +180,8 @@ class HostLink:
         self._last_rx = 0.0
         self._signed_on = anyio.Event()
         self.reconnects = 0
+        #: why the current connection ended, for the one log line about it (None: it has not)
+        self._ended_because: str | None = None
         #: field 7 of the current second (formatting it costs more than everything else in `allocate`)
 
     # --- public API --------------------------------------------------------------------------------
@@ -232,25 +236,41 @@ class HostLink:
         backoff = self.config.reconnect_min
         while True:
             self._set_state(LinkState.CONNECTING)
+            self._ended_because = None
+            signed_on = False
             try:
                 with anyio.fail_after(self.config.connect_timeout):
                     stream = await self._connect()
             except (OSError, TimeoutError) as exc:
                 self._set_state(LinkState.DOWN)
-                log.warning("host %s unreachable: %s; retry in %.1fs", self.config.address, exc, backoff)
+                why = f"host {self.config.address} unreachable: {_describe(exc)}"
             else:
                 try:
                     await self._serve_connection(stream)
-                    backoff = self.config.reconnect_min  # it was up: start the backoff afresh
+                    why = self._ended_because or "connection ended"
                 except Exception as exc:  # any failure of one connection: log, recycle, reconnect
-                    log.warning("host link lost: %s", _describe(exc))
+                    why = self._ended_because or _describe(exc)
                 finally:
+                    signed_on = self.state is LinkState.SIGNED_ON
                     self._drop_connection()
+                why = f"host link to {self.config.address} ended {'after' if signed_on else 'before'} sign-on: {why}"
+            if signed_on:
+                # only a connection that signed on proves the host healthy: one that ends before (a host
+                # that accepts and closes at once, refuses the sign-on, ...) keeps the back-off growing
+                backoff = self.config.reconnect_min
+            # full jitter: spread reconnect storms of many gateways over the whole interval
+            delay = backoff * (0.5 + random.random() / 2)
+            log.warning("%s; retry in %.2fs", why, delay)
             self.reconnects += 1
             self.metrics.host_reconnects.inc()
-            # full jitter: spread reconnect storms of many gateways over the whole interval
-            await anyio.sleep(backoff * (0.5 + random.random() / 2))
+            await anyio.sleep(delay)
             backoff = min(backoff * 2, self.config.reconnect_max)
+
+    def _end_connection(self, scope: anyio.CancelScope, why: str) -> None:
+        """Recycle the connection, noting why (the first reason wins: later ones are its echoes)."""
+        if self._ended_because is None:
+            self._ended_because = why
+        scope.cancel()
 
     async def _connect(self) -> anyio.abc.ByteStream:
         """Open a connection to the host (a seam: tests wrap the stream to stall or count writes)."""
@@ -323,8 +343,7 @@ class HostLink:
                 echo = iso87.echo(*self.allocate(), self.config.acquirer_id)
                 await self._exchange(echo, self.config.timeout)
             except HostError:
-                log.warning("host did not answer an echo test: recycling the connection")
-                scope.cancel()
+                self._end_connection(scope, "the host did not answer an echo test")
                 return
 
     # --- wire --------------------------------------------------------------------------------------
@@ -405,8 +424,7 @@ class HostLink:
             if stalled:
                 # cancelling the write is the only way out, and it may leave part of a frame on the wire
                 # (every later frame would be read out of step): recycle the connection
-                log.warning("a write to the host stayed stuck past a request's deadline: recycling the connection")
-                conn.scope.cancel()
+                self._end_connection(conn.scope, "a write to the host stayed stuck past a request's deadline")
                 return
             with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf) as conn.expiry:
                 await anyio.sleep_forever()
@@ -470,11 +488,10 @@ class HostLink:
                             await self._late_answers.send(unmatched)
         except IsoError as exc:
             self.metrics.decode_error(exc.kind).inc()
-            log.warning("host sent an undecodable stream (%s): closing the link", exc)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        log.info("host connection closed")
-        scope.cancel()
+            self._end_connection(scope, f"the host sent an undecodable stream ({exc})")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._end_connection(scope, f"the connection broke ({_describe(exc)})")
+        self._end_connection(scope, "the host closed the connection")
 
     def _on_frame(self, body: bytes) -> HostReply | None:
         """Hand an answer to its request; returns an answer no request waits for (late or unmatched)."""
