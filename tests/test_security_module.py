@@ -15,6 +15,7 @@ from gateway.security.errors import (
     KeyBlockError,
     KeyFormatError,
     KeyNotFoundError,
+    KeyStoreError,
     KeyUsageError,
     MacError,
     PinFormatError,
@@ -280,6 +281,9 @@ def test_from_config_in_memory_and_with_a_store(tmp_path, monkeypatch, tmk, host
     lmk = LocalMasterKey.generate()
     monkeypatch.setenv(LMK_ENV, lmk.to_hex())
     config = SecurityConfig(keystore=tmp_path / "k.store", terminal_mac="x919")
+    with pytest.raises(KeyStoreError, match=r"k.store does not exist: create it with `gateway keys init --store"):
+        SoftwareSecurityModule.from_config(config, terminals)  # a missing store is never made up
+    KeyStore.create(Path(config.keystore), lmk)
     filed = SoftwareSecurityModule.from_config(config, terminals)
     assert filed.terminal_mac_algorithm == "x919"
     assert KeyStore.open(Path(config.keystore), lmk).get(KeyUsage.TMK, TID).kcv == alg.kcv(tmk)

@@ -21,7 +21,14 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from gateway.security.des import ZERO_BLOCK, DesKey, generate_key, is_weak, parse_hex_key
-from gateway.security.errors import KeyFormatError, KeyNotFoundError, KeyUsageError, MacError, SecurityError
+from gateway.security.errors import (
+    KeyFormatError,
+    KeyNotFoundError,
+    KeyStoreError,
+    KeyUsageError,
+    MacError,
+    SecurityError,
+)
 from gateway.security.keyblock import KeyBlockLayout, build_key_block, get_layout, unwrap_zone_key
 from gateway.security.keys import WORKING_USAGES, KeyUsage
 from gateway.security.keystore import KeyStore, load_lmk, make_key
@@ -111,9 +118,14 @@ class SoftwareSecurityModule:
     def from_config(cls, config: SecurityConfig,
                     terminals: Iterable[TerminalEntry] = ()) -> SoftwareSecurityModule:
         """Open the configured key store (or an in-memory one) and import the demo/test keys the
-        config may carry in hex (ZMK, per-terminal TMKs). Production keys come from `gateway keys`."""
+        config may carry in hex (ZMK, per-terminal TMKs). Production keys come from `gateway keys`.
+        A configured key store that does not exist is an error (a mistyped path must not quietly
+        become a new, empty store): `gateway keys init` creates it."""
         if config.keystore is not None:
-            store = KeyStore.open_or_create(config.keystore, load_lmk(config.lmk_file))
+            if not config.keystore.exists():  # said before any LMK problem: it is the first thing to fix
+                raise KeyStoreError(f"key store {config.keystore} does not exist: create it with "
+                                    f"`gateway keys init --store {config.keystore}`")
+            store = KeyStore.open(config.keystore, load_lmk(config.lmk_file))
         else:
             store = KeyStore.in_memory()
         module = cls(store, terminal_mac=config.terminal_mac)
