@@ -123,6 +123,10 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("journal_commit", Histogram, "journal_commit_seconds", "Journal group commit duration", COMMIT_BUCKETS),
     ("journal_batch_size", Histogram, "journal_commit_batch_size", "Journal writes per group commit",
      BATCH_SIZE_BUCKETS),
+    # --- availability under abuse (slow clients, answer storms, TLS) ---
+    ("admin_connections_shed", Counter, "admin_connections_shed",
+     "Admin connections closed at the connection cap to make room (slow to send their request, or lingering)",
+     None),
 )  # fmt: skip
 
 
@@ -173,6 +177,7 @@ class Metrics:
     upstream: HistogramLike
     journal_commit: HistogramLike
     journal_batch_size: HistogramLike
+    admin_connections_shed: CounterLike
     journal: JournalObserver
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
