@@ -124,6 +124,8 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("journal_batch_size", Histogram, "journal_commit_batch_size", "Journal writes per group commit",
      BATCH_SIZE_BUCKETS),
     # --- availability under abuse (slow clients, answer storms, TLS) ---
+    ("late_answers_dropped", Counter, "late_host_answers_dropped",
+     "Late or unmatched host answers dropped unjournalled because the backlog to the journal was full", None),
     ("admin_connections_shed", Counter, "admin_connections_shed",
      "Admin connections closed at the connection cap to make room (slow to send their request, or lingering)",
      None),
@@ -177,6 +179,7 @@ class Metrics:
     upstream: HistogramLike
     journal_commit: HistogramLike
     journal_batch_size: HistogramLike
+    late_answers_dropped: CounterLike
     admin_connections_shed: CounterLike
     journal: JournalObserver
 

@@ -30,13 +30,13 @@ import itertools
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectSendStream
 
 from gateway.config import HostConfig
 from gateway.core.clock import utc_mmddhhmmss
@@ -146,8 +146,60 @@ class _Connection:
 #: receives each answer nobody waits for, with whether its MAC verified
 UnmatchedHandler = Callable[[HostReply], Awaitable[None]]
 
-#: late answers waiting for the journal before the host reader waits too
+#: late answers waiting for the journal; past that they are dropped (counted, logged), never waited for
 LATE_ANSWER_BACKLOG = 1000
+#: late answers journalled at once: their writes share group commits instead of one commit each
+LATE_ANSWER_BATCH = 64
+#: at most one log line about dropped late answers per this many seconds (each one is counted)
+_DROP_LOG_INTERVAL = 1.0
+
+
+class _LateAnswers:
+    """The bounded backlog between the host reader and the task that journals late answers.
+
+    `put` never waits: an answer storm must not stall the answers behind it in the stream (they would
+    time out into 98s and reversals). When the backlog is full one answer is dropped: an approval whose
+    MAC verified is kept over anything else (it may reopen a reversal the host answered 25 too early:
+    money), so the oldest other answer makes way for it; otherwise the new answer is dropped."""
+
+    __slots__ = ("_items", "_limit", "_wakeup")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[HostReply] = deque()
+        self._limit = limit
+        self._wakeup: anyio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, answer: HostReply) -> HostReply | None:
+        """Queue `answer`; returns the answer dropped to keep the bound (None when nothing was)."""
+        items = self._items
+        dropped: HostReply | None = None
+        if len(items) >= self._limit:
+            if not _precious(answer):
+                return answer
+            dropped = next((a for a in items if not _precious(a)), None)
+            if dropped is None:
+                return answer
+            items.remove(dropped)
+        items.append(answer)
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+        return dropped
+
+    async def take(self, most: int) -> list[HostReply]:
+        """Wait for at least one answer; then take up to `most`, oldest first."""
+        while not self._items:
+            self._wakeup = wakeup = anyio.Event()
+            await wakeup.wait()
+        items = self._items
+        return [items.popleft() for _ in range(min(most, len(items)))]
+
+
+def _precious(answer: HostReply) -> bool:
+    return answer.mac_ok and answer.message.fields.get("39") == "00"
 
 
 class HostLink:
@@ -162,8 +214,10 @@ class HostLink:
         self.security = security
         self.metrics = metrics
         self.on_unmatched = on_unmatched
-        #: to the task that journals late answers (set while `run` runs)
-        self._late_answers: MemoryObjectSendStream[HostReply] | None = None
+        #: late answers waiting for `_journal_late_answers`
+        self._late_answers = _LateAnswers(LATE_ANSWER_BACKLOG)
+        self._dropped_unlogged = 0
+        self._dropped_logged_at = -math.inf
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
@@ -216,20 +270,41 @@ class HostLink:
         """Keep the link up forever: connect, sign on, serve, and reconnect with backoff on failure.
         Late answers are journalled by a task of their own, so the reader never waits for the journal
         (a burst of late answers would otherwise stall every answer behind it, into more timeouts)."""
-        send, receive = anyio.create_memory_object_stream[HostReply](LATE_ANSWER_BACKLOG)
-        self._late_answers = send
-        async with anyio.create_task_group() as tg, send, receive:
-            tg.start_soon(self._journal_late_answers, receive)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._journal_late_answers)
             await self._keep_connected(task_status)
 
-    async def _journal_late_answers(self, answers: anyio.abc.ObjectReceiveStream[HostReply]) -> None:
-        async for answer in answers:
+    async def _journal_late_answers(self) -> None:
+        """Journal late answers a batch at a time, the batch's answers concurrently: their journal writes
+        join the same group commits, so a storm of thousands costs tens of commits, not thousands."""
+        while True:
+            batch = await self._late_answers.take(LATE_ANSWER_BATCH)
             if self.on_unmatched is None:
                 continue
-            try:
-                await self.on_unmatched(answer)
-            except Exception:  # journalling a late answer must never take the link down
-                log.exception("could not journal a late host answer")
+            async with anyio.create_task_group() as tg:
+                for answer in batch:
+                    tg.start_soon(self._journal_late_answer, self.on_unmatched, answer)
+
+    @staticmethod
+    async def _journal_late_answer(handler: UnmatchedHandler, answer: HostReply) -> None:
+        try:
+            await handler(answer)
+        except Exception:  # journalling a late answer must never take the link down
+            log.exception("could not journal a late host answer")
+
+    def _queue_late_answer(self, answer: HostReply) -> None:
+        dropped = self._late_answers.put(answer)
+        if dropped is None:
+            return
+        self.metrics.late_answers_dropped.inc()
+        self._dropped_unlogged += 1
+        now = anyio.current_time()
+        if now - self._dropped_logged_at >= _DROP_LOG_INTERVAL:
+            msg = dropped.message
+            log.warning("late-answer backlog full (%d waiting for the journal): dropped %d unjournalled host "
+                        "answer(s), the last %s stan %s rc %s", len(self._late_answers), self._dropped_unlogged,
+                        msg.mti, msg.get("11"), msg.get("39"))
+            self._dropped_unlogged, self._dropped_logged_at = 0, now
 
     async def _keep_connected(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
@@ -481,11 +556,8 @@ class HostLink:
                 self._last_rx = anyio.current_time()
                 for frame in decoder.feed(chunk):
                     unmatched = self._on_frame(frame.body)
-                    if unmatched is not None and self._late_answers is not None:
-                        try:
-                            self._late_answers.send_nowait(unmatched)
-                        except anyio.WouldBlock:  # a backlog that large: let the journal set the pace
-                            await self._late_answers.send(unmatched)
+                    if unmatched is not None:
+                        self._queue_late_answer(unmatched)  # never waits: see _LateAnswers
         except IsoError as exc:
             self.metrics.decode_error(exc.kind).inc()
             self._end_connection(scope, f"the host sent an undecodable stream ({exc})")

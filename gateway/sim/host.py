@@ -196,6 +196,7 @@ class HostSimulator:
         # "ZPK"/"ZAK" → the key with its cipher contexts (built once, not per MAC or PIN block),
         # shared by all connections
         self._zone_keys: dict[str, DesKey] = {}
+        self._open: set[_Connection] = set()
 
     def __repr__(self) -> str:
         return f"HostSimulator({self.config!r}, port={self.port})"
@@ -223,6 +224,15 @@ class HostSimulator:
 
     def has_zone_key(self, usage: str) -> bool:
         return usage in self._zone_keys
+
+    async def send_unsolicited(self, messages: Iterable[Message]) -> int:
+        """Write messages nobody asked for (stray, replayed or very late answers: an answer storm) to
+        every open connection, all in one write per connection. Returns how many connections got them."""
+        data = b"".join(self.framer.encode(self.codec.encode(m)) for m in messages)
+        connections = list(self._open)
+        for conn in connections:
+            await conn._send(data)
+        return len(connections)
 
     # --- the sans-I/O step -------------------------------------------------------------------------
 
@@ -407,11 +417,14 @@ class HostSimulator:
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         self.stats.connections_opened += 1
+        conn = _Connection(self, stream)
+        self._open.add(conn)
         try:
-            await _Connection(self, stream).run()
+            await conn.run()
         except Exception:  # one broken connection must never stop the listener
             log.exception("host simulator: connection failed")
         finally:
+            self._open.discard(conn)
             self.stats.connections_closed += 1
             await anyio.aclose_forcefully(stream)
 
