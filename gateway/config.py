@@ -52,6 +52,9 @@ class TerminalSideConfig:
     idle_timeout: float = 300.0
     write_timeout: float = 5.0
     max_in_flight_per_connection: int = 64
+    #: a frame must arrive whole within this many seconds of its first byte (and a TLS handshake within
+    #: this many of the connect): the idle timeout alone restarts on every byte, so a trickle never ends
+    frame_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,13 +209,14 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         max_in_flight_per_connection=_get(
             t, "max_in_flight_per_connection", "terminal_side", int, d.max_in_flight_per_connection
         ),
+        frame_timeout=_get(t, "frame_timeout", "terminal_side", float, d.frame_timeout),
     )
 
     # the codec reads any dialect file, but the flow translation is written for this pair
     if terminal_side.dialect != "cup-pos":
         raise ConfigError("terminal_side.dialect: only cup-pos terminals are supported by the flows")
     _positive(terminal_side, "terminal_side", ("max_connections", "max_frame", "idle_timeout", "write_timeout",
-                                               "max_in_flight_per_connection"))
+                                               "max_in_flight_per_connection", "frame_timeout"))
 
     h = _table(doc, "host")
     hd = HostConfig()

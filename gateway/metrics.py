@@ -124,6 +124,11 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("journal_batch_size", Histogram, "journal_commit_batch_size", "Journal writes per group commit",
      BATCH_SIZE_BUCKETS),
     # --- availability under abuse (slow clients, answer storms, TLS) ---
+    ("connections_shed", Counter, "terminal_connections_shed",
+     "Terminal connections closed at max_connections to make room for a new one (idle or trickling longest)",
+     None),
+    ("frame_timeouts", Counter, "terminal_frame_timeouts",
+     "Terminal connections closed because a frame did not arrive whole within frame_timeout", None),
     ("late_answers_dropped", Counter, "late_host_answers_dropped",
      "Late or unmatched host answers dropped unjournalled because the backlog to the journal was full", None),
     ("admin_connections_shed", Counter, "admin_connections_shed",
@@ -179,6 +184,8 @@ class Metrics:
     upstream: HistogramLike
     journal_commit: HistogramLike
     journal_batch_size: HistogramLike
+    connections_shed: CounterLike
+    frame_timeouts: CounterLike
     late_answers_dropped: CounterLike
     admin_connections_shed: CounterLike
     journal: JournalObserver

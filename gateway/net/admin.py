@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -33,6 +32,7 @@ import anyio.abc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.metrics import Metrics
+from gateway.net.counted_log import CountedLog
 
 log = logging.getLogger("gateway.admin")
 
@@ -98,8 +98,6 @@ def parse_request_line(head: bytes) -> tuple[str, str]:
 
 #: what a connection is doing, for choosing which one makes room at the cap
 _READING, _ANSWERING, _LINGERING = range(3)
-#: at most one log line about shed connections per this many seconds (each is counted)
-_SHED_LOG_INTERVAL: Final = 1.0
 
 
 class _Slot:
@@ -126,8 +124,7 @@ class AdminHandler:
         self.max_connections = max_connections
         #: the connections under the cap, oldest first (a dict is an ordered set)
         self._slots: dict[_Slot, None] = {}
-        self._shed_unlogged = 0
-        self._shed_logged_at = -math.inf
+        self._shed_log = CountedLog(log)
 
     @property
     def active(self) -> int:
@@ -155,17 +152,11 @@ class AdminHandler:
                 del self._slots[victim]
                 victim.scope.cancel()  # its task closes the connection without answering
                 self.metrics.admin_connections_shed.inc()
-                self._note_shed("still reading its request" if phase == _READING else "lingering")
+                self._shed_log.note("admin connection limit (%d) reached: closed the oldest connection %s to "
+                                    "make room", self.max_connections,
+                                    "still reading its request" if phase == _READING else "lingering")
                 return True
         return False
-
-    def _note_shed(self, why: str) -> None:
-        self._shed_unlogged += 1
-        now = anyio.current_time()
-        if now - self._shed_logged_at >= _SHED_LOG_INTERVAL:
-            log.warning("admin connection limit (%d) reached: closed %d connection(s) to make room (the "
-                        "oldest was %s)", self.max_connections, self._shed_unlogged, why)
-            self._shed_unlogged, self._shed_logged_at = 0, now
 
     async def _serve_one(self, stream: anyio.abc.ByteStream, slot: _Slot) -> None:
         head: bytes | None = None

@@ -49,6 +49,7 @@ from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
 from gateway.metrics import CounterLike, Metrics
+from gateway.net.counted_log import CountedLog
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
 
@@ -150,8 +151,6 @@ UnmatchedHandler = Callable[[HostReply], Awaitable[None]]
 LATE_ANSWER_BACKLOG = 1000
 #: late answers journalled at once: their writes share group commits instead of one commit each
 LATE_ANSWER_BATCH = 64
-#: at most one log line about dropped late answers per this many seconds (each one is counted)
-_DROP_LOG_INTERVAL = 1.0
 
 
 class _LateAnswers:
@@ -216,8 +215,7 @@ class HostLink:
         self.on_unmatched = on_unmatched
         #: late answers waiting for `_journal_late_answers`
         self._late_answers = _LateAnswers(LATE_ANSWER_BACKLOG)
-        self._dropped_unlogged = 0
-        self._dropped_logged_at = -math.inf
+        self._drop_log = CountedLog(log)
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
@@ -297,14 +295,9 @@ class HostLink:
         if dropped is None:
             return
         self.metrics.late_answers_dropped.inc()
-        self._dropped_unlogged += 1
-        now = anyio.current_time()
-        if now - self._dropped_logged_at >= _DROP_LOG_INTERVAL:
-            msg = dropped.message
-            log.warning("late-answer backlog full (%d waiting for the journal): dropped %d unjournalled host "
-                        "answer(s), the last %s stan %s rc %s", len(self._late_answers), self._dropped_unlogged,
-                        msg.mti, msg.get("11"), msg.get("39"))
-            self._dropped_unlogged, self._dropped_logged_at = 0, now
+        msg = dropped.message
+        self._drop_log.note("late-answer backlog full (%d waiting for the journal): dropped host answer %s stan %s "
+                            "rc %s unjournalled", len(self._late_answers), msg.mti, msg.get("11"), msg.get("39"))
 
     async def _keep_connected(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
