@@ -43,6 +43,28 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsServerConfig:
+    """`[terminal_side.tls]`: TLS on the terminal port (absent: plain TCP, what most CUP terminals speak)."""
+
+    cert: Path  #: PEM certificate (chain) the gateway presents
+    key: Path  #: its PEM private key
+    ca: Path | None = None  #: PEM CA bundle client certificates must chain to
+    client_certs: str = "none"  #: "none", "optional" (checked when presented) or "required" (mTLS)
+    min_version: str = "1.2"  #: "1.2" or "1.3"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClientConfig:
+    """`[host.tls]`: TLS on the host link (absent: plain TCP)."""
+
+    ca: Path | None = None  #: PEM CA bundle the host's certificate must chain to (None: the system's)
+    cert: Path | None = None  #: PEM client certificate, for a host that asks for one (mTLS)
+    key: Path | None = None  #: its PEM private key
+    server_name: str | None = None  #: name the host's certificate must carry (None: host.address's host)
+    min_version: str = "1.2"  #: "1.2" or "1.3"
+
+
+@dataclass(frozen=True, slots=True)
 class TerminalSideConfig:
     listen: Endpoint = Endpoint("127.0.0.1", 5000)
     dialect: str = "cup-pos"
@@ -55,6 +77,7 @@ class TerminalSideConfig:
     #: a frame must arrive whole within this many seconds of its first byte (and a TLS handshake within
     #: this many of the connect): the idle timeout alone restarts on every byte, so a trickle never ends
     frame_timeout: float = 10.0
+    tls: TlsServerConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +96,7 @@ class HostConfig:
     #: request/response pairing, like jPOS QMUX's key: "stan" plus any of "mti_class", "terminal"
     match_key: tuple[str, ...] = ("mti_class", "stan", "terminal")
     key_exchange: bool = True
+    tls: TlsClientConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +212,60 @@ def _endpoint(table: Mapping[str, Any], key: str, path: str, default: Endpoint) 
     return Endpoint.parse(text, f"{path}.{key}") if text else default
 
 
+_TLS_VERSIONS = ("1.2", "1.3")
+
+
+def _path(table: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> Path | None:
+    text = _get(table, key, path, str, "")
+    if not text:
+        if required:
+            raise ConfigError(f"{path}.{key}: required")
+        return None
+    return Path(text)
+
+
+def _tls_table(parent: Mapping[str, Any], path: str, known: tuple[str, ...]) -> Mapping[str, Any] | None:
+    if "tls" not in parent:
+        return None
+    table = parent["tls"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}.tls: expected a table ([{path}.tls])")
+    _check_unknown(table, f"{path}.tls", set(known))
+    version = _get(table, "min_version", f"{path}.tls", str, "1.2")
+    if version not in _TLS_VERSIONS:
+        raise ConfigError(f"{path}.tls.min_version: expected 1.2 or 1.3, got {version!r}")
+    return table
+
+
+def _tls_server(parent: Mapping[str, Any], path: str) -> TlsServerConfig | None:
+    t = _tls_table(parent, path, TlsServerConfig.__slots__)  # type: ignore[attr-defined]
+    if t is None:
+        return None
+    key = f"{path}.tls"
+    client_certs = _get(t, "client_certs", key, str, "none")
+    if client_certs not in ("none", "optional", "required"):
+        raise ConfigError(f"{key}.client_certs: expected none, optional or required, got {client_certs!r}")
+    ca = _path(t, "ca", key)
+    if client_certs != "none" and ca is None:
+        raise ConfigError(f"{key}.ca: required to check client certificates (client_certs = {client_certs!r})")
+    return TlsServerConfig(cert=_path(t, "cert", key, required=True),  # type: ignore[arg-type]
+                           key=_path(t, "key", key, required=True),  # type: ignore[arg-type]
+                           ca=ca, client_certs=client_certs, min_version=_get(t, "min_version", key, str, "1.2"))
+
+
+def _tls_client(parent: Mapping[str, Any], path: str) -> TlsClientConfig | None:
+    t = _tls_table(parent, path, TlsClientConfig.__slots__)  # type: ignore[attr-defined]
+    if t is None:
+        return None
+    key = f"{path}.tls"
+    cert, private_key = _path(t, "cert", key), _path(t, "key", key)
+    if (cert is None) != (private_key is None):
+        raise ConfigError(f"{key}: a client certificate needs both cert and key")
+    return TlsClientConfig(ca=_path(t, "ca", key), cert=cert, key=private_key,
+                           server_name=_get(t, "server_name", key, str, "") or None,
+                           min_version=_get(t, "min_version", key, str, "1.2"))
+
+
 def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
     """Turn a parsed TOML document into a `GatewayConfig`, naming the key of any bad value."""
     known_tables = {"terminal_side", "host", "security", "store", "reversal", "limits", "admin", "terminals"}
@@ -210,6 +288,7 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
             t, "max_in_flight_per_connection", "terminal_side", int, d.max_in_flight_per_connection
         ),
         frame_timeout=_get(t, "frame_timeout", "terminal_side", float, d.frame_timeout),
+        tls=_tls_server(t, "terminal_side"),
     )
 
     # the codec reads any dialect file, but the flow translation is written for this pair
@@ -240,6 +319,7 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         forwarding_id=_get(h, "forwarding_id", "host", str, hd.forwarding_id),
         match_key=tuple(match_key),
         key_exchange=_get(h, "key_exchange", "host", bool, hd.key_exchange),
+        tls=_tls_client(h, "host"),
     )
     if host.dialect != "iso87-ascii":
         raise ConfigError("host.dialect: only an iso87-ascii host is supported by the flows")

@@ -59,6 +59,10 @@ SECURITY_FAILURE_KINDS: Final = frozenset(
     }
 )  # fmt: skip
 
+#: TLS failures: where (`side`) and what (`kind`, gateway.net.tls.FAILURE_KINDS); anything else is "other"
+TLS_SIDES: Final = frozenset({"terminal", "host"})
+TLS_FAILURE_KINDS: Final = frozenset({"bad_certificate", "no_certificate", "protocol", "timeout", "closed", "other"})
+
 OTHER: Final = "other"
 NO_RESPONSE_CODE: Final = "none"
 
@@ -212,6 +216,10 @@ class Metrics:
         self._security_failures = Counter(
             f"{PREFIX}_security_failures", "Security module refusals by kind", ["kind"], registry=r,
         )
+        self._tls_failures = Counter(
+            f"{PREFIX}_tls_failures", "TLS handshakes or sessions that failed, by side and kind", ["side", "kind"],
+            registry=r,
+        )
         self._message_children: dict[tuple[str, str, str], CounterLike] = {}
         self._decode_children: dict[str, CounterLike] = {}
         self._security_children: dict[str, CounterLike] = {}
@@ -258,6 +266,11 @@ class Metrics:
         if child is None:
             child = self._bind(self._security_failures, self._security_children, kind, SECURITY_FAILURE_KINDS)
         return child
+
+    def tls_failure(self, side: str, kind: str) -> CounterLike:
+        """Counter child for one TLS failure: `side` "terminal" or "host", `kind` a TLS_FAILURE_KINDS value.
+        Rare (a failed handshake), so it is not cached."""
+        return self._tls_failures.labels(_normalise(side, TLS_SIDES), _normalise(kind, TLS_FAILURE_KINDS))
 
     @staticmethod
     def _bind(
@@ -317,6 +330,9 @@ class NullMetrics(Metrics):
         return NOOP
 
     def security_failure(self, kind: str) -> CounterLike:
+        return NOOP
+
+    def tls_failure(self, side: str, kind: str) -> CounterLike:
         return NOOP
 
 

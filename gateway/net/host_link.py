@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import random
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
 from gateway.metrics import CounterLike, Metrics
 from gateway.net.counted_log import CountedLog
+from gateway.net.tls import TlsHandshakeError, client_context, failure_kind, handshake
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
 
@@ -216,6 +218,8 @@ class HostLink:
         #: late answers waiting for `_journal_late_answers`
         self._late_answers = _LateAnswers(LATE_ANSWER_BACKLOG)
         self._drop_log = CountedLog(log)
+        #: TLS on the host link ([host.tls]); None: plain TCP
+        self._ssl_context = client_context(config.tls) if config.tls is not None else None
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
@@ -341,8 +345,24 @@ class HostLink:
         scope.cancel()
 
     async def _connect(self) -> anyio.abc.ByteStream:
-        """Open a connection to the host (a seam: tests wrap the stream to stall or count writes)."""
-        return await anyio.connect_tcp(self.config.address.host, self.config.address.port)
+        """Open a connection to the host, with TLS when configured (a seam: tests wrap the stream to
+        stall or count writes). A failed TLS handshake raises TlsHandshakeError (an OSError), counted."""
+        address = self.config.address
+        stream = await anyio.connect_tcp(address.host, address.port)
+        if self._ssl_context is None:
+            return stream
+        tls = self.config.tls
+        assert tls is not None
+        try:
+            return await handshake(stream, self._ssl_context, server_side=False,
+                                   hostname=tls.server_name or address.host)
+        except TlsHandshakeError as exc:
+            self.metrics.tls_failure("host", exc.kind).inc()
+            await anyio.aclose_forcefully(stream)
+            raise
+        except BaseException:  # cancelled (connect_timeout): do not leak the socket
+            await anyio.aclose_forcefully(stream)
+            raise
 
     async def _serve_connection(self, stream: anyio.abc.ByteStream) -> None:
         async with stream:
@@ -544,8 +564,10 @@ class HostLink:
 
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         decoder = self.framer.decoder()
+        received = False
         try:
             async for chunk in stream:
+                received = True
                 self._last_rx = anyio.current_time()
                 for frame in decoder.feed(chunk):
                     unmatched = self._on_frame(frame.body)
@@ -554,9 +576,26 @@ class HostLink:
         except IsoError as exc:
             self.metrics.decode_error(exc.kind).inc()
             self._end_connection(scope, f"the host sent an undecodable stream ({exc})")
+        except ssl.SSLError as exc:  # e.g. TLS 1.3: the host refuses our certificate after the handshake
+            self.metrics.tls_failure("host", failure_kind(exc)).inc()
+            self._end_connection(scope, f"TLS failure ({_describe(exc)})")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ssl.SSLError):
+                self.metrics.tls_failure("host", failure_kind(cause)).inc()
+                self._end_connection(scope, f"TLS failure ({_describe(cause)})")
+            self._refused_tls_session(scope, received)
             self._end_connection(scope, f"the connection broke ({_describe(exc)})")
+        self._refused_tls_session(scope, received)
         self._end_connection(scope, "the host closed the connection")
+
+    def _refused_tls_session(self, scope: anyio.CancelScope, received: bool) -> None:
+        """Under TLS 1.3 the client's handshake is over before the host has checked our certificate: a
+        host that refuses it just closes the session, before sending anything. Say so, and count it."""
+        if self._ssl_context is not None and not received and self._ended_because is None:
+            self.metrics.tls_failure("host", "closed").inc()
+            self._end_connection(scope, "the host closed the TLS session before sending anything (a host that "
+                                        "refuses our client certificate does that under TLS 1.3)")
 
     def _on_frame(self, body: bytes) -> HostReply | None:
         """Hand an answer to its request; returns an answer no request waits for (late or unmatched)."""

@@ -41,12 +41,14 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
 from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
 from gateway.metrics import Metrics
 from gateway.net.counted_log import CountedLog
+from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
 
 log = logging.getLogger("gateway.terminal")
 
@@ -326,10 +328,12 @@ class _Watched:
     """A connection as the server's sweeper sees it: its reader's idleness, the deadline of the frame it
     is receiving, and its writer's deadline."""
 
-    __slots__ = ("conn", "frame_started", "reading", "stopped", "waiting_since", "workers")
+    __slots__ = ("conn", "frame_started", "peer", "reading", "stopped", "waiting_since", "workers")
 
-    def __init__(self, conn: TerminalConnection) -> None:
-        self.conn = conn
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        #: None until the connection is ready for frames (during a TLS handshake)
+        self.conn: TerminalConnection | None = None
         #: cancelled by the sweeper to stop reading; None once the reader has stopped
         self.reading: anyio.CancelScope | None = None
         #: when the reader's current `receive` began; None while it is not waiting for bytes (it is
@@ -352,7 +356,7 @@ class _Watched:
         may not be shed: it has requests in flight or answers to write, or is not reading."""
         if self.reading is None or self.waiting_since is None:
             return None
-        if (self.workers is not None and self.workers.busy) or self.conn.writing:
+        if (self.workers is not None and self.workers.busy) or (self.conn is not None and self.conn.writing):
             return None
         return self.frame_started if self.frame_started is not None else self.waiting_since
 
@@ -374,12 +378,15 @@ class TerminalServer:
         #: connections shed to make room that have not finished closing yet (they still count in `active`)
         self._shedding = 0
         self._shed_log = CountedLog(log)
+        #: TLS on the terminal port ([terminal_side.tls]); None: plain TCP
+        self.ssl_context = server_context(config.tls) if config.tls is not None else None
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
         listener = await anyio.create_tcp_listener(local_host=listen.host, local_port=listen.port, reuse_port=False)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        log.info("accepting terminals on %s:%s", listen.host, self.port)
+        log.info("accepting terminals on %s:%s (%s)", listen.host, self.port,
+                 "plain TCP" if self.config.tls is None else f"TLS, client certificates {self.config.tls.client_certs}")
         task_status.started(self.port)
         # shielded: during a shutdown the answers still being written stay bounded by write_timeout; it
         # ends once every connection has (listener.serve returns only after all its handlers)
@@ -419,7 +426,7 @@ class TerminalServer:
                             watched.stop_reading(_FRAME_TIMEOUT)
                         elif min(due, frame_due) < wake:
                             wake = min(due, frame_due)
-                    write_due = watched.conn._check_write(now)
+                    write_due = watched.conn._check_write(now) if watched.conn is not None else None
                     if write_due is not None and write_due < wake:
                         wake = write_due
                 await anyio.sleep_until(max(wake, now + min_gap))
@@ -437,12 +444,16 @@ class TerminalServer:
         self.active += 1
         self.metrics.connections_accepted.inc()
         self.metrics.terminal_connections.inc()
-        conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer)
-        watched = _Watched(conn)
+        watched = _Watched(peer)
         self._watched.add(watched)
         try:
             async with stream:
-                await self._serve_connection(stream, watched)
+                framed: anyio.abc.ByteStream | None = stream
+                if self.ssl_context is not None:
+                    framed = await self._tls_handshake(stream, watched)
+                if framed is not None:
+                    watched.conn = TerminalConnection(framed, self.framer.encode, self.config.write_timeout, peer)
+                    await self._serve_connection(framed, watched)
         finally:
             self._watched.discard(watched)
             if watched.stopped == _SHED:
@@ -465,16 +476,40 @@ class TerminalServer:
         self._shedding += 1
         self.metrics.connections_shed.inc()
         self._shed_log.note("max_connections (%d) reached: closed terminal connection %s (%s for %.1fs) to make "
-                            "room for %s", self.config.max_connections, victim.conn.peer, how,
+                            "room for %s", self.config.max_connections, victim.peer, how,
                             anyio.current_time() - since, newcomer)
         return True
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream, watched: _Watched) -> None:
+    async def _tls_handshake(self, stream: anyio.abc.SocketStream, watched: _Watched) -> TLSStream | None:
+        """The TLS handshake, bounded like a frame (frame_timeout from the connect) and sheddable like
+        one; None when it failed (logged, counted) or was cut short."""
+        with anyio.CancelScope() as handshaking:
+            watched.reading = handshaking
+            watched.waiting_since = watched.frame_started = anyio.current_time()
+            try:
+                tls = await handshake(stream, self.ssl_context, server_side=True)  # type: ignore[arg-type]
+            except TlsHandshakeError as exc:
+                self.metrics.tls_failure("terminal", exc.kind).inc()
+                log.warning("refusing terminal %s: %s", watched.peer, exc)
+                return None
+            finally:
+                watched.reading = watched.waiting_since = watched.frame_started = None
+        if handshaking.cancelled_caught:
+            if watched.stopped == _FRAME_TIMEOUT:
+                self.metrics.tls_failure("terminal", "timeout").inc()
+                log.warning("refusing terminal %s: TLS handshake not complete %.1fs after the connect",
+                            watched.peer, self.config.frame_timeout)
+            return None
+        log.info("terminal %s: TLS established (%s)", watched.peer, peer_summary(tls))
+        return tls
+
+    async def _serve_connection(self, stream: anyio.abc.ByteStream, watched: _Watched) -> None:
         # In-flight frames finish even after reading stops: their host exchange is under way, and an
         # answer that cannot be delivered must still be reversed by the handler. When the terminal hung
         # up, answers are refused at once (`closed`); when *we* stop reading (idle, bad framing), the
         # answers already owed are still written, then the connection closes.
         conn = watched.conn
+        assert conn is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(conn._write_batches)  # ends when the last worker is done after reading stopped
             workers = watched.workers = _Workers(tg, self.handler, conn, self.config.max_in_flight_per_connection)
@@ -493,7 +528,7 @@ class TerminalServer:
                 elif watched.stopped == _IDLE:
                     log.info("closing idle terminal connection %s", conn.peer)
 
-    async def _read_frames(self, stream: anyio.abc.SocketStream, conn: TerminalConnection, workers: _Workers,
+    async def _read_frames(self, stream: anyio.abc.ByteStream, conn: TerminalConnection, workers: _Workers,
                            watched: _Watched) -> None:
         decoder = self.framer.decoder()
         admit = self.admit
