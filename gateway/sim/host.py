@@ -436,6 +436,9 @@ class HostSimulator:
                 log.warning("host simulator: refusing a connection: %s", exc or "TLS handshake timed out")
                 await anyio.aclose_forcefully(raw)
                 return
+            except BaseException:  # cancelled mid-handshake (shutdown): the socket is still ours to close
+                await anyio.aclose_forcefully(raw)
+                raise
         self.stats.connections_opened += 1
         conn = _Connection(self, stream)
         self._open.add(conn)
