@@ -218,6 +218,8 @@ class HostLink:
         #: late answers waiting for `_journal_late_answers`
         self._late_answers = _LateAnswers(LATE_ANSWER_BACKLOG)
         self._drop_log = CountedLog(log)
+        #: one line per late answer, but a storm of them becomes one line a second with a count
+        self._late_log = CountedLog(log, level=logging.INFO)
         #: TLS on the host link ([host.tls]); None: plain TCP
         self._ssl_context = client_context(config.tls) if config.tls is not None else None
         self.dialect = load_dialect(config.dialect)
@@ -618,7 +620,7 @@ class HostLink:
         if slot is None or slot.state == _QUEUED:
             # nobody waits for it, or its request was never written (so it cannot be the answer to it)
             self.metrics.late_answers.inc()
-            log.info("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
+            self._late_log.note("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
             return HostReply(msg, mac_ok)
         del self._pending[key]
         slot.done = True
