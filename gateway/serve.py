@@ -27,6 +27,7 @@ from gateway.metrics import Metrics, NullMetrics
 from gateway.net.admin import serve_admin
 from gateway.net.host_link import HostLink
 from gateway.net.saf_sender import SafSender
+from gateway.net.saf_watch import watch_saf
 from gateway.net.terminal_server import TerminalServer
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule, SoftwareSecurityModule
@@ -122,6 +123,8 @@ async def run_gateway(
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
         await tg.start(link.run)
         await tg.start(saf.run)
+        await tg.start(watch_saf, store, metrics)
+        metrics.signed_in_terminals.set_function(lambda: len(service.sessions))
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         terminal_port = await tg.start(server.serve)
         admin_port = None
@@ -159,7 +162,6 @@ def _serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: bad configuration: {exc}", flush=True)
         return 2
-    logging.getLogger("gateway").setLevel(logging.INFO)
     try:
         anyio.run(_serve_until_signalled, config, backend=args.backend,
                   backend_options={"use_uvloop": True} if args.backend == "asyncio" else {})

@@ -36,6 +36,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
+from gateway import logs
 from gateway.config import HostConfig
 from gateway.core.clock import utc_mmddhhmmss
 from gateway.iso.build import iso87
@@ -46,7 +47,7 @@ from gateway.iso.message import Message
 from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
-from gateway.metrics import CounterLike, Metrics
+from gateway.metrics import CounterLike, Metrics, clock
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
 
@@ -99,7 +100,7 @@ _QUEUED, _SENDING, _SENT, _WITHDRAWN = range(4)
 class _Pending:
     """One request waiting for its answer."""
 
-    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "state", "timeout")
+    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "sent_at", "state", "timeout")
 
     def __init__(self, key: tuple[str, ...], frame: bytes, counter: CounterLike, timeout: float) -> None:
         self.key = key
@@ -113,6 +114,8 @@ class _Pending:
         self.event = anyio.Event()
         self.reply: HostReply | None = None
         self.error: HostError | None = None
+        #: `metrics.clock()` once the frame was written (the host stage runs from here to the answer)
+        self.sent_at = 0.0
 
 
 class _Connection:
@@ -356,6 +359,7 @@ class HostLink:
             frame = self.framer.encode(self._encode(msg))
         except (IsoError, SecurityError) as exc:
             raise HostNotSent(f"request cannot be encoded: {exc}") from None
+        logs.trace("host_out", msg)
         slot = _Pending(key, frame, self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")), timeout)
         pending[key] = slot
         self._add_deadline(conn, slot, anyio.current_time() + timeout)
@@ -452,8 +456,10 @@ class HostLink:
                 await stream.send(b"".join(chunks))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 raise HostError(f"write to the host failed: {exc!r}") from None
+            sent_at = clock()
             for slot in taken:
                 slot.state = _SENT
+                slot.sent_at = sent_at
                 slot.counter.inc()
 
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
@@ -486,6 +492,7 @@ class HostLink:
             log.warning("undecodable message from host: %s", exc)
             return None
         self.metrics.message("host_in", msg.mti, msg.fields.get("39", "")).inc()
+        logs.trace("host_in", msg)
         if is_request(msg.mti):
             self._answer_host_request(msg)
             return None
@@ -500,6 +507,7 @@ class HostLink:
             log.info("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
             return HostReply(msg, mac_ok)
         del self._pending[key]
+        self.metrics.stages.host.observe(clock() - slot.sent_at)
         slot.done = True
         slot.reply = HostReply(msg, mac_ok)
         slot.event.set()

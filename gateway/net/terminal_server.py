@@ -34,7 +34,7 @@ import anyio.abc
 from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
-from gateway.metrics import Metrics
+from gateway.metrics import NOOP, HistogramLike, Metrics, clock
 
 log = logging.getLogger("gateway.terminal")
 
@@ -77,8 +77,9 @@ class TerminalConnection:
     `Undeliverable`."""
 
     def __init__(self, stream: anyio.abc.ByteStream, encode: Callable[[bytes, CupEnvelope | None], bytes],
-                 write_timeout: float, peer: str) -> None:
+                 write_timeout: float, peer: str, write_stage: HistogramLike = NOOP) -> None:
         self._stream = stream
+        self._write_stage = write_stage
         self._encode = encode
         self._write_timeout = write_timeout
         self.peer = peer
@@ -177,7 +178,9 @@ class TerminalConnection:
                 parts = batch.parts
                 self._writing = batch
                 try:
+                    started = clock()
                     await stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
+                    self._write_stage.observe(clock() - started)
                 except Exception as exc:
                     if not isinstance(exc, _WRITE_ERRORS):  # a bug guard: contained to this connection
                         log.exception("unexpected error writing to terminal %s", self.peer)
@@ -383,7 +386,8 @@ class TerminalServer:
         self.active += 1
         self.metrics.connections_accepted.inc()
         self.metrics.terminal_connections.inc()
-        conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer)
+        conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer,
+                                  self.metrics.stages.terminal_write)
         watched = _Watched(conn)
         self._watched.add(watched)
         try:

@@ -64,6 +64,7 @@ from gateway.store.records import (
     ReversalInitiator,
     SafEntry,
     SafState,
+    SafSummary,
     TxnKind,
     TxnRecord,
     TxnRequest,
@@ -377,6 +378,17 @@ def _op_drop(conn: sqlite3.Connection, saf_id: int, note: str, now: float) -> Sa
 
 def _count_open_saf(conn: sqlite3.Connection) -> int:
     return int(conn.execute(f"SELECT count(*) FROM saf WHERE {_OPEN_SAF}").fetchone()[0])
+
+
+def _saf_summary(conn: sqlite3.Connection) -> SafSummary:
+    counts = {SafState.PENDING: (0, None), SafState.PARKED: (0, None)}
+    for state, n, oldest in conn.execute(
+        "SELECT state, count(*), min(queued_at) FROM saf WHERE state IN (?, ?) GROUP BY state",
+        (SafState.PENDING, SafState.PARKED),
+    ):
+        counts[SafState(state)] = (int(n), oldest)
+    pending, oldest_pending = counts[SafState.PENDING]
+    return SafSummary(pending, counts[SafState.PARKED][0], oldest_pending)
 
 
 #: writes that change the SAF queue: the depth is re-counted after their commit
@@ -776,6 +788,9 @@ class SqliteStore:
 
     async def saf_depth(self) -> int:
         return await self._read(_count_open_saf)
+
+    async def saf_summary(self) -> SafSummary:
+        return await self._read(_saf_summary)
 
 
 def _and(base: str, params: list[object], **optional: object) -> tuple[str, list[object]]:
