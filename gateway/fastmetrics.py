@@ -1,4 +1,4 @@
-"""Histograms and counters for the money path that cost a tenth of prometheus-client's children.
+"""Histograms, counters and gauges for the money path that cost a tenth of prometheus-client's children.
 
 prometheus-client's `Histogram.observe` takes two locks (sum and bucket) and walks the bucket list in
 Python: 0.6–1.0 µs per call on this machine, and a transaction makes about ten such calls. Every call
@@ -14,10 +14,10 @@ loop, so it always sees a consistent snapshot.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -49,6 +49,31 @@ class CounterChild:
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
+
+
+class GaugeChild:
+    """One labelled series: `inc`, `dec`, `set`, or `set_function` (read at scrape time)."""
+
+    __slots__ = ("function", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.function: Callable[[], float] | None = None
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        self.function = f
+
+    def read(self) -> float:
+        return float(self.function()) if self.function is not None else self.value
 
 
 class _Family(Collector):
@@ -125,4 +150,25 @@ class FastCounter(_Family):
         for values, child in list(self._children.items()):
             assert isinstance(child, CounterChild)
             family.add_metric(list(values), child.value)
+        yield family
+
+
+class FastGauge(_Family):
+    """A gauge family; `labels(*values)` binds a child once."""
+
+    def labels(self, *values: str) -> GaugeChild:
+        self._check(values)
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = GaugeChild()
+        return child  # type: ignore[return-value]
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in list(self._children.items()):
+            assert isinstance(child, GaugeChild)
+            family.add_metric(list(values), child.read())
         yield family

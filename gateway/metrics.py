@@ -32,7 +32,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
-from gateway.fastmetrics import FastCounter, FastHistogram
+from gateway.fastmetrics import FastCounter, FastGauge, FastHistogram
 
 #: the clock of every duration measured on the money path (monotonic, sub-µs resolution)
 clock: Final = time.perf_counter
@@ -158,7 +158,7 @@ class HistogramLike(Protocol):
 # (attribute, type, metric name without prefix, help, buckets). One table drives both `Metrics` and
 # `NullMetrics`, so the two cannot drift apart.
 _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], ...]] = (
-    ("in_flight", Gauge, "in_flight_transactions", "Terminal requests being processed now", None),
+    ("in_flight", FastGauge, "in_flight_transactions", "Terminal requests being processed now", None),
     ("terminal_connections", Gauge, "terminal_connections", "Open terminal connections", None),
     ("connections_accepted", Counter, "terminal_connections_accepted", "Terminal connections accepted", None),
     ("connections_refused", Counter, "terminal_connections_refused",
@@ -296,6 +296,8 @@ class Metrics:
             full = f"{PREFIX}_{name}"
             if buckets is not None:
                 metric: object = FastHistogram(full, doc, buckets, registry=r).labels()
+            elif kind is FastGauge:
+                metric = FastGauge(full, doc, registry=r).labels()
             else:
                 metric = kind(full, doc, registry=r)
             setattr(self, attr, metric)

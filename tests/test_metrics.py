@@ -14,7 +14,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from gateway.fastmetrics import FastCounter, FastHistogram
+from gateway.fastmetrics import FastCounter, FastGauge, FastHistogram
 from gateway.metrics import (
     KNOWN_MTIS,
     LATENCY_BUCKETS,
@@ -246,6 +246,21 @@ def test_fast_counter_exposes_a_total_in_both_formats():
     assert families(generate_latest(registry).decode())["y"] == [("y_total", {"direction": "in"}, 3.0)]
     om = {f.name: f for f in parse_openmetrics(generate_openmetrics(registry).decode())}
     assert [(s.name, s.value) for s in om["y"].samples] == [("y_total", 3.0)]
+
+
+def test_fast_gauge_moves_and_reads_a_function_at_scrape_time():
+    registry = CollectorRegistry()
+    gauge = FastGauge("q", "doc", registry=registry).labels()
+    gauge.inc()
+    gauge.inc(2)
+    gauge.dec()
+    assert families(generate_latest(registry).decode())["q"] == [("q", {}, 2.0)]
+    gauge.set(7)
+    assert families(generate_latest(registry).decode())["q"] == [("q", {}, 7.0)]
+    level = [3]
+    gauge.set_function(lambda: level[0])
+    level[0] = 4
+    assert families(generate_latest(registry).decode())["q"] == [("q", {}, 4.0)]
 
 
 def test_fast_families_refuse_a_duplicate_name_and_wrong_labels():
