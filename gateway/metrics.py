@@ -191,6 +191,8 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("saf_oldest_age", Gauge, "saf_oldest_pending_age_seconds",
      "Age of the oldest reversal still waiting to be acknowledged (0: none waiting)", None),
     ("signed_in_terminals", Gauge, "signed_in_terminals", "Terminals signed in now (sessions in memory)", None),
+    ("journal_ready", Gauge, "journal_ready",
+     "1 while the journal takes writes (its commit thread runs and the last write succeeded), else 0", None),
 )  # fmt: skip
 
 
@@ -284,6 +286,7 @@ class Metrics:
     saf_parked: GaugeLike
     saf_oldest_age: GaugeLike
     signed_in_terminals: GaugeLike
+    journal_ready: GaugeLike
     journal: JournalObserver
     stages: Stages
     saf: SafWatch

@@ -124,16 +124,17 @@ async def run_gateway(
         await tg.start(link.run)
         await tg.start(saf.run)
         await tg.start(watch_saf, store, metrics)
-        metrics.signed_in_terminals.set_function(lambda: len(service.sessions))
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         terminal_port = await tg.start(server.serve)
+        committer = getattr(store, "committer", None)
+
+        def journal_ready() -> bool:
+            return service.journal_healthy and (committer is None or committer.running)
+
+        metrics.signed_in_terminals.set_function(lambda: len(service.sessions))
+        metrics.journal_ready.set_function(lambda: 1.0 if journal_ready() else 0.0)
         admin_port = None
         if config.admin.listen is not None:
-            committer = getattr(store, "committer", None)
-
-            def journal_ready() -> bool:
-                return service.journal_healthy and (committer is None or committer.running)
-
             readiness = {"host_link": lambda: link.ready, "journal": journal_ready}
             admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
                                         metrics, readiness)

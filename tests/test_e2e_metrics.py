@@ -91,6 +91,7 @@ async def test_counters_move_with_traffic_and_readiness_follows_the_host(tmp_pat
         assert sample(after, "gateway_signed_in_terminals") == 1
         assert sample(after, "gateway_build_info") == 1
         assert sample(after, "gateway_saf_parked") == 0
+        assert sample(after, "gateway_journal_ready") == 1
         assert sample(after, "gateway_journal_commit_batch_size_count") >= 1
         assert sample(after, "gateway_host_link_state") == 3
         assert sample(after, "gateway_terminal_connections") == 1

@@ -50,7 +50,7 @@ def public_api(obj: object) -> dict[str, set[str]]:
         elif name in ("registry", "enabled"):
             api[name] = {"data"}
         elif name == "stages":
-            api[name] = {f"{stage}.observe" for stage in STAGES if callable(getattr(getattr(value, stage), "observe"))}
+            api[name] = {f"{stage}.observe" for stage in STAGES if callable(getattr(value, stage).observe)}
         else:
             api[name] = {m for m in ("inc", "dec", "set", "observe", "commit", "saf_depth", "update")
                          if callable(getattr(value, m, None))}
@@ -340,7 +340,7 @@ def test_signed_in_terminals_is_read_at_scrape_time():
 def test_build_info_names_version_python_and_codec():
     m = Metrics(process_metrics=False)
     text = generate_latest(m.registry).decode()
-    [(name, labels, value)] = families(text)["gateway_build_info"]
+    [(_name, labels, value)] = families(text)["gateway_build_info"]
     assert value == 1
     assert labels["version"] == __version__
     assert labels["python"] == platform.python_version()
