@@ -28,8 +28,9 @@ def _add_log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     sub-commands they default to SUPPRESS, so an option given before the sub-command is not undone."""
     verbose: dict[str, object] = {"default": 0} if top else {"default": argparse.SUPPRESS}
     parser.add_argument("-v", "--verbose", action="count", **verbose,  # type: ignore[arg-type]
-                        help="more logging: -v, -vv (serve: INFO by default, -v debug, -vv debug and a "
-                             "masked trace of every message; other commands: -v info, -vv debug and the trace)")
+                        help="more logging (serve: INFO by default, -v debug; other commands: -v info, "
+                             "-vv debug). Debug includes a masked trace of every message; -vv adds other "
+                             f"libraries' debug lines. Default from ${logs.LEVEL_ENV} (debug, info, warning, error)")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=None if top else argparse.SUPPRESS,
                         help=f"log lines as text or as one JSON object per line (default: ${logs.FORMAT_ENV} "
                              "or text)")

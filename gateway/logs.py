@@ -4,8 +4,8 @@ the masked message trace.
 - `configure(verbosity, fmt, command)` installs one stderr handler on the root logger. The level comes
   from `-v`/`-vv`, else `GATEWAY_LOG_LEVEL`; the format from `--log-format`, else `GATEWAY_LOG_FORMAT`
   (text by default). `serve` starts one step more verbose than the tools (INFO: a server says what it
-  does), so there `-v` turns on DEBUG and `-vv` adds the message trace; elsewhere `-v` is INFO and `-vv`
-  DEBUG with the trace.
+  does), so there `-v` turns on DEBUG; elsewhere `-v` is INFO and `-vv` DEBUG. DEBUG includes the
+  masked message trace; `-vv` also lets other libraries' (asyncio's, ...) debug lines through.
 - `json`: one object per line with `time` (UTC, ISO 8601, ms), `level`, `logger`, `message`, and, when
   the line was logged while a transaction was being processed, its `txn_id`, `terminal`, `stan`, `mti`,
   `flow` and `rc` as keys (whatever is known by then); `exception` holds a traceback.
@@ -38,7 +38,7 @@ FORMATS: Final = ("text", "json")
 LEVEL_ENV: Final = "GATEWAY_LOG_LEVEL"
 FORMAT_ENV: Final = "GATEWAY_LOG_FORMAT"
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: the message trace's logger: DEBUG only with the highest verbosity
+#: the message trace's logger (a child of "gateway": on whenever the gateway logs at DEBUG)
 WIRE_LOGGER: Final = "gateway.wire"
 #: commands that run as a server and log their INFO lines without being asked
 SERVER_COMMANDS: Final = frozenset({"serve"})
@@ -180,12 +180,12 @@ _LEVEL_NAMES: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": 
 
 
 def levels_for(verbosity: int, command: str | None) -> tuple[int, int]:
-    """(level of the gateway's loggers, level of the message trace) for `-v` given `verbosity` times:
-    tools WARNING / INFO / DEBUG, `serve` INFO / DEBUG / DEBUG; the trace only from `-vv` on."""
+    """(level of the gateway's own loggers, level of everything else) for `-v` given `verbosity` times.
+    Tools: WARNING, -v INFO, -vv DEBUG; `serve`: INFO, -v DEBUG. The message trace is part of DEBUG.
+    Other libraries (asyncio, ...) stay at WARNING until -vv."""
     step = verbosity + (1 if command in SERVER_COMMANDS else 0)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(step, 2)]
-    wire = logging.DEBUG if verbosity >= 2 else max(level, logging.INFO)
-    return level, wire
+    return level, logging.DEBUG if verbosity >= 2 else logging.WARNING
 
 
 def parse_level(text: str) -> int:
@@ -209,10 +209,9 @@ def configure(verbosity: int = 0, fmt: str | None = None, *, command: str | None
     `-v` flags win over `GATEWAY_LOG_LEVEL` (debug, info, warning, error), which wins over the command's
     default; `fmt` wins over `GATEWAY_LOG_FORMAT`. With `GATEWAY_LOG_LEVEL=debug` the trace is on."""
     env = os.environ if environ is None else environ
-    level, wire_level = levels_for(verbosity, command)
+    level, others = levels_for(verbosity, command)
     if verbosity == 0 and env.get(LEVEL_ENV):
         level = parse_level(env[LEVEL_ENV])
-        wire_level = level if level == logging.DEBUG else max(level, logging.INFO)
     chosen = parse_format(fmt or env.get(FORMAT_ENV) or "text")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
@@ -222,7 +221,7 @@ def configure(verbosity: int = 0, fmt: str | None = None, *, command: str | None
     for old in [h for h in root.handlers if getattr(h, "_gateway", False)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(others)
     logging.getLogger("gateway").setLevel(level)
-    _wire.setLevel(wire_level)
+    _wire.setLevel(logging.NOTSET)  # the trace follows the gateway's level: on at DEBUG
     return handler
