@@ -128,6 +128,8 @@ def test_plot_title_says_target_driver_sessions_and_date():
                                  "2026-11-23 17:45 UTC"
     fig = build_figure(report)
     assert fig._suptitle.get_text() == plot_title(report)
+    report.target = report.driver = report.started_at = None  # e.g. bench/gateway.py's own reports
+    assert plot_title(report) == "4 sessions · open loop 100/s · 1 process"
 
 
 def test_plot_shows_errors_by_code_and_the_percentile_distribution():

@@ -32,11 +32,11 @@ def plot_title(report: LoadReport) -> str:
     """"127.0.0.1:5000 · driver cup · 64 sessions · open loop 500/s · 1 process · 2026-11-23 17:45"."""
     load = f"open loop {report.target_rate:g}/s" if report.target_rate else \
         f"closed loop, {report.concurrency} in flight"
-    parts = [report.target or "?", f"driver {report.driver or '?'}", f"{report.sessions} sessions", load,
-             f"{report.processes} process{'es' if report.processes != 1 else ''}"]
+    parts = [report.target, f"driver {report.driver}" if report.driver else None, f"{report.sessions} sessions",
+             load, f"{report.processes} process{'es' if report.processes != 1 else ''}"]
     if report.started_at is not None:
         parts.append(report.started_at.strftime("%Y-%m-%d %H:%M %Z").strip())
-    return " · ".join(parts)
+    return " · ".join(part for part in parts if part)  # a report built without them (bench) leaves them out
 
 
 def percentile_points(report: LoadReport) -> tuple[list[float], list[float]]:
