@@ -205,7 +205,7 @@ class Stages:
 
     decode: a terminal frame to a `Message`; security: one security-module call (MAC verify, PIN/track
     translation, answer MAC); journal: the durable write before a request goes upstream; host: a request
-    written to the host link until its answer is read; terminal_write: one write of answers to a terminal."""
+    handed to the host socket until its answer is read; terminal_write: one write of answers to a terminal."""
 
     __slots__ = STAGES
 

@@ -114,7 +114,7 @@ class _Pending:
         self.event = anyio.Event()
         self.reply: HostReply | None = None
         self.error: HostError | None = None
-        #: `metrics.clock()` once the frame was written (the host stage runs from here to the answer)
+        #: `metrics.clock()` when the writer took the frame (the host stage runs from here to the answer)
         self.sent_at = 0.0
 
 
@@ -443,11 +443,13 @@ class HostLink:
             batch, conn.outgoing = conn.outgoing, []
             chunks: list[bytes] = []
             taken: list[_Pending] = []
+            writing_at = clock()  # before the send: an answer can be read before `send` returns here
             for item in batch:
                 if isinstance(item, bytes):
                     chunks.append(item)
                 elif item.state == _QUEUED:  # not withdrawn meanwhile
                     item.state = _SENDING
+                    item.sent_at = writing_at
                     chunks.append(item.frame)
                     taken.append(item)
             if not chunks:
@@ -456,10 +458,8 @@ class HostLink:
                 await stream.send(b"".join(chunks))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 raise HostError(f"write to the host failed: {exc!r}") from None
-            sent_at = clock()
             for slot in taken:
                 slot.state = _SENT
-                slot.sent_at = sent_at
                 slot.counter.inc()
 
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
