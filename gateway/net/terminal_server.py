@@ -77,9 +77,10 @@ class TerminalConnection:
     `Undeliverable`."""
 
     def __init__(self, stream: anyio.abc.ByteStream, encode: Callable[[bytes, CupEnvelope | None], bytes],
-                 write_timeout: float, peer: str, write_stage: HistogramLike = NOOP) -> None:
+                 write_timeout: float, peer: str) -> None:
         self._stream = stream
-        self._write_stage = write_stage
+        #: times each write (`metrics.stages.terminal_write`); the server sets it, NOOP by default
+        self.write_stage: HistogramLike = NOOP
         self._encode = encode
         self._write_timeout = write_timeout
         self.peer = peer
@@ -180,7 +181,7 @@ class TerminalConnection:
                 try:
                     started = clock()
                     await stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
-                    self._write_stage.observe(clock() - started)
+                    self.write_stage.observe(clock() - started)
                 except Exception as exc:
                     if not isinstance(exc, _WRITE_ERRORS):  # a bug guard: contained to this connection
                         log.exception("unexpected error writing to terminal %s", self.peer)
@@ -386,8 +387,8 @@ class TerminalServer:
         self.active += 1
         self.metrics.connections_accepted.inc()
         self.metrics.terminal_connections.inc()
-        conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer,
-                                  self.metrics.stages.terminal_write)
+        conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer)
+        conn.write_stage = self.metrics.stages.terminal_write
         watched = _Watched(conn)
         self._watched.add(watched)
         try:
