@@ -136,6 +136,22 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class ThresholdFilter(logging.Filter):
+    """The handler's levels: one for the gateway's own loggers, one for everything else. Kept on the
+    handler rather than on the "gateway" logger, so installing it changes no logger a library, a test
+    or an embedding program relies on (only the root's level, as `logging.basicConfig` does)."""
+
+    def __init__(self, gateway_level: int, other_level: int) -> None:
+        super().__init__()
+        self.gateway_level = gateway_level
+        self.other_level = other_level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        ours = name == "gateway" or name.startswith("gateway.")
+        return record.levelno >= (self.gateway_level if ours else self.other_level)
+
+
 class TextFormatter(logging.Formatter):
     """The classic line, with the transaction's identifiers appended in brackets when there are any."""
 
@@ -215,13 +231,13 @@ def configure(verbosity: int = 0, fmt: str | None = None, *, command: str | None
     chosen = parse_format(fmt or env.get(FORMAT_ENV) or "text")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
+    handler.addFilter(ThresholdFilter(level, others))
     handler.addFilter(ContextFilter())
     handler._gateway = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_gateway", False)]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(others)
-    logging.getLogger("gateway").setLevel(level)
-    _wire.setLevel(logging.NOTSET)  # the trace follows the gateway's level: on at DEBUG
+    # records below both levels are never made; the trace (`isEnabledFor(DEBUG)`) follows the root
+    root.setLevel(min(level, others))
     return handler

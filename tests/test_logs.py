@@ -93,6 +93,22 @@ def test_environment_sets_level_and_format_and_flags_win(restore_logging):
         logs.configure(0, None, environ={"GATEWAY_LOG_FORMAT": "xml"})
 
 
+def test_configure_leaves_the_gateway_loggers_alone(restore_logging):
+    """Only the root level and our handler change: a test or an embedding program that set a gateway
+    logger's level keeps it."""
+    flow = logging.getLogger("gateway.flow")
+    flow.setLevel(logging.ERROR)
+    try:
+        stream = io.StringIO()
+        logs.configure(2, "text", stream=stream)
+        assert logging.getLogger("gateway").level == logging.NOTSET and flow.level == logging.ERROR
+        flow.warning("held back by its own level")
+        logging.getLogger("gateway.saf").debug("shown at -vv")
+        assert "held back" not in stream.getvalue() and "shown at -vv" in stream.getvalue()
+    finally:
+        flow.setLevel(logging.NOTSET)
+
+
 def test_configure_twice_keeps_one_handler(restore_logging):
     first, second = io.StringIO(), io.StringIO()
     logs.configure(1, "text", stream=first)
