@@ -180,6 +180,8 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("saf_depth", Gauge, "saf_depth", "Reversals waiting in the store-and-forward queue", None),
     ("mac_failures", Counter, "mac_failures", "Messages whose MAC did not verify (terminal or host)", None),
     ("pin_failures", Counter, "pin_failures", "PIN blocks that could not be translated", None),
+    ("trace_dropped", Counter, "trace_records_dropped",
+     "Trace records dropped because the trace recorder fell behind or its writer died", None),
     ("upstream", FastHistogram, "upstream_latency_seconds",
      "A financial request's wait for the host: handed to the host link to answer in (link queue included)",
      LATENCY_BUCKETS),
@@ -280,6 +282,7 @@ class Metrics:
     saf_depth: GaugeLike
     mac_failures: CounterLike
     pin_failures: CounterLike
+    trace_dropped: CounterLike
     upstream: HistogramLike
     journal_commit: HistogramLike
     journal_batch_size: HistogramLike

@@ -5,7 +5,11 @@ keys installed and checked), and `request(kind)` runs one transaction with a fix
 
     purchase · refund · balance · void (a purchase, then its void: the void's code) · echo · settle
 
-Options (`gateway load --driver cup --target HOST:PORT -o KEY=VALUE ...`):
+Options (`gateway load --driver cup --target HOST:PORT [--keys FILE] -o KEY=VALUE ...`):
+    --keys FILE   the TEST KEYS file of `gateway init`: sessions are its terminals (id, merchant id,
+                  TMK), split between worker processes; tmk / terminal_id / merchant_id are then unused.
+                  More sessions than terminals is refused (two sessions of one terminal would undo
+                  each other's sign-in).
     tmk           terminal master key, hex (default: the demo key 0123456789ABCDEFFEDCBA9876543210)
     terminal_id   the first terminal id (8 characters); session n uses the id with its digits + n
                   (default LT000001). A `worker_index` option offsets the numbering by 10000 per worker
@@ -31,12 +35,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from gateway.load.driver import LoadError, parse_target, register_driver
 from gateway.security.algorithms import parse_hex_key
 from gateway.security.errors import SecurityError
+from gateway.sim.keyfile import KeyFileError, LabTerminal, read_test_keys
 from gateway.sim.terminal import Card, Entry, SignInError, TerminalSimulator, TxnResult
 from gateway.sim.terminal_state import (
     BATCH_MAX,
@@ -144,6 +149,7 @@ class CupDriver:
         key_mode: str = "004",
         timeout: float = 10.0,
         worker_index: int = 0,
+        terminals: Sequence[LabTerminal] = (),
         batch: Callable[[str], int] = lambda _key: random_batch(),
     ) -> None:
         """`batch(key)` opens the batch the terminals start in, once, at the first connect (so building
@@ -153,6 +159,11 @@ class CupDriver:
         self._tmk = tmk
         first_id = next(terminal_ids(first_terminal, worker_index * WORKER_STRIDE))
         self._ids = terminal_ids(first_terminal, worker_index * WORKER_STRIDE)
+        #: registered terminals (from a test-keys file), taken in turn; a replaced session reuses one
+        self._registered = itertools.cycle(terminals) if terminals else None
+        if terminals:
+            first_id = terminals[0].terminal_id
+        #: names this group of terminals in the state file: the target and its first terminal id
         self.state_key = f"{host}:{port} {first_id}"
         self._open_batch = batch
         self.batch: str | None = None
@@ -170,12 +181,17 @@ class CupDriver:
         if self.batch is None:  # no await before this is set: sessions connect concurrently
             self.batch = format_batch(self._open_batch(self.state_key))
             log.info("cup driver: terminals %s... in batch %s", self.state_key.split()[-1], self.batch)
+        if self._registered is not None:
+            entry = next(self._registered)
+            terminal_id, merchant_id, tmk = entry.terminal_id, entry.merchant_id, entry.tmk
+        else:
+            terminal_id, merchant_id, tmk = next(self._ids), self.merchant_id, self._tmk
         terminal = TerminalSimulator(
             self.host,
             self.port,
-            next(self._ids),
-            self.merchant_id,
-            self._tmk,
+            terminal_id,
+            merchant_id,
+            tmk,
             timeout=self.timeout,
             key_mode=self.key_mode,
             batch=self.batch,
@@ -222,6 +238,7 @@ def cup_driver_factory(options: Mapping[str, Any]) -> CupDriver:
         key_mode=key_mode,
         timeout=timeout,
         worker_index=_int_option(options, "worker_index", 0),
+        terminals=_registered_terminals(options),
         batch=_batch_source(options, extra),
     )
 
@@ -246,6 +263,24 @@ def _batch_source(options: Mapping[str, Any], extra: Mapping[str, Any]) -> Calla
             raise LoadError(str(exc)) from None
 
     return from_state
+
+
+def _registered_terminals(options: Mapping[str, Any]) -> tuple[LabTerminal, ...]:
+    """This worker's share of the test-keys file's terminals (worker k of K takes every K-th)."""
+    path = options.get("keys")
+    if not path:
+        return ()
+    try:
+        terminals = read_test_keys(str(path)).terminals
+    except KeyFileError as exc:
+        raise LoadError(str(exc)) from None
+    # unset: `gateway load` has defaulted the sessions to the file's terminals
+    sessions = options.get("concurrency") or options.get("sessions") or 0
+    if int(sessions) > len(terminals):
+        raise LoadError(f"{sessions} sessions but {path} has {len(terminals)} terminals: use --sessions "
+                        f"{len(terminals)} or fewer, or `gateway init --terminals N`")
+    index, count = _int_option(options, "worker_index", 0), _int_option(options, "worker_count", 1)
+    return terminals[index::count]
 
 
 def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:
