@@ -27,6 +27,7 @@ from gateway.metrics import Metrics, NullMetrics
 from gateway.net.admin import serve_admin
 from gateway.net.host_link import HostLink
 from gateway.net.saf_sender import SafSender
+from gateway.net.saf_watch import watch_saf
 from gateway.net.terminal_server import TerminalServer
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule, SoftwareSecurityModule
@@ -134,16 +135,19 @@ async def run_gateway(
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
         await tg.start(link.run)
         await tg.start(saf.run)
+        await tg.start(watch_saf, store, metrics)
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         server.tap = recorder
         terminal_port = await tg.start(server.serve)
+        committer = getattr(store, "committer", None)
+
+        def journal_ready() -> bool:
+            return service.journal_healthy and (committer is None or committer.running)
+
+        metrics.signed_in_terminals.set_function(lambda: len(service.sessions))
+        metrics.journal_ready.set_function(lambda: 1.0 if journal_ready() else 0.0)
         admin_port = None
         if config.admin.listen is not None:
-            committer = getattr(store, "committer", None)
-
-            def journal_ready() -> bool:
-                return service.journal_healthy and (committer is None or committer.running)
-
             readiness = {"host_link": lambda: link.ready, "journal": journal_ready}
             admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
                                         metrics, readiness)
@@ -173,7 +177,6 @@ def _serve_command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"gateway: bad configuration: {problem}", flush=True)
         return 2
-    logging.getLogger("gateway").setLevel(logging.INFO)
     try:
         anyio.run(_serve_until_signalled, config, backend=args.backend,
                   backend_options={"use_uvloop": True} if args.backend == "asyncio" else {})

@@ -20,6 +20,7 @@ from datetime import datetime
 
 import anyio
 
+from gateway import logs
 from gateway.config import GatewayConfig
 from gateway.core import decisions, translate
 from gateway.core.clock import local_now
@@ -34,7 +35,7 @@ from gateway.iso.mti import is_request, match_class
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
 from gateway.iso.validate import flow as flow_spec
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, clock
 from gateway.net.host_link import HostLink, HostNotSent, HostReply, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
 from gateway.net.terminal_server import TerminalConnection, Undeliverable
@@ -123,10 +124,13 @@ class GatewayService:
         """Called by the terminal server for each frame in wire order, before any frame of the
         connection is processed concurrently: a financial request is registered as in flight here, so
         a reversal pipelined right behind it always finds it and waits for its outcome."""
+        started = clock()
         try:
             msg = self.codec.decode(frame.body)
         except IsoError as exc:
             return Admitted(frame, None, exc)
+        self.metrics.stages.decode.observe(clock() - started)
+        logs.trace("terminal_in", msg)
         admitted = Admitted(frame, msg, None)
         if msg.mti in decisions.FINANCIAL_REQUEST_MTIS:
             key = (msg.fields.get("41", ""), decisions.batch_of(msg), msg.fields.get("11", ""))
@@ -136,7 +140,8 @@ class GatewayService:
         return admitted
 
     async def handle_frame(self, admitted: Admitted, conn: TerminalConnection) -> None:
-        started = anyio.current_time()
+        started = clock()
+        txn, token = logs.begin_transaction(admitted.message)  # log lines of this request carry its ids
         try:
             await self._handle(admitted, conn)
         finally:
@@ -145,7 +150,8 @@ class GatewayService:
                 self.in_flight.pop(admitted.in_flight_key, None)  # type: ignore[arg-type]
                 admitted.done.set()
             if admitted.message is not None:
-                self.metrics.end_to_end.observe(anyio.current_time() - started)
+                self.metrics.end_to_end(txn.flow, txn.rc if txn.delivered else None).observe(clock() - started)
+            logs.end_transaction(token)
 
     async def _handle(self, admitted: Admitted, conn: TerminalConnection) -> None:
         frame, msg = admitted.frame, admitted.message
@@ -175,6 +181,7 @@ class GatewayService:
             # must both happen even during shutdown (the write is bounded by write_timeout)
             with anyio.CancelScope(shield=True):
                 delivered = await self._send(conn, frame, answer)
+                logs.note(rc=answer.message.fields.get("39"), delivered=delivered)
                 if on_delivery is not None:
                     await on_delivery(delivered)
         finally:
@@ -190,6 +197,7 @@ class GatewayService:
             # sent a value the terminal dialect cannot carry: the answer cannot go out
             log.error("answer %s to terminal %s cannot be encoded: %s", msg.mti, msg.get("41"), exc)
             return False
+        logs.trace("terminal_out", msg)
         envelope = frame.envelope.reply(3 if answer.resign else None) if frame.envelope is not None else None
         try:
             await conn.send(body, envelope)
@@ -209,7 +217,9 @@ class GatewayService:
         body = self.codec.encode(msg)
         if self.dialect.mac_field in msg.fields:
             mab = body[: -self.mac_len]
+            started = clock()
             mac = self.security.generate_terminal_mac(msg.fields["41"], mab)
+            self.metrics.stages.security.observe(clock() - started)
             body = mab + mac
             msg.fields[self.dialect.mac_field] = mac.hex().upper()  # field 64 is binary (8 bytes)
         return body
@@ -218,6 +228,7 @@ class GatewayService:
         flow = identify(self.dialect.name, msg)
         if flow is None:
             return Answer(decisions.refuse(msg, decisions.unsupported_rc(msg))), None
+        logs.note(flow=flow.name)
         entry = self.config.terminal(msg.fields.get("41", ""))
         if entry is None:
             return Answer(decisions.refuse(msg, "97")), None
@@ -237,7 +248,9 @@ class GatewayService:
         if flow.mac:
             try:
                 mac = body[-self.mac_len :]
+                started = clock()
                 self.security.verify_terminal_mac(entry.terminal_id, body[: -self.mac_len], mac)
+                self.metrics.stages.security.observe(clock() - started)
             except MacError:
                 self.metrics.mac_failures.inc()
                 log.warning("bad MAC from terminal %s stan %s: A0", entry.terminal_id, msg.get("11"))
@@ -322,7 +335,9 @@ class GatewayService:
                 self.limits.release(terminal_id, amount, day)
 
         try:
+            started = clock()
             card = translate.card_data(msg, self.security)
+            self.metrics.stages.security.observe(clock() - started)
         except SecurityError as exc:
             release()
             self.metrics.security_failure(exc.kind).inc()
@@ -336,7 +351,10 @@ class GatewayService:
         fingerprint = self.store.fingerprint(card.pan) if card.pan else ""
         record = translate.journal_record(msg, host_req, name, card, fingerprint, original)
         try:
+            started = clock()
             txn_id = await self.store.record_request(record)
+            self.metrics.stages.journal.observe(clock() - started)
+            logs.note(txn_id=txn_id)
             self.journal_healthy = True
         except DuplicateRequest:
             release()
@@ -384,7 +402,7 @@ class GatewayService:
                         release: Callable[[], None]) -> tuple[Answer, decisions.OnDelivery | None]:
         """`release` gives back the risk-limit reservation (idempotent) when no money moved."""
         terminal_id = msg.fields["41"]
-        sent_at = anyio.current_time()
+        sent_at = clock()
 
         try:
             reply = await self.link.request(host_req)
@@ -407,7 +425,7 @@ class GatewayService:
                 await self.store.record_outcome(txn_id, "timed_out", rc="98")
                 log.warning("txn %s (%s): %s; terminal gets 98", txn_id, flow.name, exc)
             return Answer(decisions.refuse(msg, "98")), None
-        self.metrics.upstream.observe(anyio.current_time() - sent_at)
+        self.metrics.upstream.observe(clock() - sent_at)
         host = reply.message
         rc = host.fields.get("39", "96")
         if rc == RC_APPROVED:

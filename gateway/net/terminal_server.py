@@ -46,7 +46,7 @@ from anyio.streams.tls import TLSStream
 from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
-from gateway.metrics import Metrics
+from gateway.metrics import NOOP, HistogramLike, Metrics, clock
 from gateway.net.counted_log import CountedLog
 from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
 from gateway.trace.format import Direction, EventKind, Leg
@@ -95,6 +95,8 @@ class TerminalConnection:
     def __init__(self, stream: anyio.abc.ByteStream, encode: Callable[[bytes, CupEnvelope | None], bytes],
                  write_timeout: float, peer: str) -> None:
         self._stream = stream
+        #: times each write (`metrics.stages.terminal_write`); the server sets it, NOOP by default
+        self.write_stage: HistogramLike = NOOP
         self._encode = encode
         self._write_timeout = write_timeout
         self.peer = peer
@@ -198,7 +200,9 @@ class TerminalConnection:
                 parts = batch.parts
                 self._writing = batch
                 try:
+                    started = clock()
                     await stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
+                    self.write_stage.observe(clock() - started)
                 except Exception as exc:
                     if not isinstance(exc, _WRITE_ERRORS):  # a bug guard: contained to this connection
                         log.exception("unexpected error writing to terminal %s", self.peer)
@@ -456,6 +460,7 @@ class TerminalServer:
                     framed = await self._tls_handshake(stream, watched)
                 if framed is not None:
                     watched.conn = TerminalConnection(framed, self.framer.encode, self.config.write_timeout, peer)
+                    watched.conn.write_stage = self.metrics.stages.terminal_write
                     if self.tap is not None:  # the connection the tap names is the one frames flow on
                         self.tap.opened(Leg.TERMINAL, watched.conn, peer)
                     await self._serve_connection(framed, watched)
