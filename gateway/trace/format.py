@@ -183,7 +183,10 @@ def read_trace(path: Path) -> tuple[TraceHeader, Iterator[Record]]:
     The file is closed when the iterator is exhausted or garbage-collected."""
     f = path.open(encoding="utf-8")
     try:
-        first = f.readline()
+        try:
+            first = f.readline()
+        except UnicodeDecodeError:
+            raise TraceFormatError(f"{path}: line 1 is not UTF-8 text, not a trace") from None
         if not first:
             raise TraceFormatError(f"{path}: empty file, not a trace")
         header = parse_line(first, 1)
@@ -197,12 +200,16 @@ def read_trace(path: Path) -> tuple[TraceHeader, Iterator[Record]]:
 
 def _records(f: IO[str]) -> Iterator[Record]:
     with f:
-        for lineno, line in enumerate(f, start=2):
-            if line.strip():
-                rec = parse_line(line, lineno)
-                if isinstance(rec, TraceHeader):
-                    raise TraceFormatError(f"line {lineno}: a second trace header")
-                yield rec
+        lineno = 1
+        try:
+            for lineno, line in enumerate(f, start=2):
+                if line.strip():
+                    rec = parse_line(line, lineno)
+                    if isinstance(rec, TraceHeader):
+                        raise TraceFormatError(f"line {lineno}: a second trace header")
+                    yield rec
+        except UnicodeDecodeError:
+            raise TraceFormatError(f"{f.name}: not UTF-8 text after line {lineno}") from None
 
 
 def write_records(out: IO[str], header: TraceHeader, records: Iterable[Record]) -> int:
