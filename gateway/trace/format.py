@@ -112,12 +112,14 @@ class FrameRecord:
     masked: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": "frame", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg.value,
-                               "dir": self.dir.value, "conn": self.conn, "mti": self.mti, "fields": self.fields}
+        # enum members as they are: json writes a StrEnum as its string, and `.value` costs a property
+        # call per member (the writer process writes every frame of the gateway)
+        out: dict[str, Any] = {"kind": "frame", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg,
+                               "dir": self.dir, "conn": self.conn, "mti": self.mti, "fields": self.fields}
         if self.envelope is not None:
             out["envelope"] = self.envelope
         if self.secrets:
-            out["secrets"] = {k: v.value for k, v in self.secrets.items()}
+            out["secrets"] = self.secrets
         if self.masked:
             out["masked"] = list(self.masked)
         if self.wire:
