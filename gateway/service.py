@@ -29,7 +29,7 @@ from gateway.core.settlement import reconcile
 from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
 from gateway.iso.framing import Frame
-from gateway.iso.message import Message
+from gateway.iso.message import Message, mask_pan
 from gateway.iso.mti import is_request, match_class
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
@@ -42,7 +42,7 @@ from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict
-from gateway.store.records import TxnRecord, TxnState
+from gateway.store.records import RefusalRecord, TxnRecord, TxnState
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
 
@@ -217,23 +217,25 @@ class GatewayService:
     async def _decide(self, msg: Message, body: bytes) -> tuple[Answer, decisions.OnDelivery | None]:
         flow = identify(self.dialect.name, msg)
         if flow is None:
-            return Answer(decisions.refuse(msg, decisions.unsupported_rc(msg))), None
+            return self._refuse(msg, decisions.unsupported_rc(msg), "no flow for this MTI and processing code"), None
+        kind = flow.name
         entry = self.config.terminal(msg.fields.get("41", ""))
         if entry is None:
-            return Answer(decisions.refuse(msg, "97")), None
+            return self._refuse(msg, "97", "terminal not registered", kind), None
         if msg.fields.get("42", entry.merchant_id) != entry.merchant_id:
             log.warning("terminal %s sent merchant id %r, registered %r: 03", entry.terminal_id,
                         msg.fields.get("42"), entry.merchant_id)
-            return Answer(decisions.refuse(msg, "03")), None
+            return self._refuse(msg, "03", "merchant id is not the terminal's registered one", kind), None
         problems = validate(self.dialect.name, msg)
         if any(isinstance(p, UnsupportedFlow) for p in problems):
-            return Answer(decisions.refuse(msg, "40")), None
+            return self._refuse(msg, "40", "flow not supported", kind), None
         if flow.name == "sign_in":
             return self._sign_in(msg, entry.merchant_id), None
         session = self.sessions.get(entry.terminal_id)
         refusal = decisions.screen_session(msg, session)
         if refusal is not None:
-            return Answer(decisions.refuse(msg, refusal), resign=True), None
+            return self._refuse(msg, refusal, "not signed in, or not in the batch it signed in with", kind,
+                                resign=True), None
         if flow.mac:
             try:
                 mac = body[-self.mac_len :]
@@ -241,13 +243,13 @@ class GatewayService:
             except MacError:
                 self.metrics.mac_failures.inc()
                 log.warning("bad MAC from terminal %s stan %s: A0", entry.terminal_id, msg.get("11"))
-                return Answer(decisions.refuse(msg, "A0")), None
+                return self._refuse(msg, "A0", "MAC did not verify", kind), None
             except SecurityError as exc:
-                return Answer(decisions.refuse(msg, exc.response_code)), None
+                return self._refuse(msg, exc.response_code, f"MAC not checked: {exc.kind}", kind), None
         if problems:
             log.warning("terminal %s %s fails validation: %s", entry.terminal_id, msg.mti, problems[0])
             self.metrics.decode_error("validation").inc()
-            return Answer(decisions.refuse(msg, "30")), None
+            return self._refuse(msg, "30", f"fails validation: {problems[0]}", kind), None
         if flow.name in ("purchase", "void", "refund", "balance_inquiry"):
             return await self._financial(msg, flow)
         if flow.reverses:
@@ -264,7 +266,29 @@ class GatewayService:
             return Answer(decisions.answer(msg, RC_APPROVED)), None
         if flow.name == "echo":
             return Answer(decisions.answer(msg, RC_APPROVED)), None
-        return Answer(decisions.refuse(msg, "40")), None
+        return self._refuse(msg, "40", "flow not handled", kind), None
+
+    def _refuse(self, msg: Message, rc: str, reason: str, kind: str | None = None, *,
+                resign: bool = False) -> Answer:
+        """The answer to a request the gateway refuses itself, journalled as a refusal (the operator's
+        `journal refusals` / `journal find --card`): nothing waits for that write, and a failure of it
+        changes nothing for the terminal."""
+        try:
+            fields = msg.fields
+            pan = _pan_of(msg)
+            amount = fields.get("4", "")
+            self.store.record_refusal_soon(RefusalRecord(
+                terminal_id=fields.get("41", ""), mti=msg.mti, rc=rc, reason=reason, merchant_id=fields.get("42"),
+                batch=decisions.batch_of(msg) or None, stan=fields.get("11"), kind=kind,
+                amount=int(amount) if amount.isdigit() else None,
+                pan_masked=mask_pan(pan) if pan else "", pan_fingerprint=self.store.fingerprint(pan) if pan else "",
+            ), on_error=self._refusal_not_journalled)
+        except Exception as exc:  # never let the record of a refusal change the refusal
+            self._refusal_not_journalled(exc)
+        return Answer(decisions.refuse(msg, rc), resign=resign)
+
+    def _refusal_not_journalled(self, exc: BaseException) -> None:
+        log.warning("a refusal could not be journalled: %s", type(exc).__name__)
 
     # --- sign-in -----------------------------------------------------------------------------------
 
@@ -299,11 +323,11 @@ class GatewayService:
             # a refund may refer to a sale we never saw (another day, another gateway): the host decides
             if problem is not None and not (name == "refund" and original is None):
                 log.info("terminal %s %s refused with %s (original check)", terminal_id, name, problem)
-                return Answer(decisions.refuse(msg, problem)), None
+                return self._refuse(msg, problem, f"the {name}'s original does not allow it", name), None
         if not self.link.ready:
             # answered at once: the terminal must not wait a full timeout for a host we know is down
             log.warning("host link down: terminal %s stan %s gets 91", terminal_id, msg.get("11"))
-            return Answer(decisions.refuse(msg, "91")), None
+            return self._refuse(msg, "91", "host link down", name), None
         amount = int(msg.fields.get("4", "0") or 0)
         day = local_now().day
         reserved = name == "purchase"
@@ -311,7 +335,7 @@ class GatewayService:
             rc = self.limits.reserve(terminal_id, amount, day)
             if rc is not None:
                 log.info("terminal %s purchase of %d refused by risk limits", terminal_id, amount)
-                return Answer(decisions.refuse(msg, rc)), None
+                return self._refuse(msg, rc, "risk limit", name), None
         released = not reserved
 
         def release() -> None:
@@ -330,7 +354,7 @@ class GatewayService:
                 self.metrics.pin_failures.inc()
             log.warning("terminal %s stan %s refused by the security module: %s (%s)",
                         terminal_id, msg.get("11"), exc.response_code, exc.kind)
-            return Answer(decisions.refuse(msg, exc.response_code)), None
+            return self._refuse(msg, exc.response_code, f"card data: {exc.kind}", name), None
         stan, transmission_dt = self.link.allocate()
         host_req = translate.to_host(msg, name, card, self.config.host, stan, transmission_dt, original)
         fingerprint = self.store.fingerprint(card.pan) if card.pan else ""
@@ -341,7 +365,7 @@ class GatewayService:
         except DuplicateRequest:
             release()
             log.warning("terminal %s repeated batch/stan %s: 94", terminal_id, msg.get("11"))
-            return Answer(decisions.refuse(msg, "94")), None
+            return self._refuse(msg, "94", "batch and STAN already used", name), None
         except Exception:
             self.journal_healthy = False  # /readyz says so until a write succeeds again
             log.exception("journal write failed: refusing terminal %s stan %s", terminal_id, msg.get("11"))
@@ -526,3 +550,18 @@ class GatewayService:
         answer = decisions.answer(msg, RC_APPROVED)
         answer.fields["48"] = field48
         return Answer(answer)
+
+
+def _pan_of(msg: Message) -> str | None:
+    """The card number of a request as it arrived, for a refusal's mask and fingerprint: field 2, or
+    the account number at the front of track 2 (which stays clear in a TDK-encrypted track, reference
+    §4.4: only its last 17 digits but one are enciphered). None when there is no readable one."""
+    pan = msg.fields.get("2")
+    if pan is None:
+        track = msg.fields.get("35", "")
+        if msg.fields.get("53", "")[2:3] == translate.TRACK_ENCRYPTED:
+            track = track[: max(len(track) - 17, 0)]
+        pan, sep, _ = track.replace("=", "D").partition("D")
+        if not sep:
+            return None
+    return pan if pan.isascii() and pan.isdigit() and 12 <= len(pan) <= 19 else None
