@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.store.group_commit import MAX_COMMIT_DELAY
+from gateway.store.records import DEFAULT_MAX_REFUSALS
 
 T = TypeVar("T")
 
@@ -88,6 +89,8 @@ class StoreConfig:
     #: seconds the first write of a batch waits for others to share its commit (0: none); see group_commit
     commit_delay: float = 0.002
     pan_hash_key_hex: str | None = None  #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
+    #: refusals kept on record at most (the oldest go first): a flood of garbage cannot fill the disk
+    max_refusals: int = DEFAULT_MAX_REFUSALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +270,9 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         synchronous=_get(st, "synchronous", "store", str, std.synchronous).upper(),
         commit_delay=_get(st, "commit_delay", "store", float, std.commit_delay),
         pan_hash_key_hex=_get(st, "pan_hash_key_hex", "store", str, "") or None,
+        max_refusals=_get(st, "max_refusals", "store", int, std.max_refusals),
     )
+    _positive(store, "store", ("max_refusals",))
     if store.synchronous not in {"FULL", "NORMAL", "OFF"}:
         raise ConfigError("store.synchronous: expected FULL, NORMAL or OFF")
     if not store.commit_delay <= MAX_COMMIT_DELAY:  # also refuses nan

@@ -123,6 +123,13 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("journal_commit", Histogram, "journal_commit_seconds", "Journal group commit duration", COMMIT_BUCKETS),
     ("journal_batch_size", Histogram, "journal_commit_batch_size", "Journal writes per group commit",
      BATCH_SIZE_BUCKETS),
+    # journal faults (gateway/journal_retry.py) and refusals on record
+    ("journal_retry_backlog", Gauge, "journal_retry_backlog",
+     "Journal writes kept in memory because the journal failed, waiting for a retry", None),
+    ("journal_retry_dropped", Counter, "journal_retry_dropped",
+     "Late host answers dropped because the journal retry queue was full", None),
+    ("refusals_unrecorded", Counter, "refusals_unrecorded",
+     "Refusals the gateway decided that could not be journalled", None),
 )  # fmt: skip
 
 
@@ -173,6 +180,9 @@ class Metrics:
     upstream: HistogramLike
     journal_commit: HistogramLike
     journal_batch_size: HistogramLike
+    journal_retry_backlog: GaugeLike
+    journal_retry_dropped: CounterLike
+    refusals_unrecorded: CounterLike
     journal: JournalObserver
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:

@@ -31,6 +31,7 @@ from gateway.net.terminal_server import TerminalServer
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule, SoftwareSecurityModule
 from gateway.service import GatewayService
+from gateway.shutdown import drain
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import TxnRecord
@@ -66,6 +67,7 @@ class RunningGateway:
     terminal_port: int
     admin_port: int | None
     recovered: int  #: reversals queued at start for requests whose outcome was unknown
+    server: TerminalServer | None = None  #: the terminal listener (a graceful shutdown stops it accepting)
 
 
 def pan_hash_key(config: GatewayConfig) -> bytes:
@@ -92,10 +94,12 @@ def pan_hash_key(config: GatewayConfig) -> bytes:
 def open_store(config: GatewayConfig, metrics: Metrics, *, durable: bool = True) -> AbstractAsyncContextManager[Store]:
     key = pan_hash_key(config) if durable else secrets.token_bytes(32)
     if not durable:
-        return MemoryStore.open(observer=metrics.journal, pan_key=key)  # type: ignore[return-value]
+        return MemoryStore.open(observer=metrics.journal, pan_key=key,  # type: ignore[return-value]
+                                max_refusals=config.store.max_refusals)
     config.store.path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore.open(config.store.path, synchronous=config.store.synchronous,  # type: ignore[return-value]
-                            commit_delay=config.store.commit_delay, observer=metrics.journal, pan_key=key)
+                            commit_delay=config.store.commit_delay, observer=metrics.journal, pan_key=key,
+                            max_refusals=config.store.max_refusals)
 
 
 async def run_gateway(
@@ -122,6 +126,7 @@ async def run_gateway(
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
         await tg.start(link.run)
         await tg.start(saf.run)
+        await tg.start(service.journal_retry.run)
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         terminal_port = await tg.start(server.serve)
         admin_port = None
@@ -131,26 +136,41 @@ async def run_gateway(
             def journal_ready() -> bool:
                 return service.journal_healthy and (committer is None or committer.running)
 
-            readiness = {"host_link": lambda: link.ready, "journal": journal_ready}
+            readiness = {"host_link": lambda: link.ready, "journal": journal_ready,
+                         "draining": lambda: not service.draining}
             admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
                                         metrics, readiness)
         log.info("gateway up: terminals on port %s, admin on port %s, host %s", terminal_port, admin_port,
                  config.host.address)
         task_status.started(RunningGateway(service, link, saf, store, metrics, terminal_port, admin_port,
-                                           recovered))
+                                           recovered, server))
 
 
 # --- `gateway serve` ---------------------------------------------------------------------------------
 
 
 async def _serve_until_signalled(config: GatewayConfig) -> None:
+    """Serve until SIGTERM/SIGINT; the first one drains (see `gateway.shutdown`), a second one stops at
+    once (start-up recovery settles whatever is left)."""
     async with anyio.create_task_group() as tg:
-        await tg.start(run_gateway, config)
+        gateway = await tg.start(run_gateway, config)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            draining = False
             async for signum in signals:
-                log.warning("signal %s: stopping (in-flight work is drained by the journal)", signum)
-                tg.cancel_scope.cancel()
-                return
+                if draining:
+                    log.warning("signal %s again: stopping at once; start-up recovery settles the rest", signum)
+                    break
+                draining = True
+                log.warning("signal %s: draining the requests in flight (a second signal stops at once)", signum)
+                tg.start_soon(_drain_then_stop, gateway, tg.cancel_scope)
+        tg.cancel_scope.cancel()
+
+
+async def _drain_then_stop(gateway: RunningGateway, scope: anyio.CancelScope) -> None:
+    try:
+        await drain(gateway)
+    finally:
+        scope.cancel()
 
 
 def _serve_command(args: argparse.Namespace) -> int:
