@@ -18,10 +18,6 @@ from typing import Any
 
 import anyio
 import pytest
-
-import gateway.store.sqlite as sqlite_backend
-from gateway.lab import CARD_CUP, CARD_LOW, CARD_VISA, Lab, open_lab
-from gateway.store.records import SafState, TxnRequest, TxnState
 from test_e2e_reversal import (
     FAST_SAF,
     HOST_TIMEOUT,
@@ -32,7 +28,11 @@ from test_e2e_reversal import (
     receipt,
     settled,
 )
+
+import gateway.store.sqlite as sqlite_backend
+from gateway.lab import CARD_CUP, CARD_LOW, CARD_VISA, Lab, open_lab
 from gateway.sim.host_rules import Fault
+from gateway.store.records import SafState, TxnRequest, TxnState
 
 pytestmark = pytest.mark.anyio
 
@@ -130,7 +130,8 @@ async def test_a_timeout_whose_reversal_cannot_be_queued_gets_98_and_is_reversed
             await anyio.sleep(0.6)  # the late approval comes meanwhile
             assert fault.failures >= 2, "the reversal was not retried while the journal failed"
         rec = await settled(lab, (await only_row(lab)).txn_id)
-        assert rec.state is TxnState.REVERSED and rec.reversed_from is TxnState.TIMED_OUT and rec.reversal_reason == "98"
+        assert rec.state is TxnState.REVERSED and rec.reversed_from is TxnState.TIMED_OUT
+        assert rec.reversal_reason == "98"
         assert host_entry(lab, rec).reversed and limit_used(lab) == 0
         await assert_no_charge_without_receipt(lab)
 

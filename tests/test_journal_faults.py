@@ -23,9 +23,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from crash_support import free_port
 from fault_support import ChildSetup, PipedGateway, http_get, wait_until_up, write_child_config
+
 from gateway.lab import CARD_CUP, CARD_CUP_2, CARD_VISA, LAB_ACCOUNTS, LOOPBACK, MERCHANT_ID, terminal_ids
 from gateway.security.algorithms import generate_key
 from gateway.sim.host import HostSimConfig, HostSimulator
