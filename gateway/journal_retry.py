@@ -143,6 +143,8 @@ class JournalRetry:
         if self._failing:
             self._failing = False
             self._wake.set()
+            if not self._kept:
+                self.faults.end(JOURNAL_FAULT, "journal writes work again")
 
     def note_failure(self) -> None:
         self._failing = True

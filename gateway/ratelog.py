@@ -52,12 +52,12 @@ class RateLimitedLog:
         now = self._clock()
         episode = self._episodes.get(key)
         if episode is not None and now - episode.last_seen >= self.interval:
-            self._close(key, episode, now)  # quiet for a whole interval: that episode is over
+            self._close(key, episode)  # quiet for a whole interval: that episode is over
             episode = None
         if episode is None:
             if len(self._episodes) >= self.max_keys:
                 oldest = next(iter(self._episodes))
-                self._close(oldest, self._episodes[oldest], now)
+                self._close(oldest, self._episodes[oldest])
             self._episodes[key] = _Episode(level, now, now, now)
             self.logger.log(level, msg, *args, exc_info=exc_info)
             return True
@@ -87,10 +87,11 @@ class RateLimitedLog:
         """The cause of `key` is gone: write its count (and `summary`) now, start afresh next time."""
         episode = self._episodes.get(key)
         if episode is not None:
-            self._close(key, episode, self._clock(), summary)
+            self._close(key, episode, summary)
 
-    def _close(self, key: str, episode: _Episode, now: float, summary: str | None = None) -> None:
+    def _close(self, key: str, episode: _Episode, summary: str | None = None) -> None:
         del self._episodes[key]
         if episode.suppressed or summary:
-            self.logger.log(episode.level, "%s: episode over after %.1fs%s", summary or key, now - episode.started,
+            self.logger.log(episode.level, "%s: episode over after %.1fs%s", summary or key,
+                            episode.last_seen - episode.started,
                             f", {episode.suppressed} more not logged one by one" if episode.suppressed else "")

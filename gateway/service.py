@@ -237,6 +237,8 @@ class GatewayService:
                 # journalled as pending is settled by the journal retry's sweep, never left charged
                 log.exception("error while processing %s from terminal %s", msg.mti, msg.get("41"))
                 answer, on_delivery = self._refused(msg, "96", f"internal error: {type(exc).__name__}"), None
+            if answer.refusal is not None:
+                self._record_refusal(msg, answer)  # on record before the terminal sees it (costs no wait)
             # shielded: once an answer is decided, writing it and journalling whether it was delivered
             # must both happen even during shutdown (the write is bounded by write_timeout)
             with anyio.CancelScope(shield=True):
@@ -249,8 +251,6 @@ class GatewayService:
                 finally:
                     if answer.txn_id is not None:
                         self.journal_retry.finished(answer.txn_id)
-            if answer.refusal is not None:
-                self._record_refusal(msg, answer)
         finally:
             self.active -= 1
             self.metrics.in_flight.dec()
@@ -271,6 +271,7 @@ class GatewayService:
             fallback = self._refused(request, "96", f"the answer {msg.mti} rc {msg.get('39')} cannot be encoded "
                                                     f"for the terminal: {exc}")
             answer.message, answer.refusal, answer.resign = fallback.message, fallback.refusal, False
+            self._record_refusal(request, answer)
             try:
                 body = self._encode_for_terminal(fallback.message)  # a 96 carries no MAC: no keys needed
             except (IsoError, SecurityError) as again:

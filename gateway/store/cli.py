@@ -4,6 +4,7 @@
     gateway saf retry    SAF_ID                 parked → pending, attempts reset (next send is a 0400)
     gateway saf drop     SAF_ID --note TEXT     close a reversal by hand, with the reason why
     gateway journal show [--terminal TID] [--batch N] [--state S] [--limit N]
+    gateway journal refusals [--terminal TID] [--rc RC] [--limit N]   requests the gateway refused itself
 
 Every command takes `--db PATH` (default $GATEWAY_STORE__PATH, else var/journal.db) and `--json`
 for machine-readable output. PANs appear masked (6+4) only; the journal holds nothing else. The
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 import anyio
 
 from gateway.store.errors import StoreError
-from gateway.store.records import SafEntry, SafState, TxnRecord, TxnState
+from gateway.store.records import Refusal, SafEntry, SafState, TxnRecord, TxnState
 from gateway.store.sqlite import SqliteStore
 
 DB_ENV = "GATEWAY_STORE__PATH"
@@ -65,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--state", choices=[s.value for s in TxnState], help="only transactions in this state")
     p.add_argument("--limit", type=_positive, default=20, help="at most this many (default 20)")
     p.set_defaults(func=_guard(cmd_journal_show))
+    p = actions.add_parser("refusals", parents=[common], help="requests the gateway refused itself, and why")
+    p.add_argument("--terminal", help="only this terminal id (field 41)")
+    p.add_argument("--rc", help="only this response code (e.g. 96)")
+    p.add_argument("--limit", type=_positive, default=20, help="at most this many (default 20)")
+    p.set_defaults(func=_guard(cmd_journal_refusals))
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -103,6 +109,17 @@ def cmd_journal_show(args: argparse.Namespace, out: TextIO | None = None) -> int
         _print_json([_txn_json(r) for r in records], out)
     else:
         _print_table(TXN_TABLE, [_txn_row(r) for r in records], out)
+    return 0
+
+
+def cmd_journal_refusals(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    refusals = _with_store(args.db, lambda store: store.refusals(
+        terminal_id=args.terminal, rc=args.rc, limit=args.limit))
+    if args.json:
+        _print_json([asdict(r) for r in refusals], out)
+    else:
+        _print_table(REFUSAL_TABLE, [_refusal_row(r) for r in refusals], out)
     return 0
 
 
@@ -150,6 +167,14 @@ SAF_TABLE = ("ID", "TXN", "STATE", "REASON", "BY", "TRIES", "NEXT", "TERMINAL", 
              "LAST ERROR / NOTE")
 TXN_TABLE = ("ID", "CREATED", "TERMINAL", "BATCH", "STAN", "KIND", "AMOUNT", "CUR", "PAN", "RC", "AUTH",
              "RRN", "STATE")
+
+
+REFUSAL_TABLE = ("ID", "WHEN", "TERMINAL", "BATCH", "STAN", "MTI", "KIND", "AMOUNT", "PAN", "RC", "REASON")
+
+
+def _refusal_row(r: Refusal) -> tuple[str, ...]:
+    return (str(r.refusal_id), _when(r.refused_at), r.terminal_id, r.batch or "", r.stan or "", r.mti,
+            r.kind or "", "" if r.amount is None else str(r.amount), r.pan_masked, r.rc, r.reason)
 
 
 def _saf_row(e: SafEntry) -> tuple[str, ...]:
