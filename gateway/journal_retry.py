@@ -6,11 +6,17 @@ money is neither delivered nor reversed until the next start. So every step that
 transaction (a timeout's reversal, an undeliverable or untrusted approval's reversal, a delivered
 approval's completion, a decline) goes through `JournalRetry.attempt`: tried at once, and when the
 journal fails, kept here and tried again every `interval`, and at once when any other journal write
-succeeds. Late host answers are kept the same way (they carry no outcome, so they are the first to be
-dropped when the queue is full).
+succeeds. Late host answers and refusals are kept the same way, with less at stake.
 
-Bounded: at most `capacity` steps. `full` tells the service to refuse new financial requests before
-journalling them (it refuses them anyway while the journal fails), so an outcome step is never dropped.
+Bounded. Outcome steps and late answers count against `capacity`: `full` tells the service to refuse
+new financial requests before journalling them (it refuses them anyway while the journal fails), so
+an outcome step is never dropped; when full, a late answer is. Refusals have a small allowance of their
+own (`max_refusals`, the oldest dropped first): a flood of refused requests cannot crowd out anything
+that matters for money. Every drop is counted (metric) and logged.
+
+The refusals kept here are also the journal's probe: the requests refused because the journal failed
+are kept (not tried at once), so once the disk is back there is a write that tells so, and /readyz turns
+ready again even when no traffic comes.
 
 A backstop sweep: each transaction journalled by this process is tracked from `opened` until its
 outcome is written (`settled`). One whose exchange is over (`finished`) that is neither settled nor
@@ -20,10 +26,10 @@ at this process's transactions, never at another instance's in-flight rows.
 
 Readiness: `healthy` is False from a failed write until every kept step is written.
 
-Which failures are worth a retry: `StoreIOError` (the disk) and `StoreClosed` (kept, counted as left
-for recovery at exit). Any other `StoreError` (a state conflict: e.g. the terminal's own reversal won)
-is final for that step and is raised to the caller at once; a step retried later that meets one is
-dropped with a log line.
+Which failures are worth a retry: `StoreIOError` (the disk) and `StoreClosed` (kept; counted as left for
+recovery at exit). Any other `StoreError` (a state conflict: e.g. the terminal's own reversal won) is
+final for that step: `attempt` raises it to the caller at once; a kept step that meets one is dropped
+with a log line.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final
 
 import anyio
@@ -46,8 +53,10 @@ from gateway.store.records import TxnRecord, TxnState
 
 log = logging.getLogger("gateway.journal")
 
-#: steps kept at most (outcome steps; late answers count too)
+#: outcome steps and late answers kept at most
 DEFAULT_CAPACITY: Final = 10_000
+#: refusals kept at most (beyond, the oldest is dropped)
+DEFAULT_MAX_REFUSALS: Final = 1_000
 #: the key of the "journal is failing" episode in the rate-limited log
 JOURNAL_FAULT: Final = "journal write failed"
 
@@ -58,34 +67,43 @@ SettleLost = Callable[[TxnRecord], Awaitable[object]]
 RETRYABLE: Final = (StoreIOError, StoreClosed)
 
 
+class Kind(Enum):
+    OUTCOME = "outcome"  #: settles a transaction's money: never dropped
+    LATE = "late"  #: a late host answer: dropped when the queue is full
+    REFUSAL = "refusal"  #: a refusal on record: its own small allowance
+
+
 @dataclass(slots=True)
 class _Kept:
     txn_id: int | None
     what: str  #: for log lines: "completion of txn 12"
     step: Step
-    outcome: bool  #: False for a late answer: droppable
+    kind: Kind
     since: float
 
 
 class JournalRetry:
     def __init__(self, store: Store, metrics: Metrics, *, interval: float, settle_lost: SettleLost,
-                 capacity: int = DEFAULT_CAPACITY, faults: RateLimitedLog | None = None) -> None:
-        if interval <= 0 or capacity < 1:
-            raise ValueError("interval must be positive and capacity at least 1")
+                 capacity: int = DEFAULT_CAPACITY, max_refusals: int = DEFAULT_MAX_REFUSALS,
+                 faults: RateLimitedLog | None = None) -> None:
+        if interval <= 0 or capacity < 1 or max_refusals < 1:
+            raise ValueError("interval must be positive, capacity and max_refusals at least 1")
         self.store = store
         self.metrics = metrics
         self.interval = interval
         self.capacity = capacity
+        self.max_refusals = max_refusals
         self._settle_lost = settle_lost
         self.faults = faults or RateLimitedLog(log)
         self._kept: deque[_Kept] = deque()
+        self._counts = dict.fromkeys(Kind, 0)
         self._kept_txns: dict[int, int] = {}  #: txn id → steps kept for it
         self._open: set[int] = set()  #: journalled by this process, outcome not yet written
         self._busy: set[int] = set()  #: their exchange is still running
         self._failing = False
         self._wake = anyio.Event()
-        #: totals since start (for the shutdown summary and tests)
-        self.written_late = 0
+        #: totals since start (for tests and diagnostics)
+        self.written_later = 0
         self.dropped = 0
 
     # --- state ---------------------------------------------------------------------------------------
@@ -101,7 +119,8 @@ class JournalRetry:
 
     @property
     def full(self) -> bool:
-        return len(self._kept) >= self.capacity
+        """No room for more work: the service takes on no new transaction."""
+        return self._counts[Kind.OUTCOME] + self._counts[Kind.LATE] >= self.capacity
 
     def holds(self, txn_id: int) -> bool:
         """A step of this transaction waits here (its state in the journal is not the last word)."""
@@ -122,7 +141,7 @@ class JournalRetry:
         """Its exchange is over (answer written or not); its outcome was written or is kept here, or
         else the sweep settles it."""
         self._busy.discard(txn_id)
-        if txn_id in self._open and txn_id not in self._kept_txns:
+        if self._is_lost(txn_id):
             self._wake.set()
 
     def settled(self, txn_id: int | None) -> None:
@@ -149,7 +168,7 @@ class JournalRetry:
     def note_failure(self) -> None:
         self._failing = True
 
-    async def attempt(self, txn_id: int | None, what: str, step: Step, *, outcome: bool = True) -> bool:
+    async def attempt(self, txn_id: int | None, what: str, step: Step, *, kind: Kind = Kind.OUTCOME) -> bool:
         """Run `step` now. True when it is written; False when the journal failed and it is kept for a
         retry. Other errors are raised (nothing is kept)."""
         try:
@@ -158,38 +177,49 @@ class JournalRetry:
             self.note_failure()
             self.faults.error(JOURNAL_FAULT, "%s could not be journalled (%s): kept in memory, retried until "
                               "the journal takes it", what, exc, exc_info=True)
-            self._keep(_Kept(txn_id, what, step, outcome, anyio.current_time()))
+            self.keep(txn_id, what, step, kind=kind)
             return False
         self.note_success()
         self.settled(txn_id)
         return True
 
-    def _keep(self, kept: _Kept) -> None:
-        if self.full:
-            # only late answers are dropped; outcomes never are (the service journals nothing new while
-            # the queue is full, so outcomes can go past the capacity only by those already in flight)
-            victim = kept if not kept.outcome else next((k for k in self._kept if not k.outcome), None)
+    def keep(self, txn_id: int | None, what: str, step: Step, *, kind: Kind = Kind.OUTCOME) -> None:
+        """Keep `step` for the next retry without trying it now."""
+        if kind is Kind.REFUSAL and self._counts[Kind.REFUSAL] >= self.max_refusals:
+            self._drop(next(k for k in self._kept if k.kind is Kind.REFUSAL))
+        elif kind is not Kind.REFUSAL and self.full:
+            # outcomes are never dropped (nothing new is journalled while full, so outcomes go past the
+            # capacity only by those already in flight); a late answer is
+            victim = next((k for k in self._kept if k.kind is Kind.LATE), None) if kind is Kind.OUTCOME else None
+            if kind is Kind.LATE:
+                self._drop(_Kept(txn_id, what, step, kind, anyio.current_time()), queued=False)
+                return
             if victim is not None:
-                self.dropped += 1
-                self.metrics.journal_retry_dropped.inc()
-                self.faults.error("journal retry queue full", "journal retry queue full (%d): dropped %s",
-                                  self.capacity, victim.what)
-                if victim is kept:
-                    return
-                self._kept.remove(victim)
-                self._forget(victim)
-        self._kept.append(kept)
-        if kept.txn_id is not None:
-            self._kept_txns[kept.txn_id] = self._kept_txns.get(kept.txn_id, 0) + 1
+                self._drop(victim)
+        self._kept.append(_Kept(txn_id, what, step, kind, anyio.current_time()))
+        self._counts[kind] += 1
+        if txn_id is not None:
+            self._kept_txns[txn_id] = self._kept_txns.get(txn_id, 0) + 1
         self.metrics.journal_retry_backlog.set(len(self._kept))
 
-    def _forget(self, kept: _Kept) -> None:
+    def _drop(self, victim: _Kept, *, queued: bool = True) -> None:
+        self.dropped += 1
+        self.metrics.journal_retry_dropped.inc()
+        self.faults.error(f"journal retry queue full: {victim.kind.value}",
+                          "journal retry queue full: dropped %s", victim.what)
+        if queued:
+            self._remove(victim)
+
+    def _remove(self, kept: _Kept) -> None:
+        self._kept.remove(kept)
+        self._counts[kept.kind] -= 1
         if kept.txn_id is not None:
             left = self._kept_txns.get(kept.txn_id, 0) - 1
             if left > 0:
                 self._kept_txns[kept.txn_id] = left
             else:
                 self._kept_txns.pop(kept.txn_id, None)
+        self.metrics.journal_retry_backlog.set(len(self._kept))
 
     # --- the retry task --------------------------------------------------------------------------------
 
@@ -210,8 +240,7 @@ class JournalRetry:
         failing, stop), then the rest together so they share commits. True when nothing is left."""
         if not self._kept:
             return True
-        probe = self._kept[0]
-        if not await self._retry_one(probe):
+        if not await self._retry_one(self._kept[0]):
             return False
         batch = list(self._kept)
         async with anyio.create_task_group() as tg:
@@ -237,13 +266,10 @@ class JournalRetry:
         else:
             self.note_success()
             self.settled(kept.txn_id)
-            if not kept.outcome:
-                self.written_late += 1
+            self.written_later += 1
             log.info("%s journalled after %.1fs in memory", kept.what, anyio.current_time() - kept.since)
         if kept in self._kept:
-            self._kept.remove(kept)
-            self._forget(kept)
-            self.metrics.journal_retry_backlog.set(len(self._kept))
+            self._remove(kept)
         return True
 
     async def sweep(self) -> int:
@@ -254,8 +280,7 @@ class JournalRetry:
         try:
             pending = await self.store.unknown_outcomes()
         except RETRYABLE:
-            self.note_failure()
-            return 0
+            return 0  # a read: the next pass tries again
         still = {rec.txn_id: rec for rec in pending if rec.txn_id in lost and rec.state is TxnState.PENDING}
         for txn_id in lost - still.keys():
             self.settled(txn_id)  # its outcome reached the journal another way (a terminal reversal, ...)

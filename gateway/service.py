@@ -19,6 +19,8 @@ one place, `_handle`, from the `refusal` reason its `Answer` carries.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +43,7 @@ from gateway.iso.mti import is_request
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
 from gateway.iso.validate import flow as flow_spec
-from gateway.journal_retry import JOURNAL_FAULT, RETRYABLE, JournalRetry
+from gateway.journal_retry import JOURNAL_FAULT, RETRYABLE, JournalRetry, Kind
 from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostNotSent, HostReply, HostTimeout, HostUnavailable
 from gateway.net.saf_sender import SafSender
@@ -300,12 +302,38 @@ class GatewayService:
         return Answer(decisions.refuse(msg, rc), resign=resign, refusal=why, pan=pan)
 
     def _record_refusal(self, msg: Message, answer: Answer) -> None:
-        """Journal a refusal (joins the next commit; nothing waits for it). Never costs the answer."""
+        """Journal a refusal (joins the next commit; nothing waits for it). Never costs the answer.
+        While the journal fails it is kept for the journal retry instead (and serves as its probe)."""
         try:
             record = self._refusal_record(msg, answer)
-            self.store.record_refusal_soon(record, on_error=self._refusal_not_recorded)
+            if self.journal_retry.healthy:
+                self.store.record_refusal_soon(record, on_error=lambda exc: self._refusal_failed(record, exc))
+            else:
+                self._keep_refusal(record)
         except Exception as exc:
             self._refusal_not_recorded(exc)
+
+    def _refusal_failed(self, record: RefusalRecord, exc: BaseException) -> None:
+        if isinstance(exc, RETRYABLE):
+            self.journal_retry.note_failure()
+            self._keep_refusal(record)
+        else:
+            self._refusal_not_recorded(exc)
+
+    def _keep_refusal(self, record: RefusalRecord) -> None:
+        late = dataclasses.replace(record, reason=f"{record.reason} (refused at {datetime.now():%Y-%m-%d %H:%M:%S}, "
+                                                  "journalled later)")
+        self.journal_retry.keep(None, f"refusal {record.rc} of terminal {record.terminal_id} stan {record.stan}",
+                                functools.partial(self._write_refusal_now, late), kind=Kind.REFUSAL)
+
+    async def _write_refusal_now(self, record: RefusalRecord) -> None:
+        """`record_refusal_soon`, awaited: a read flushes this process's writes first (Store protocol),
+        so once it returns the refusal is committed, or its `on_error` has run."""
+        failed: list[BaseException] = []
+        self.store.record_refusal_soon(record, on_error=failed.append)
+        await self.store.refusals(limit=1)
+        if failed:
+            raise failed[0]
 
     def _refusal_record(self, msg: Message, answer: Answer) -> RefusalRecord:
         fields = msg.fields
@@ -637,7 +665,7 @@ class GatewayService:
                 log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)
 
         await self.journal_retry.attempt(None, f"late host answer {host.mti} stan {stan} rc {host.get('39')}",
-                                         journal_it, outcome=False)
+                                         journal_it, kind=Kind.LATE)
 
     # --- terminal reversal -------------------------------------------------------------------------
 

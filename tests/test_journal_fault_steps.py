@@ -79,7 +79,7 @@ def limit_used(lab: Lab) -> int:
 
 async def test_record_request_fails_nothing_is_sent_and_the_limit_is_given_back(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    fault = JournalFault(monkeypatch, "record_request")
+    fault = JournalFault(monkeypatch, "record_request", "record_refusal")
     async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
         t = lab.terminal(auto_reverse=False)
         await t.connect()
@@ -87,12 +87,17 @@ async def test_record_request_fails_nothing_is_sent_and_the_limit_is_given_back(
         with fault.on():
             result = await t.purchase(1_500, CARD_CUP)
             assert not lab.gateway.service.journal_healthy  # /readyz: not ready
+            await anyio.sleep(0.3)
+            assert not lab.gateway.service.journal_healthy
         assert result.rc == "96"
         assert await lab.gateway.store.list_transactions() == []
         assert lab.host.stats.messages["0200"] == 0 and limit_used(lab) == 0
-        later = await t.purchase(1_600, CARD_CUP)
-        assert later.approved  # the journal works again
+        # ready again once the disk is back, with no traffic needed to find out; the refusal is on record
         await eventually(lambda: ready(lab), "ready again")
+        refusals = await lab.gateway.store.refusals()
+        assert [r.rc for r in refusals] == ["96"] and "journal write failed" in refusals[0].reason
+        later = await t.purchase(1_600, CARD_CUP)
+        assert later.approved
         await assert_no_charge_without_receipt(lab, [receipt(later)])
 
 

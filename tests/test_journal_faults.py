@@ -50,6 +50,11 @@ def journal_rows(journal: Path) -> tuple[Counter[str], int, int]:
     return states, int(late), int(open_saf)
 
 
+def refusal_reasons(journal: Path) -> Counter[str]:
+    with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5.0)) as conn:
+        return Counter(reason.split(":")[0] for (reason,) in conn.execute("SELECT reason FROM refusal"))
+
+
 async def test_a_journal_fault_settles_every_unknown_outcome_once_the_disk_is_back(
     tmp_path: Path, anyio_backend: tuple[str, dict[str, object]]
 ) -> None:
@@ -135,6 +140,8 @@ async def test_a_journal_fault_settles_every_unknown_outcome_once_the_disk_is_ba
                 assert host.balance(account) == balance - charged, account
             assert states == Counter({"completed": 4, "reversed": 3}), states  # the receipts are not reversed
             assert late == 3, "late approvals not journalled"
+            # the purchases refused during the fault are on record too, with why
+            assert refusal_reasons(journal)["journal write failed"] == REFUSED_DURING_FAULT, refusal_reasons(journal)
             assert [results[i].rc for i in range(6)] == ["98"] * 3 + ["00"] * 3  # a timeout is a 98, fault or not
             assert status == 200, body
             tracebacks = gateway.text.count(TRACEBACK)
