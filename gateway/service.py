@@ -378,8 +378,8 @@ class GatewayService:
         if msg.fields.get("42", entry.merchant_id) != entry.merchant_id:
             self.faults.warning(f"03:{entry.terminal_id}", "terminal %s sent merchant id %r, registered %r: 03",
                                 entry.terminal_id, msg.fields.get("42"), entry.merchant_id)
-            return self._refused(msg, "03", f"merchant id {msg.fields.get('42')!r} is not the one registered "
-                                 f"for the terminal ({entry.merchant_id})"), None
+            return self._refused(msg, "03", "the merchant id (field 42) is not the one registered for the "
+                                 "terminal"), None
         problems = validate(self.dialect.name, msg)
         if any(isinstance(p, UnsupportedFlow) for p in problems):
             return self._refused(msg, "40", f"unsupported: {problems[0]}"), None
