@@ -137,7 +137,7 @@ async def run_gateway(
                 return service.journal_healthy and (committer is None or committer.running)
 
             readiness = {"host_link": lambda: link.ready, "journal": journal_ready,
-                         "draining": lambda: not service.draining}
+                         "not_draining": lambda: not service.draining}
             admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
                                         metrics, readiness)
         log.info("gateway up: terminals on port %s, admin on port %s, host %s", terminal_port, admin_port,

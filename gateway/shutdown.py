@@ -1,7 +1,7 @@
 """Graceful shutdown: what `gateway serve` does on its first SIGTERM or SIGINT before it exits 0.
 
-1. Stop accepting terminals (the listener closes, open connections stay); /readyz answers 503 with
-   "draining"; new financial requests on the open connections are refused at once (91), while terminal
+1. Stop accepting terminals (the listener closes, open connections stay); /readyz answers 503 (its
+   check `not_draining` fails); new financial requests on the open connections are refused at once (91), while terminal
    reversals, sign-ins and settlements are still served.
 2. Wait, up to host.timeout + terminal write_timeout, for the requests in flight. Each ends the way any
    request ends: its answer delivered, or 98 with its reversal queued, or an approval that could not be
