@@ -149,3 +149,21 @@ async def test_repeated_duplicates_are_rate_limited_and_an_unregistered_terminal
         assert any("not registered" in r.getMessage() and "99999999" in r.getMessage() for r in caplog.records)
         refusals = await lab.gateway.store.refusals(rc="94")
         assert len(refusals) == repeats  # every one on record, even when not logged one by one
+
+
+async def test_store_max_refusals_bounds_what_the_journal_keeps(tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.metrics import NullMetrics
+    from gateway.serve import open_store
+    from gateway.store.records import RefusalRecord
+
+    config_file = tmp_path / "gateway.toml"
+    config_file.write_text(f'[store]\npath = "{tmp_path / "journal.db"}"\npan_hash_key_hex = "{"11" * 32}"\n'
+                           "max_refusals = 3\n", encoding="utf-8")
+    config = load_config(config_file, environ={})
+    async with open_store(config, NullMetrics()) as store:
+        for n in range(5):
+            store.record_refusal_soon(RefusalRecord(terminal_id="10000001", mti="0200", rc="97",
+                                                    reason=f"flood {n}"), on_error=pytest.fail)
+        kept = await store.refusals()
+    assert [r.reason for r in kept] == ["flood 4", "flood 3", "flood 2"]
