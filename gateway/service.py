@@ -451,6 +451,10 @@ class GatewayService:
         original: TxnRecord | None = None
         if name in ("void", "refund"):
             original = await self._find_referenced_original(msg)
+            if original is not None and self.journal_retry.holds(original.txn_id):
+                # its outcome waits in memory for the journal: the row does not say yet what happened
+                return self._refused(msg, "96", f"the original (txn {original.txn_id}) is not journalled yet: "
+                                     "the journal is failing"), None
             earlier = await self.store.find_referencing(original.txn_id) if original is not None else []
             problem = decisions.original_problem(msg, original, earlier, flow_name=name)
             # a refund may refer to a sale we never saw (another day, another gateway): the host decides

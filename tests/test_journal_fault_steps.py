@@ -153,6 +153,8 @@ async def test_a_delivered_approval_whose_completion_fails_is_completed_not_reve
             assert result.approved
             await anyio.sleep(0.3)
             assert (await only_row(lab)).state is TxnState.PENDING
+            # a void of it meanwhile cannot be judged from the row: 96, not "original not completed" (12)
+            assert (await t.void(result)).rc == "96"
         rec = await settled(lab, (await only_row(lab)).txn_id)
         assert rec.state is TxnState.COMPLETED and rec.auth_code == result.auth_code
         assert not host_entry(lab, rec).reversed and lab.host.reversal_count(host_entry(lab, rec).key) == 0
