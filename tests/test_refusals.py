@@ -77,6 +77,7 @@ async def test_an_approval_the_terminal_cannot_carry_gets_96_at_once_and_is_reve
         undo()
         assert result.rc == "96" and not result.timed_out, result
         assert waited < t.timeout / 2, f"the terminal waited {waited:.1f}s for its answer"
+        print(f"\nanswer the terminal cannot carry: 96 after {waited * 1000:.0f} ms (terminal timeout {t.timeout}s)")
         row = await final(lab, t.ident.terminal_id, result.stan)
         assert row.state is TxnState.REVERSED and row.reversed_from is TxnState.UNDELIVERABLE  # type: ignore[attr-defined]
         assert lab.host.balance(CARD_CUP.pan) == before
