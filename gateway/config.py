@@ -49,6 +49,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from gateway.store.group_commit import MAX_COMMIT_DELAY
+from gateway.store.records import DEFAULT_MAX_REFUSALS
 
 T = TypeVar("T")
 
@@ -231,6 +232,8 @@ class StoreConfig:
     commit_delay: Annotated[float, Strict(), Field(ge=0, le=MAX_COMMIT_DELAY, allow_inf_nan=False)] = 0.002
     #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
     pan_hash_key_hex: _OptionalText = field(default=None, metadata=SECRET)
+    #: refusals kept on record at most (the oldest go first): a flood of garbage cannot fill the disk
+    max_refusals: Count = DEFAULT_MAX_REFUSALS
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)

@@ -210,6 +210,13 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("signed_in_terminals", Gauge, "signed_in_terminals", "Terminals signed in now (sessions in memory)", None),
     ("journal_ready", Gauge, "journal_ready",
      "1 while the journal takes writes (its commit thread runs and the last write succeeded), else 0", None),
+    # journal faults (gateway/journal_retry.py) and refusals on record
+    ("journal_retry_backlog", Gauge, "journal_retry_backlog",
+     "Journal writes kept in memory because the journal failed, waiting for a retry", None),
+    ("journal_retry_dropped", Counter, "journal_retry_dropped",
+     "Late host answers dropped because the journal retry queue was full", None),
+    ("refusals_unrecorded", Counter, "refusals_unrecorded",
+     "Refusals the gateway decided that could not be journalled", None),
 )  # fmt: skip
 
 
@@ -309,6 +316,9 @@ class Metrics:
     saf_oldest_age: GaugeLike
     signed_in_terminals: GaugeLike
     journal_ready: GaugeLike
+    journal_retry_backlog: GaugeLike
+    journal_retry_dropped: CounterLike
+    refusals_unrecorded: CounterLike
     journal: JournalObserver
     stages: Stages
     saf: SafWatch

@@ -387,6 +387,13 @@ class TerminalServer:
         self._shed_log = CountedLog(log)
         #: TLS on the terminal port ([terminal_side.tls]); None: plain TCP
         self.ssl_context = server_context(config.tls) if config.tls is not None else None
+        #: around the accept loop only: `stop_accepting` ends it, the open connections go on
+        self._accepting = anyio.CancelScope()
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: close the listening socket (new terminals are refused) and keep serving
+        the connections already open, so the answers in flight are still delivered."""
+        self._accepting.cancel()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
@@ -401,7 +408,11 @@ class TerminalServer:
         async with listener, anyio.create_task_group() as tg:
             tg.start_soon(self._sweep, sweeping)
             try:
-                await listener.serve(self._handle_connection)
+                async with anyio.create_task_group() as connections:
+                    with self._accepting:
+                        await listener.serve(self._handle_connection, task_group=connections)
+                    await listener.aclose()  # stopped accepting: refuse new connections from now on
+                    log.info("no longer accepting terminals; %d connections stay open", self.active)
             finally:
                 sweeping.cancel()
 
