@@ -87,6 +87,13 @@ async def test_gateway_records_both_legs_passing_check_with_no_secret(tmp_path: 
     path = tmp_path / "trace.jsonl"
     async with open_lab(tmp_path, terminals=1, trace=TraceConfig(path=path)) as lab:
         results = await run_traffic(lab)
+        # The terminal has hung up; wait until the gateway has seen it, so its CLOSE is recorded while the
+        # gateway runs. Leaving the lab at once would cut the connection in the shutdown instead, where the
+        # CLOSE races the recorder's own stop (it was missing in about 1 run in 15 on a loaded machine).
+        assert lab.gateway.server is not None
+        with anyio.fail_after(10):
+            while lab.gateway.server.active:
+                await anyio.sleep(0.01)
         clear = secrets_of(results, lab)
         # the money path did not wait for the trace, and nothing was dropped
         assert lab.gateway.metrics.registry.get_sample_value("gateway_trace_records_dropped_total") == 0.0
