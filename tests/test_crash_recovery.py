@@ -80,7 +80,12 @@ HASTY_TIMEOUT = HOST_TIMEOUT * 0.8
 KILL_DELAY = (0.02, 0.6)  #: seconds after the restarted gateway has signed on to the host
 FINAL_LOAD = 1.0  #: seconds of traffic on the last gateway before the load stops
 DRAIN_WAIT = 20.0  #: bound on the last gateway's SAF drain and the terminals' owed reversals
-BUDGET = 60.0 + (KILLS - 20) * 1.5  #: the whole scenario, per backend
+START_WAIT = 30.0  #: bound on one start: its imports alone took 3-4 s, the whole start over 10 s, on a loaded machine
+TERMINATE_WAIT = 10.0  #: bound on the last gateway's graceful stop
+#: the whole scenario, per backend: only a guard against a hang no step bound catches, so it is the sum of
+#: the steps' own bounds (a fixed 60 s was less than that and failed on a loaded machine: 21 starts of a
+#: child whose imports took 3-4 s each)
+BUDGET = (KILLS + 1) * (START_WAIT + KILL_DELAY[1]) + FINAL_LOAD + DRAIN_WAIT + TERMINATE_WAIT + 30.0
 ACQUIRER = HostConfig().acquirer_id  #: field 32 of every host request (the config leaves the default)
 
 FAULTS = (
@@ -175,7 +180,7 @@ async def _start(gateway: GatewayProcess, host: RecordingHost) -> None:
     """Start a gateway and wait until it has signed on to the host and exchanged both zone keys."""
     exchanged = host.stats.key_exchanges
     await gateway.start()
-    with anyio.fail_after(10):
+    with anyio.fail_after(START_WAIT):
         while host.stats.key_exchanges < exchanged + 2:
             assert gateway.exited() is None, f"gateway died at start:\n{gateway.tail()}"
             await anyio.sleep(0.005)
@@ -191,7 +196,7 @@ async def _drain_and_stop(gateway: GatewayProcess, drivers: list[TerminalDriver]
     while work != (0, 0) and anyio.current_time() < deadline:
         await anyio.sleep(0.05)
         work = await anyio.to_thread.run_sync(open_work, journal)
-    code = await gateway.terminate()
+    code = await gateway.terminate(TERMINATE_WAIT)
     assert code == 0, f"gateway exited {code} on SIGTERM:\n{gateway.tail()}"
     assert work == (0, 0), f"after {DRAIN_WAIT}s: {work[0]} transactions and {work[1]} reversals still open"
 
