@@ -689,8 +689,11 @@ class GatewayService:
                 host_mti=host.mti, host_stan=stan or None, terminal_id=host.get("41"),
                 amount=int(amount) if amount.isdigit() else None, authenticated=reply.mac_ok,
             )
-            log.warning("late host answer %s stan %s (rc %s, txn %s%s) journalled, not forwarded",
-                        host.mti, stan, host.get("39"), txn_id, "" if reply.mac_ok else ", MAC not verified")
+            # one line per episode, then a count: a storm of stray answers is thousands of them (the
+            # journal has each; a reopened reversal below is a line of its own)
+            self.faults.warning("late host answer", "late host answer %s stan %s (rc %s, txn %s%s) journalled, "
+                                "not forwarded", host.mti, stan, host.get("39"), txn_id,
+                                "" if reply.mac_ok else ", MAC not verified")
             if recorded.reopened:
                 self._reversal_queued()
                 log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)

@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.exposition import choose_encoder
 
 from gateway.metrics import Metrics
-from gateway.net.counted_log import CountedLog
+from gateway.ratelog import RateLimitedLog
 
 log = logging.getLogger("gateway.admin")
 
@@ -140,7 +140,7 @@ class AdminHandler:
         self.max_connections = max_connections
         #: the connections under the cap, oldest first (a dict is an ordered set)
         self._slots: dict[_Slot, None] = {}
-        self._shed_log = CountedLog(log)
+        self._shed_log = RateLimitedLog(log, interval=1.0)  #: a flood of sheds is a line a second
 
     @property
     def active(self) -> int:
@@ -168,9 +168,9 @@ class AdminHandler:
                 del self._slots[victim]
                 victim.scope.cancel()  # its task closes the connection without answering
                 self.metrics.admin_connections_shed.inc()
-                self._shed_log.note("admin connection limit (%d) reached: closed the oldest connection %s to "
-                                    "make room", self.max_connections,
-                                    "still reading its request" if phase == _READING else "lingering")
+                self._shed_log.warning("shed", "admin connection limit (%d) reached: closed the oldest connection "
+                                       "%s to make room", self.max_connections,
+                                       "still reading its request" if phase == _READING else "lingering")
                 return True
         return False
 

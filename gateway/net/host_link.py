@@ -51,8 +51,8 @@ from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
 from gateway.metrics import CounterLike, Metrics, clock
-from gateway.net.counted_log import CountedLog
 from gateway.net.tls import TlsHandshakeError, client_context, failure_kind, handshake
+from gateway.ratelog import RateLimitedLog
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
@@ -222,9 +222,9 @@ class HostLink:
         self.on_unmatched = on_unmatched
         #: late answers waiting for `_journal_late_answers`
         self._late_answers = _LateAnswers(LATE_ANSWER_BACKLOG)
-        self._drop_log = CountedLog(log)
-        #: one line per late answer, but a storm of them becomes one line a second with a count
-        self._late_log = CountedLog(log, level=logging.INFO)
+        #: lines that a storm of host answers would repeat once per answer (late, dropped, bad MAC): the
+        #: first in full, then one line a second with a count
+        self._storm_log = RateLimitedLog(log, interval=1.0)
         #: TLS on the host link ([host.tls]); None: plain TCP
         self._ssl_context = client_context(config.tls) if config.tls is not None else None
         self.dialect = load_dialect(config.dialect)
@@ -308,8 +308,9 @@ class HostLink:
             return
         self.metrics.late_answers_dropped.inc()
         msg = dropped.message
-        self._drop_log.note("late-answer backlog full (%d waiting for the journal): dropped host answer %s stan %s "
-                            "rc %s unjournalled", len(self._late_answers), msg.mti, msg.get("11"), msg.get("39"))
+        self._storm_log.warning("dropped", "late-answer backlog full (%d waiting for the journal): dropped host "
+                                "answer %s stan %s rc %s unjournalled", len(self._late_answers), msg.mti,
+                                msg.get("11"), msg.get("39"))
 
     async def _keep_connected(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
@@ -644,7 +645,8 @@ class HostLink:
         if slot is None or slot.state == _QUEUED:
             # nobody waits for it, or its request was never written (so it cannot be the answer to it)
             self.metrics.late_answers.inc()
-            self._late_log.note("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
+            self._storm_log.log(logging.INFO, "late", "unmatched/late host answer %s stan=%s rc=%s", msg.mti,
+                                msg.get("11"), msg.get("39"))
             return HostReply(msg, mac_ok)
         del self._pending[key]
         self.metrics.stages.host.observe(clock() - slot.sent_at)
@@ -667,7 +669,8 @@ class HostLink:
                 ok = False
         if not ok:
             self.metrics.mac_failures.inc()
-            log.warning("host approval %s stan %s has a missing or bad MAC", msg.mti, msg.get("11"))
+            self._storm_log.warning("bad MAC", "host approval %s stan %s has a missing or bad MAC", msg.mti,
+                                    msg.get("11"))
         return ok
 
     def _answer_host_request(self, msg: Message) -> None:

@@ -47,8 +47,8 @@ from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
 from gateway.metrics import NOOP, HistogramLike, Metrics, clock
-from gateway.net.counted_log import CountedLog
 from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
+from gateway.ratelog import RateLimitedLog
 from gateway.trace.format import Direction, EventKind, Leg
 from gateway.trace.tap import Tap
 
@@ -384,7 +384,7 @@ class TerminalServer:
         self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
         #: connections shed to make room that have not finished closing yet (they still count in `active`)
         self._shedding = 0
-        self._shed_log = CountedLog(log)
+        self._shed_log = RateLimitedLog(log, interval=1.0)  #: a flood of sheds is a line a second
         #: TLS on the terminal port ([terminal_side.tls]); None: plain TCP
         self.ssl_context = server_context(config.tls) if config.tls is not None else None
         #: around the accept loop only: `stop_accepting` ends it, the open connections go on
@@ -498,9 +498,9 @@ class TerminalServer:
         victim.stop_reading(_SHED)
         self._shedding += 1
         self.metrics.connections_shed.inc()
-        self._shed_log.note("max_connections (%d) reached: closed terminal connection %s (%s for %.1fs) to make "
-                            "room for %s", self.config.max_connections, victim.peer, how,
-                            anyio.current_time() - since, newcomer)
+        self._shed_log.warning("shed", "max_connections (%d) reached: closed terminal connection %s (%s for %.1fs) "
+                               "to make room for %s", self.config.max_connections, victim.peer, how,
+                               anyio.current_time() - since, newcomer)
         return True
 
     async def _tls_handshake(self, stream: anyio.abc.SocketStream, watched: _Watched) -> TLSStream | None:
