@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -32,6 +33,7 @@ from gateway.config import (
 )
 from gateway.lab import CARD_CUP, LOOPBACK, Lab, open_lab
 from gateway.metrics import Metrics
+from gateway.net import terminal_server
 from gateway.net.host_link import HostLink
 from gateway.net.tls import client_context, server_context
 from gateway.security.module import SoftwareSecurityModule
@@ -138,6 +140,35 @@ async def test_a_tls_handshake_that_never_completes_is_cut_at_the_frame_timeout(
                 await s.receive()  # we never send a ClientHello
             assert 1.0 < anyio.current_time() - started < 5.0
         assert tls_failures(lab.gateway.metrics, "terminal", "timeout") == 1
+
+
+async def test_a_connection_shed_in_the_instant_its_handshake_completes_is_closed(
+        tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At max_connections a connection still in its TLS handshake may be shed; when that happens just as
+    the handshake completes (its cancellation not delivered yet) it must still be closed, not served with
+    its slot counted as being freed (it was served, and the count of slots being freed stayed one too
+    high for as long as it lived: one connection over max_connections each time)."""
+    async with open_lab(tmp_path, terminal_side=tls_terminal_side(pki)) as lab:
+        server = lab.gateway.server
+        assert server is not None
+        real_handshake = terminal_server.handshake
+
+        async def handshake_then_shed(*args: Any, **kwargs: Any) -> Any:
+            tls = await real_handshake(*args, **kwargs)
+            assert server._make_room("a newcomer")  # the cap is reached in this very instant
+            return tls
+
+        monkeypatch.setattr(terminal_server, "handshake", handshake_then_shed)
+        await refused(lab, **terminal_tls(pki, pki.terminal))
+        with anyio.fail_after(5):
+            while server.active:
+                await anyio.sleep(0.01)
+        assert server._shedding == 0
+        monkeypatch.setattr(terminal_server, "handshake", real_handshake)
+        good = lab.terminal(**terminal_tls(pki, pki.terminal))
+        await good.connect()
+        await good.sign_in()
+        assert (await good.purchase(1_000, CARD_CUP)).approved
 
 
 # --- the host link --------------------------------------------------------------------------------------

@@ -517,7 +517,9 @@ class TerminalServer:
                 return None
             finally:
                 watched.reading = watched.waiting_since = watched.frame_started = None
-        if handshaking.cancelled_caught:
+        # `stopped` too: a shed or timeout in the very instant the handshake completed leaves its cancellation
+        # undelivered (no checkpoint followed), yet the connection was stopped and must close
+        if handshaking.cancelled_caught or watched.stopped is not None:
             if watched.stopped == _FRAME_TIMEOUT:
                 self.metrics.tls_failure("terminal", "timeout").inc()
                 log.warning("refusing terminal %s: TLS handshake not complete %.1fs after the connect",
