@@ -62,11 +62,16 @@ async def test_forty_slow_clients_never_fail_the_liveness_probe() -> None:
 class StuckWriter(ForwardingStream):
     """A client that sent its request but never reads: the response write never completes."""
 
+    #: responses being written now, by every StuckWriter
+    writing = 0
+
     async def send(self, item: bytes) -> None:
+        StuckWriter.writing += 1
         await anyio.sleep_forever()
 
 
 async def test_when_every_connection_is_being_answered_a_new_one_gets_503() -> None:
+    StuckWriter.writing = 0
     metrics = Metrics(process_metrics=False)
     handler = AdminHandler(metrics, {}, max_connections=2, read_timeout=3.0)
     listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
@@ -81,10 +86,9 @@ async def test_when_every_connection_is_being_answered_a_new_one_gets_503() -> N
         stuck = [await anyio.connect_tcp(HOST, port) for _ in range(2)]
         for s in stuck:
             await s.send(b"GET /healthz HTTP/1.1\r\n\r\n")
-        with anyio.fail_after(5):
-            while handler.active < 2:
+        with anyio.fail_after(5):  # both are past reading, their responses being written (a fixed
+            while StuckWriter.writing < 2:  # sleep did not make sure of that on a loaded machine)
                 await anyio.sleep(0.01)
-        await anyio.sleep(0.1)  # both are past reading: answering
         status, _, body = await get(port, "/healthz")
         assert (status, body) == (503, b"too many admin connections\n")
         assert shed(metrics) == 0  # nobody to shed: both were being answered
