@@ -9,7 +9,10 @@ loopback (tests/trace_support.py), then replayed against a fresh gateway and the
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import anyio
 import pytest
@@ -20,9 +23,9 @@ from gateway.sim.host_rules import Fault
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
 from gateway.trace.format import read_trace
 from gateway.trace.keys import load_keys
-from gateway.trace.report import CaseSink, FindingKind
 from gateway.trace.pace import Pace
 from gateway.trace.replay import ReplayOptions, replay
+from gateway.trace.report import CaseSink, FindingKind
 from gateway.trace.rulesfile import load_rules
 from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, recorded_lab
 
@@ -55,6 +58,9 @@ async def record_session(tmp: Path) -> tuple[Path, Path]:
         assert (await t1.balance(CARD_CUP)).rc == "00"
         sale3 = await t1.purchase(700, CARD_VISA)
         assert (await t1.reversal(sale3, "96")).rc == "00"
+        over = await t2.purchase(1_500_000, CARD_CUP)  # above the per-transaction limit: refused here
+        assert over.rc == "61"
+        assert (await t2.reversal(over, "06")).rc == "25"  # the gateway never saw an original for it
         timed_out = await t1.purchase(4_200, CARD_CUP_2)
         assert timed_out.rc == "98"
         # wait (bounded) until the gateway's own reversal of it is acknowledged by the host
@@ -66,15 +72,15 @@ async def record_session(tmp: Path) -> tuple[Path, Path]:
 
 
 async def run_replay(tmp: Path, trace: Path, keys_file: Path, *, limits: LimitsConfig | None = None,
-                     reversal: ReversalConfig | None = None, pace: str = "asap",
-                     name: str = "sut") -> CaseSink:
+                     reversal: ReversalConfig | None = None, pace: str = "asap", name: str = "sut",
+                     host_timeout: float = HOST_TIMEOUT) -> CaseSink:
     port = free_port()
     sink = CaseSink("replay", json_path=tmp / f"{name}.json", junit_path=tmp / f"{name}.xml")
-    async with fresh_gateway(tmp, keys_file, port, host_timeout=HOST_TIMEOUT, limits=limits, reversal=reversal,
+    async with fresh_gateway(tmp, keys_file, port, host_timeout=host_timeout, limits=limits, reversal=reversal,
                              name=name) as gw:
         options = ReplayOptions(target=endpoint(gw.terminal_port), host_listen=endpoint(port),
                                 keys=load_keys(keys_file), rules=load_rules(None, trace=trace),
-                                pace=Pace.parse(pace), answer_timeout=5.0, grace=3.0, progress=0)
+                                pace=Pace.parse(pace), answer_timeout=5.0, grace=1.0, progress=0)
         with anyio.fail_after(60):
             await replay(trace, options, sink)
     sink.close(1.0)
@@ -85,13 +91,21 @@ def findings(sink: CaseSink) -> list[str]:
     return [f.message for c in sink.failures for f in c.findings]
 
 
-async def test_recorded_session_replays_clean_against_a_fresh_gateway(tmp_path: Path) -> None:
-    trace, keys = await record_session(tmp_path)
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One recording for the whole module (each test replays it against its own fresh gateway)."""
+    tmp = tmp_path_factory.mktemp("recording")
+    return anyio.run(record_session, tmp)
+
+
+async def test_recorded_session_replays_clean_against_a_fresh_gateway(tmp_path: Path,
+                                                                      session: tuple[Path, Path]) -> None:
+    trace, keys = session
     header, records = read_trace(trace)
     items = list(CaseAssembler(header).stream(records))
     terminal_cases = [c for c in items if isinstance(c, Case) and c.kind is CaseKind.TERMINAL]
-    # 2 sign-ins, 7 purchases, a refund, a void, a balance inquiry, a terminal reversal; nothing else
-    assert len(terminal_cases) == 13
+    # 2 sign-ins, 8 purchases, a refund, a void, a balance inquiry, 2 terminal reversals; nothing else
+    assert len(terminal_cases) == 15
     assert all(isinstance(i, ConnEnd) or i.kind is CaseKind.TERMINAL for i in items)
     timeout_case = next(c for c in terminal_cases if c.exchange.answer and c.exchange.answer.fields.get("39") == "98")
     assert timeout_case.primary is not None and timeout_case.primary.late
@@ -99,4 +113,56 @@ async def test_recorded_session_replays_clean_against_a_fresh_gateway(tmp_path: 
 
     sink = await run_replay(tmp_path, trace, keys)
     assert sink.failed == 0, findings(sink)
-    assert sink.total == 13
+    assert sink.total == 15
+
+
+def failed_case(sink: CaseSink, name: str) -> list[Finding]:
+    found = [c for c in sink.failures if c.name == name]
+    assert found, f"{name} did not fail; failures: {[c.name for c in sink.failures]}"
+    return found[0].findings
+
+
+async def test_a_lower_risk_limit_fails_naming_the_field(tmp_path: Path, session: tuple[Path, Path]) -> None:
+    trace, keys = session
+    sink = await run_replay(tmp_path, trace, keys, limits=LimitsConfig(per_transaction=10_000, per_day=50_000_000))
+    sale = failed_case(sink, "T1 10000001 stan 000002 0200 purchase")
+    rc = next(f for f in sale if f.field == "39")
+    assert (rc.kind, rc.expected, rc.got, rc.rule, rc.mti, rc.terminal, rc.stan) == (
+        FindingKind.FIELD, "'00'", "'61'", "same", "0210", "10000001", "000002")
+    assert "T1 10000001 stan 000002 0200 purchase: terminal 0210 field 39: expected '00', got '61'" in rc.message
+    missing = [f for f in sale if f.kind is FindingKind.MISSING_FRAME]
+    assert [(f.leg, f.mti) for f in missing] == [("host", "0200")]  # refused here: never sent upstream
+    # the smaller purchases still pass, and the reports say the same as the sink
+    assert sink.passed >= 10
+    report = json.loads((tmp_path / "sut.json").read_text())
+    assert report["passed"] is False
+    assert any(f["field"] == "39" and f["got"] == "'61'" for c in report["cases"] for f in c["findings"])
+    junit = ET.parse(tmp_path / "sut.xml").getroot().find("testsuite")
+    assert junit is not None and junit.get("failures") == str(sink.failed)
+
+
+async def test_a_different_response_code_rule_fails(tmp_path: Path, session: tuple[Path, Path]) -> None:
+    """The changed gateway answers a reversal of an unknown original 00 where the recorded one said 25."""
+    trace, keys = session
+    sink = await run_replay(tmp_path, trace, keys, reversal=replace(FAST_SAF, unknown_original_rc="00"))
+    assert sink.failed == 1, findings(sink)
+    rev = failed_case(sink, "T2 10000002 stan 000006 0400 reversal")
+    # 00 is an approval, which carries a MAC where the recorded 25 carried none
+    assert [(f.field, f.expected, f.got, f.mti) for f in rev] == [
+        ("39", "'25'", "'00'", "0410"), ("64", "(absent)", "<8 characters>", "0410")]
+
+
+async def test_a_recorded_timeout_replays_as_a_timeout_with_its_reversal(tmp_path: Path,
+                                                                         session: tuple[Path, Path]) -> None:
+    """Against a gateway that waits longer than the recorded host was late, the late answer is an answer:
+    the terminal gets 00 where the recording has 98, and the gateway's own reversal never comes."""
+    trace, keys = session
+    header, records = read_trace(trace)
+    timed_out = next(c for c in CaseAssembler(header).stream(records)
+                     if isinstance(c, Case) and c.exchange.answer is not None
+                     and c.exchange.answer.fields.get("39") == "98")
+    sink = await run_replay(tmp_path, trace, keys, host_timeout=LATE + 1.5)
+    found = failed_case(sink, timed_out.name)
+    assert ("39", "'98'", "'00'") in [(f.field, f.expected, f.got) for f in found]
+    assert [(f.kind, f.leg, f.mti) for f in found if f.kind is not FindingKind.FIELD] == [
+        (FindingKind.MISSING_FRAME, "host", "0400")]

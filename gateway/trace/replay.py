@@ -46,6 +46,8 @@ log = logging.getLogger("gateway.trace.replay")
 
 DEFAULT_PIN: Final = "123456"
 VERIFY_MAC: Final = Rule(Check.VERIFY, text="verify", origin="template")
+#: after a late host answer went out, how long a case waits for the SUT to (wrongly) forward it
+SETTLE: Final = 0.2
 
 
 class ReplayError(Exception):
@@ -99,6 +101,7 @@ class _Live:
         self.expectations: list[Expectation] = []
         self.sent = anyio.Event()
         self.answered = anyio.Event()
+        self.done = anyio.Event()
         self.started = anyio.current_time()
 
     def add(self, kind: FindingKind, text: str, *, leg: str = "", mti: str = "", stan: str = "",
@@ -121,6 +124,11 @@ class _Live:
             cmp.overrides = dict(self.template.expect_upstream)
             self.findings += compare(cmp, None, Seen(msg.mti, msg.fields))
 
+    def exchange_answered_in_recording_before(self, t: float) -> bool:
+        """Whether the recording shows this case's answer before `t` (then a close at `t` waits for it)."""
+        answer = self.case.exchange.answer if self.case is not None else None
+        return answer is not None and answer.t <= t
+
     def result(self) -> CaseResult:
         return CaseResult(self.name, self.findings, seconds=anyio.current_time() - self.started)
 
@@ -130,6 +138,8 @@ class _ConnState:
     last_sent: anyio.Event
     player: TerminalPlayer | None = None
     failed: str = ""
+    #: cases on this connection not finished yet (its recorded close waits for them)
+    open_cases: list[_Live] = field(default_factory=list)
 
 
 class _Run:
@@ -232,6 +242,7 @@ class _Run:
             self._expect(live, item.upstream)
             state = self._conn(item.conn)
             prev, state.last_sent = state.last_sent, live.sent
+            state.open_cases.append(live)
             tg.start_soon(self._finish, live, self._terminal_case(live, item, state, prev))
         elif item.kind is CaseKind.HOST:
             tg.start_soon(self._finish, live, self._host_case(live, item))
@@ -267,6 +278,11 @@ class _Run:
         finally:
             live.sent.set()
             live.answered.set()
+            live.done.set()
+            if live.case is not None and live.case.kind is CaseKind.TERMINAL:
+                cases = self._conn(live.case.conn).open_cases
+                if live in cases:
+                    cases.remove(live)
             for exp in live.expectations:
                 self.host.book.discard(exp)
             if live.case is not None:
@@ -335,7 +351,7 @@ class _Run:
         answer = await player.wait(slot, timeout)
         self._judge_answer(live, rec, prepared.message, recorded, answer, player, timeout)
         live.answered.set()
-        await self._await_upstream(live, case, sent_at)
+        await self._await_upstream(live, case, sent_at, player)
 
     def _needs_keys(self, fields: dict[str, str]) -> bool:
         return "64" in fields or "52" in fields or fields.get("53", "")[2:3] == "1"
@@ -400,8 +416,10 @@ class _Run:
                          request=sent.fields, verified=verified)
         live.findings += compare(cmp, Seen.of(recorded), Seen(msg.mti, msg.fields))
 
-    async def _await_upstream(self, live: _Live, case: Case, sent_at: float) -> None:
-        """Until every upstream request the recording has for this case came, or its time is up."""
+    async def _await_upstream(self, live: _Live, case: Case, sent_at: float,
+                              player: TerminalPlayer | None = None) -> None:
+        """Until every upstream request the recording has for this case came and was answered (late
+        answers too: the SUT must not forward them), or its time is up."""
         self._expect(live, case.upstream)  # the recording may have attached more since dispatch
         last = max((x.request.t for x in case.upstream), default=case.start)
         deadline = sent_at + (last - case.start) + self.options.grace
@@ -415,11 +433,38 @@ class _Run:
                          f"the SUT never sent the upstream {r.mti} the recording has (recorded host stan "
                          f"{r.fields.get('11', '-')}, amount {r.fields.get('4', '-')})",
                          leg="host", mti=r.mti, stan=r.fields.get("11", ""), seq=r.seq)
+        late = [e for e in live.expectations if e.seen.is_set() and not e.answered.is_set()]
+        if late:
+            bound = max((e.exchange.delay or 0.0) for e in late if e.exchange is not None) if any(
+                e.exchange is not None for e in late) else 0.0
+            with anyio.move_on_after(bound + self.options.grace):
+                for e in late:
+                    await e.answered.wait()
+            if player is not None:
+                await anyio.sleep(SETTLE)  # what the SUT does with a late answer, it does now
+        if player is not None and case.exchange.answer is not None:
+            self._second_answers(live, player, case)
+
+    def _second_answers(self, live: _Live, player: TerminalPlayer, case: Case) -> None:
+        """An answer that pairs with this case's request after its own answer came: the SUT answered
+        twice (e.g. forwarded a late host answer)."""
+        rec = case.exchange.request
+        for a in list(player.unpaired):
+            f = a.message.fields
+            if f.get("11") == rec.fields.get("11") and f.get("41") == rec.fields.get("41") \
+                    and a.message.mti[:3] == response_mti(rec.mti)[:3]:
+                player.unpaired.remove(a)
+                live.add(FindingKind.UNEXPECTED_FRAME, f"a second answer {a.message.mti} rc "
+                         f"{f.get('39', '-')} to {rec.mti} stan {f.get('11')} (the recording has one)",
+                         leg="terminal", mti=a.message.mti, stan=f.get("11", ""))
 
     async def _close_conn(self, end: ConnEnd, state: _ConnState, prev: anyio.Event) -> None:
         await prev.wait()
         await self._after(end.after)
         await self._until(end.t)
+        for live in list(state.open_cases):  # a late answer the SUT might forward must find the player there
+            if live.exchange_answered_in_recording_before(end.t):
+                await live.done.wait()
         state.last_sent.set()
         if state.player is not None:
             await state.player.close()

@@ -73,7 +73,8 @@ class Expectation:
     pin: str | None = None  #: the PIN its PIN block must hold
     observed: Message | None = None
     open: bool = True
-    seen: anyio.Event = field(default_factory=anyio.Event)
+    seen: anyio.Event = field(default_factory=anyio.Event)  #: the SUT sent the request
+    answered: anyio.Event = field(default_factory=anyio.Event)  #: the answer went out (or never will)
 
     @property
     def silent(self) -> bool:
@@ -185,6 +186,17 @@ def answer_from_recording(exchange: Exchange, observed: Message, mac_fields: tup
     return Message(exchange.answer.mti, fields)
 
 
+@dataclass(slots=True)
+class Reply:
+    data: bytes | None  #: the framed answer (None: nothing to send)
+    delay: float = 0.0
+    expectation: Expectation | None = None  #: told when its answer is out
+
+    def sent(self) -> None:
+        if self.expectation is not None:
+            self.expectation.answered.set()
+
+
 class TraceHost:
     def __init__(self, *, zmk: bytes, lab_pin: str, pace: Pace | None = None, dialect: str = "iso87-ascii",
                  framing: str = "len2", max_frame: int = 8192) -> None:
@@ -206,6 +218,7 @@ class TraceHost:
         self._initiated: dict[tuple[str, str], tuple[anyio.Event, list[Message]]] = {}
         self.unexpected = 0
         self.requests = 0
+        self.pending = 0  #: answers waiting for their delay
 
     # --- the listener ------------------------------------------------------------------------------
 
@@ -263,21 +276,21 @@ class TraceHost:
 
     # --- the sans-I/O step of one request ----------------------------------------------------------
 
-    def handle(self, body: bytes) -> tuple[bytes | None, float]:
-        """(framed answer or None, seconds to wait before sending it) for one frame from the SUT."""
+    def handle(self, body: bytes) -> Reply:
+        """What to send back for one frame from the SUT, and when."""
         try:
             msg = self.codec.decode(body)
         except IsoError as exc:
             log.warning("trace host: undecodable frame from the SUT (%s)", exc)
-            return None, 0.0
+            return Reply(None)
         if not is_request(msg.mti):
             slot = self._initiated.get((match_class(msg.mti), msg.fields.get("11", "")))
             if slot is not None:
                 slot[1].append(msg)
                 slot[0].set()
-            return None, 0.0
+            return Reply(None)
         if msg.mti[1] == "8":
-            return self._network(body, msg), 0.0
+            return Reply(self._network(body, msg))
         self.requests += 1
         exp = self.book.match(msg)
         verified = self._verify(body, msg, exp)
@@ -285,11 +298,12 @@ class TraceHost:
             self.unexpected += 1
             self.on_unexpected(msg, verified)
             rc = UNEXPECTED_REVERSAL_RC if msg.mti[1] == "4" else UNEXPECTED_RC
-            return self._frame(self._builder_answer(msg, {"39": rc})), 0.0
+            return Reply(self._frame(self._builder_answer(msg, {"39": rc})))
         exp.owner.on_upstream(exp, msg, verified)
         exp.seen.set()
         if exp.silent:
-            return None, 0.0
+            exp.answered.set()
+            return Reply(None)
         if exp.exchange is not None:
             answer = answer_from_recording(exp.exchange, msg, self.dialect.mac_fields, self.dialect.mac_wire_len)
             delay = self.pace.host_delay(exp.exchange.delay, exp.exchange.late)
@@ -297,7 +311,7 @@ class TraceHost:
             assert exp.template_answer is not None and exp.template_answer.fields is not None
             answer = self._builder_answer(msg, exp.template_answer.fields)
             delay = exp.template_answer.delay
-        return (self._frame(answer) if answer is not None else None), delay
+        return Reply(self._frame(answer) if answer is not None else None, delay, exp)
 
     def _network(self, body: bytes, msg: Message) -> bytes | None:
         reply = self.sim.handle(body)
@@ -365,18 +379,25 @@ class _SutConnection:
                     log.warning("trace host: bad framing from the SUT (%s): closing", exc)
                     break
                 for frame in frames:
-                    data, delay = self.host.handle(frame.body)
-                    if data is None:
-                        continue
-                    if delay > 0:
-                        tg.start_soon(self._send_later, data, delay)
+                    reply = self.host.handle(frame.body)
+                    if reply.data is None:
+                        reply.sent()
+                    elif reply.delay > 0:
+                        tg.start_soon(self._send_later, reply)
                     else:
-                        await self.send(data)
+                        await self.send(reply.data)
+                        reply.sent()
             tg.cancel_scope.cancel()  # answers still waiting for their delay die with the connection
 
-    async def _send_later(self, data: bytes, delay: float) -> None:
-        await anyio.sleep(delay)
-        await self.send(data)
+    async def _send_later(self, reply: Reply) -> None:
+        self.host.pending += 1
+        try:
+            await anyio.sleep(reply.delay)
+            assert reply.data is not None
+            await self.send(reply.data)
+        finally:
+            self.host.pending -= 1
+            reply.sent()  # sent, or never will be (the connection went down)
 
     async def send(self, data: bytes) -> None:
         try:
