@@ -21,15 +21,14 @@ from gateway.config import LimitsConfig, ReversalConfig
 from gateway.lab import CARD_CUP, CARD_CUP_2, CARD_LOW, CARD_VISA
 from gateway.sim.host_rules import Fault
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
+from gateway.trace.diff import diff
 from gateway.trace.format import read_trace
 from gateway.trace.keys import load_keys
 from gateway.trace.pace import Pace
 from gateway.trace.replay import ReplayOptions, replay
-from gateway.trace.report import CaseSink, FindingKind
+from gateway.trace.report import CaseSink, Finding, FindingKind
 from gateway.trace.rulesfile import load_rules
 from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, recorded_lab
-
-pytestmark = pytest.mark.anyio
 
 HOST_TIMEOUT = 0.6
 LATE = 1.5  #: the recorded host's answer to the slow card comes this late: a timeout
@@ -98,6 +97,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return anyio.run(record_session, tmp)
 
 
+@pytest.mark.anyio
 async def test_recorded_session_replays_clean_against_a_fresh_gateway(tmp_path: Path,
                                                                       session: tuple[Path, Path]) -> None:
     trace, keys = session
@@ -122,6 +122,7 @@ def failed_case(sink: CaseSink, name: str) -> list[Finding]:
     return found[0].findings
 
 
+@pytest.mark.anyio
 async def test_a_lower_risk_limit_fails_naming_the_field(tmp_path: Path, session: tuple[Path, Path]) -> None:
     trace, keys = session
     sink = await run_replay(tmp_path, trace, keys, limits=LimitsConfig(per_transaction=10_000, per_day=50_000_000))
@@ -141,6 +142,7 @@ async def test_a_lower_risk_limit_fails_naming_the_field(tmp_path: Path, session
     assert junit is not None and junit.get("failures") == str(sink.failed)
 
 
+@pytest.mark.anyio
 async def test_a_different_response_code_rule_fails(tmp_path: Path, session: tuple[Path, Path]) -> None:
     """The changed gateway answers a reversal of an unknown original 00 where the recorded one said 25."""
     trace, keys = session
@@ -152,6 +154,7 @@ async def test_a_different_response_code_rule_fails(tmp_path: Path, session: tup
         ("39", "'25'", "'00'", "0410"), ("64", "(absent)", "<8 characters>", "0410")]
 
 
+@pytest.mark.anyio
 async def test_a_recorded_timeout_replays_as_a_timeout_with_its_reversal(tmp_path: Path,
                                                                          session: tuple[Path, Path]) -> None:
     """Against a gateway that waits longer than the recorded host was late, the late answer is an answer:
@@ -166,3 +169,47 @@ async def test_a_recorded_timeout_replays_as_a_timeout_with_its_reversal(tmp_pat
     assert ("39", "'98'", "'00'") in [(f.field, f.expected, f.got) for f in found]
     assert [(f.kind, f.leg, f.mti) for f in found if f.kind is not FindingKind.FIELD] == [
         (FindingKind.MISSING_FRAME, "host", "0400")]
+
+
+# --- trace diff on the same recordings ---------------------------------------------------------------
+
+
+def test_diff_of_a_rerun_of_the_same_input_passes(tmp_path: Path, session: tuple[Path, Path]) -> None:
+    """A second recording of the same session through a new gateway and host: same cases, same fields,
+    except what the rules call volatile (times, STANs the gateway allocates, host RRNs and keys)."""
+    trace_a, _ = session
+    trace_b, _ = anyio.run(record_session, tmp_path)
+    sink = CaseSink("diff", json_path=tmp_path / "diff.json")
+    stats = diff(trace_a, trace_b, load_rules(None), sink)
+    sink.close(0.0)
+    assert sink.failed == 0, findings(sink)
+    assert stats.paired == sink.total == 15
+
+
+def test_diff_names_the_message_and_field_that_changed(tmp_path: Path, session: tuple[Path, Path]) -> None:
+    """B: one purchase refused 61 without going upstream, as a lower limit would do."""
+    trace_a, _ = session
+    trace_b = tmp_path / "changed.jsonl"
+    lines = trace_a.read_text().splitlines()
+    sale = next(json.loads(line) for line in lines if '"mti":"0200"' in line and '"leg":"terminal"' in line)
+    key = (sale["fields"]["41"], sale["fields"]["11"])
+    out = []
+    dropped_host = False
+    for line in lines:
+        rec = json.loads(line)
+        if rec.get("kind") == "frame" and rec["leg"] == "terminal" and rec["mti"] == "0210" \
+                and (rec["fields"].get("41"), rec["fields"].get("11")) == key:
+            rec["fields"]["39"] = "61"
+        if rec.get("kind") == "frame" and rec["leg"] == "host" and rec["mti"] in ("0200", "0210") \
+                and rec["fields"].get("4") == sale["fields"]["4"] and not dropped_host:
+            dropped_host = rec["mti"] == "0210"
+            continue
+        out.append(json.dumps(rec))
+    trace_b.write_text("\n".join(out) + "\n")
+    sink = CaseSink("diff")
+    diff(trace_a, trace_b, load_rules(None), sink)
+    assert sink.failed == 1, findings(sink)
+    found = sink.failures[0].findings
+    assert sink.failures[0].name.endswith(f"{key[0]} stan {key[1]} 0200 purchase")
+    assert (found[0].field, found[0].expected, found[0].got, found[0].mti) == ("39", "'00'", "'61'", "0210")
+    assert [f.kind for f in found if f.kind is not FindingKind.FIELD] == [FindingKind.MISSING_FRAME]

@@ -156,6 +156,8 @@ def compare(cmp: Comparison, expected: Seen | None, got: Seen) -> list[Finding]:
         if cmp.overrides is not None:
             part_ids |= {k for k in cmp.overrides if k.startswith(fid + ".")}
         lay = _layout_of(cmp.key.dialect, cmp.flow, fid) if part_ids else None
+        if lay is not None and expected is not None and (e is None) != (g is None):
+            lay = None  # the whole field is absent on one side: one finding, not one per sub-field
         if lay is None:
             _check(cmp, findings, got, expected is not None, fid, rule, e, g, None)
             continue

@@ -36,7 +36,7 @@ from gateway.trace.format import FrameRecord, Leg, TraceHeader, read_trace
 from gateway.trace.keys import LabKeys
 from gateway.trace.pace import Pace
 from gateway.trace.player import Answer, PlayerError, TerminalPlayer, WorkingKeys
-from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind
+from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind, finding_order
 from gateway.trace.rules import Captures, Check, Mode, Rule, RulesError
 from gateway.trace.rulesfile import RulesFile
 from gateway.trace.templates import Template, build_request
@@ -130,7 +130,8 @@ class _Live:
         return answer is not None and answer.t <= t
 
     def result(self) -> CaseResult:
-        return CaseResult(self.name, self.findings, seconds=anyio.current_time() - self.started)
+        return CaseResult(self.name, sorted(self.findings, key=finding_order),
+                          seconds=anyio.current_time() - self.started)
 
 
 @dataclass(slots=True)

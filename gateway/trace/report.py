@@ -41,6 +41,14 @@ class Finding:
     seq: int | None = None  #: the recorded frame's position in the trace, when there is one
 
 
+def finding_order(f: Finding) -> int:
+    """Most telling first (the JUnit failure message is a case's first finding): the response code and
+    the MTI, then frames that did not pair, came or went missing, then the other fields."""
+    if f.kind is FindingKind.FIELD and f.field in ("39", "mti"):
+        return 0
+    return 2 if f.kind is FindingKind.FIELD else 1
+
+
 @dataclass(slots=True)
 class CaseResult:
     name: str  #: e.g. "T3 10000001 stan 000123 purchase" or a template case's name
