@@ -157,7 +157,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(Path(args.config) if args.config else None)
     except ConfigError as exc:
-        print(f"gateway: bad configuration: {exc}", flush=True)
+        for problem in exc.problems:
+            print(f"gateway: bad configuration: {problem}", flush=True)
         return 2
     logging.getLogger("gateway").setLevel(logging.INFO)
     try:
