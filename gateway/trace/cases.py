@@ -345,7 +345,9 @@ class CaseAssembler:
             out.append(queue.popleft())
             if isinstance(head, Case):
                 self._forget_open(head)
-        self._expire()
+        self._sweeps += 1
+        if final or self._sweeps % 64 == 0:
+            self._expire()
         return out
 
     def _forget_open(self, case: Case) -> None:
@@ -378,7 +380,6 @@ class CaseAssembler:
                 if oldest.start >= cutoff:
                     break
                 table.popitem(last=False)
-        self._sweeps += 1
         if self._sweeps % 1024 == 0:  # a full pass now and then: requests the host never answered
             for key in [k for k, (x, _) in self._host_pending.items() if x.request.t < cutoff]:
                 del self._host_pending[key]
