@@ -213,3 +213,15 @@ def test_diff_names_the_message_and_field_that_changed(tmp_path: Path, session: 
     assert sink.failures[0].name.endswith(f"{key[0]} stan {key[1]} 0200 purchase")
     assert (found[0].field, found[0].expected, found[0].got, found[0].mti) == ("39", "'00'", "'61'", "0210")
     assert [f.kind for f in found if f.kind is not FindingKind.FIELD] == [FindingKind.MISSING_FRAME]
+
+
+@pytest.mark.anyio
+async def test_scaled_pace_keeps_the_recorded_rhythm(tmp_path: Path, session: tuple[Path, Path]) -> None:
+    trace, keys = session
+    header, records = read_trace(trace)
+    starts = [c.start for c in CaseAssembler(header).stream(records) if isinstance(c, Case)]
+    span = max(starts) - min(starts)
+    started = anyio.current_time()
+    sink = await run_replay(tmp_path, trace, keys, pace="x2")
+    assert sink.failed == 0, findings(sink)
+    assert anyio.current_time() - started >= span / 2  # never earlier than the recording, halved

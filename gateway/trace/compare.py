@@ -120,15 +120,11 @@ class Comparison:
     overrides: Mapping[str, Rule] | None = None
 
     def rule(self, fid: str, secret: SecretKind | None) -> Rule:
-        if self.overrides is not None:
-            own = self.overrides.get(fid)
-            if own is not None:
-                return own
+        if self.overrides is not None:  # a template: its own rules, nothing else (jPOS-EE style)
+            return self.overrides.get(fid, ANY)
         found = self.rules.rule_for(self.key, fid)
         if found is not None:
             return found
-        if self.overrides is not None:
-            return ANY
         if self.flow is not None and self.key.mti[2:3] in ("1", "3", "5", "7", "9") \
                 and fid in self.flow.response.echo:
             return ECHO_FROM_FLOW  # an answer: the flow's echoed fields must equal the request's
@@ -152,9 +148,10 @@ def compare(cmp: Comparison, expected: Seen | None, got: Seen) -> list[Finding]:
         rule = cmp.rule(fid, secrets.get(fid))
         e = expected.fields.get(fid) if expected is not None else None
         g = got.fields.get(fid)
-        part_ids = set(cmp.rules.part_ids(cmp.key, fid))
         if cmp.overrides is not None:
-            part_ids |= {k for k in cmp.overrides if k.startswith(fid + ".")}
+            part_ids = {k for k in cmp.overrides if k.startswith(fid + ".")}
+        else:
+            part_ids = set(cmp.rules.part_ids(cmp.key, fid))
         lay = _layout_of(cmp.key.dialect, cmp.flow, fid) if part_ids else None
         if lay is not None and expected is not None and (e is None) != (g is None):
             lay = None  # the whole field is absent on one side: one finding, not one per sub-field

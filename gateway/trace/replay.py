@@ -389,20 +389,7 @@ class _Run:
                       answer: Answer | None, player: TerminalPlayer, timeout: float) -> None:
         stan = sent.fields.get("11", "")
         if answer is None:
-            mismatch = player.take_unpaired(sent)
-            if mismatch is not None:
-                got = mismatch.message
-                live.add(FindingKind.MATCH_KEY,
-                         f"an answer {got.mti} came for terminal {got.fields.get('41', '?')} stan "
-                         f"{got.fields.get('11', '?')}, which does not pair with the request {sent.mti} stan {stan} "
-                         f"(expected {response_mti(sent.mti)}, stan {stan}, terminal {sent.fields.get('41', '')})",
-                         leg="terminal", mti=got.mti, stan=got.fields.get("11", ""), seq=rec_request.seq,
-                         expected=f"{response_mti(sent.mti)} stan {stan}",
-                         got=f"{got.mti} stan {got.fields.get('11', '')}")
-            elif recorded is not None:
-                live.add(FindingKind.MISSING_FRAME, f"no answer to {sent.mti} stan {stan} within {timeout:.1f}s "
-                         f"(the recording has {recorded.mti} rc {recorded.fields.get('39', '-')})",
-                         leg="terminal", mti=recorded.mti, stan=stan, seq=recorded.seq)
+            self._no_answer(live, sent, recorded, player, timeout, rec_request.seq)
             return
         verified = player.verify(sent, answer)
         msg = answer.message
@@ -416,6 +403,27 @@ class _Run:
                          Where(live.name, "terminal", live.terminal, stan), self.captures, flow,
                          request=sent.fields, verified=verified)
         live.findings += compare(cmp, Seen.of(recorded), Seen(msg.mti, msg.fields))
+
+    def _no_answer(self, live: _Live, sent: Message, recorded: FrameRecord | None, player: TerminalPlayer,
+                   timeout: float, seq: int | None) -> None:
+        """No answer paired with `sent`: an answer that came with a wrong match key, or a timeout."""
+        stan = sent.fields.get("11", "")
+        mismatch = player.take_unpaired(sent)
+        if mismatch is not None:
+            got = mismatch.message
+            live.add(FindingKind.MATCH_KEY,
+                     f"an answer {got.mti} came for terminal {got.fields.get('41', '?')} stan "
+                     f"{got.fields.get('11', '?')}, which does not pair with the request {sent.mti} stan {stan} "
+                     f"(expected {response_mti(sent.mti)}, stan {stan}, terminal {sent.fields.get('41', '')})",
+                     leg="terminal", mti=got.mti, stan=got.fields.get("11", ""), seq=seq,
+                     expected=f"{response_mti(sent.mti)} stan {stan}", got=f"{got.mti} stan {got.fields.get('11', '')}")
+        elif recorded is not None:
+            live.add(FindingKind.MISSING_FRAME, f"no answer to {sent.mti} stan {stan} within {timeout:.1f}s "
+                     f"(the recording has {recorded.mti} rc {recorded.fields.get('39', '-')})",
+                     leg="terminal", mti=recorded.mti, stan=stan, seq=recorded.seq)
+        elif live.template is not None:
+            live.add(FindingKind.MISSING_FRAME, f"no answer to {sent.mti} stan {stan} within {timeout:.1f}s",
+                     leg="terminal", mti=sent.mti, stan=stan)
 
     async def _await_upstream(self, live: _Live, case: Case, sent_at: float,
                               player: TerminalPlayer | None = None) -> None:
@@ -550,10 +558,7 @@ class _Run:
         answer = await player.exchange(prepared, self.options.answer_timeout + t.host_delay)
         live.answered.set()
         if answer is None:
-            mismatch = player.take_unpaired(prepared.message)
-            kind = FindingKind.MATCH_KEY if mismatch is not None else FindingKind.MISSING_FRAME
-            live.add(kind, f"no answer pairs with {prepared.message.mti} stan {stan}", leg="terminal",
-                     mti=prepared.message.mti, stan=stan)
+            self._no_answer(live, prepared.message, None, player, self.options.answer_timeout + t.host_delay, None)
         else:
             verified = player.verify(prepared.message, answer)
             msg = answer.message
