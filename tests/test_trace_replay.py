@@ -18,8 +18,6 @@ import anyio
 import pytest
 
 from gateway.config import LimitsConfig, ReversalConfig
-from gateway.lab import CARD_CUP, CARD_CUP_2, CARD_LOW, CARD_VISA
-from gateway.sim.host_rules import Fault
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
 from gateway.trace.diff import diff
 from gateway.trace.format import read_trace
@@ -28,46 +26,15 @@ from gateway.trace.pace import Pace
 from gateway.trace.replay import ReplayOptions, replay
 from gateway.trace.report import CaseSink, Finding, FindingKind
 from gateway.trace.rulesfile import load_rules
-from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, recorded_lab
+from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, record_session
 
 HOST_TIMEOUT = 0.6
 LATE = 1.5  #: the recorded host's answer to the slow card comes this late: a timeout
 
 
-async def record_session(tmp: Path) -> tuple[Path, Path]:
-    """Sign-ins, approvals, declines, a refund of a purchase by its RRN, a void, a balance inquiry,
-    a terminal reversal, and a host timeout that the gateway reverses by itself."""
+async def recorded(tmp: Path) -> tuple[Path, Path]:
     trace = tmp / "session.jsonl"
-    slow = Fault("late", seconds=LATE, pan=CARD_CUP_2.pan, mti=("0200",), limit=1)
-    async with recorded_lab(tmp, trace, host_timeout=HOST_TIMEOUT, faults=[slow]) as lab:
-        t1, t2 = lab.terminal(0), lab.terminal(1)
-        await t1.connect()
-        await t2.connect()
-        assert (await t1.sign_in()).rc == "00"
-        assert (await t2.sign_in()).rc == "00"
-        sale = await t1.purchase(12_345, CARD_CUP)
-        assert sale.approved
-        assert (await t2.purchase(8_800, CARD_VISA)).approved
-        assert (await t1.purchase(9_000, CARD_LOW)).rc == "51"
-        assert (await t2.purchase(1_000, CARD_CUP, pin="999999")).rc == "55"
-        refund = await t1.refund(2_000, CARD_CUP, original=sale)
-        assert refund.rc == "00"
-        sale2 = await t2.purchase(3_300, CARD_VISA)
-        assert (await t2.void(sale2)).rc == "00"
-        assert (await t1.balance(CARD_CUP)).rc == "00"
-        sale3 = await t1.purchase(700, CARD_VISA)
-        assert (await t1.reversal(sale3, "96")).rc == "00"
-        over = await t2.purchase(1_500_000, CARD_CUP)  # above the per-transaction limit: refused here
-        assert over.rc == "61"
-        assert (await t2.reversal(over, "06")).rc == "25"  # the gateway never saw an original for it
-        timed_out = await t1.purchase(4_200, CARD_CUP_2)
-        assert timed_out.rc == "98"
-        # wait (bounded) until the gateway's own reversal of it is acknowledged by the host
-        with anyio.fail_after(10):
-            while len(lab.host.rules.reversed()) < 2:  # the terminal's reversal and the gateway's
-                await anyio.sleep(0.05)
-        await anyio.sleep(LATE)  # the late approval arrives too, and is journalled, never forwarded
-    return trace, lab.keys_file
+    return trace, await record_session(tmp, trace, host_timeout=HOST_TIMEOUT, late=LATE)
 
 
 async def run_replay(tmp: Path, trace: Path, keys_file: Path, *, limits: LimitsConfig | None = None,
@@ -94,7 +61,7 @@ def findings(sink: CaseSink) -> list[str]:
 def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One recording for the whole module (each test replays it against its own fresh gateway)."""
     tmp = tmp_path_factory.mktemp("recording")
-    return anyio.run(record_session, tmp)
+    return anyio.run(recorded, tmp)
 
 
 @pytest.mark.anyio
@@ -178,7 +145,7 @@ def test_diff_of_a_rerun_of_the_same_input_passes(tmp_path: Path, session: tuple
     """A second recording of the same session through a new gateway and host: same cases, same fields,
     except what the rules call volatile (times, STANs the gateway allocates, host RRNs and keys)."""
     trace_a, _ = session
-    trace_b, _ = anyio.run(record_session, tmp_path)
+    trace_b, _ = anyio.run(recorded, tmp_path)
     sink = CaseSink("diff", json_path=tmp_path / "diff.json")
     stats = diff(trace_a, trace_b, load_rules(None), sink)
     sink.close(0.0)

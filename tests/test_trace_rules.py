@@ -221,3 +221,36 @@ def test_templates_parse_and_refuse_mistakes() -> None:
         parse_templates([{"flow": "reversal"}], "f")
     with pytest.raises(RulesError, match="a second case named"):
         parse_templates([{"name": "a", "flow": "echo"}, {"name": "a", "flow": "echo"}], "f")
+
+
+def _host_out(mti: str, fields: dict[str, str], expected: dict[str, str], captures: Captures) -> list:
+    rules = load_rules(None).rules
+    flow = flow_of("iso87-ascii", mti, fields)
+    cmp = Comparison(rules, message_key("iso87-ascii", "host", "out", mti, flow, Mode.REPLAY),
+                     Where("case", "host", "10000001", fields.get("11", "")), captures, flow, verified={"128": ""})
+    return compare(cmp, Seen(mti, expected), Seen(mti, fields))
+
+
+def test_host_leg_reversals_name_this_runs_original_and_repeat_it_identically() -> None:
+    """The SUT allocates new STANs and times: 90 must name the original this run sent, and (ISO 8583:1987
+    practice) a 0401 repeat must carry its 0400's STAN and field 7, not fresh ones."""
+    captures = Captures()
+    base = {"3": "000000", "4": "000000004200", "32": "00000001234", "41": "10000001", "42": "898100012340001",
+            "49": "156"}
+    rec_orig = {**base, "7": "1124101010", "11": "000061", "12": "101010", "13": "1124"}
+    run_orig = {**base, "7": "1202093000", "11": "000005", "12": "093000", "13": "1202"}
+    rec_90 = "0200000061112410101000000001234" + "0" * 11
+    run_90 = "0200000005120209300000000001234" + "0" * 11
+    assert _host_out("0200", run_orig, rec_orig, captures) == []
+    rec_rev = {**base, "7": "1124101013", "11": "000062", "39": "98", "90": rec_90, "128": "0" * 16}
+    run_rev = {**base, "7": "1202093003", "11": "000006", "39": "98", "90": run_90, "128": "F" * 16}
+    assert _host_out("0400", run_rev, rec_rev, captures) == []
+    wrong_90 = {**run_rev, "90": rec_90}  # a gateway that named the recording's original, not its own
+    found = _host_out("0400", wrong_90, rec_rev, captures)
+    assert [(f.field, f.rule, f.expected) for f in found] == [
+        ("90.2", "ref host_stan", "'000005' (ref host_stan)"), ("90.3", "ref host_time", "'1202093000' (ref host_time)")]
+    rec_repeat = {**rec_rev}  # ISO practice: identical but for the MTI
+    assert _host_out("0401", {**run_rev}, rec_repeat, captures) == []
+    fresh = {**run_rev, "11": "000007", "7": "1202093009"}
+    found = _host_out("0401", fresh, rec_repeat, captures)
+    assert sorted((f.field, f.rule) for f in found) == [("11", "ref host_stan"), ("7", "ref host_time")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -28,7 +29,18 @@ from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
 from gateway.iso.framing import CupEnvelope, make_framer
 from gateway.iso.spec import load_dialect
-from gateway.lab import LAB_ACCOUNTS, LAB_CARDS, LOOPBACK, MERCHANT_ID, lab_config, terminal_ids
+from gateway.lab import (
+    CARD_CUP,
+    CARD_CUP_2,
+    CARD_LOW,
+    CARD_VISA,
+    LAB_ACCOUNTS,
+    LAB_CARDS,
+    LOOPBACK,
+    MERCHANT_ID,
+    lab_config,
+    terminal_ids,
+)
 from gateway.security.algorithms import decrypt_track, generate_key, parse_key_block
 from gateway.security.keys import KeyUsage
 from gateway.serve import RunningGateway, run_gateway
@@ -204,10 +216,12 @@ class RecordedLab:
 
 @asynccontextmanager
 async def recorded_lab(tmp: Path, trace: Path, *, terminals: int = 3, host_timeout: float = 0.6,
-                       faults: Iterable[Fault] = ()) -> AsyncIterator[RecordedLab]:
-    """Host simulator, gateway and tap on loopback; terminal simulators record through the tap."""
-    zmk = generate_key(16)
-    tmks = {tid: generate_key(16) for tid in terminal_ids(terminals)}
+                       faults: Iterable[Fault] = (), zmk: bytes | None = None,
+                       tmks: dict[str, bytes] | None = None) -> AsyncIterator[RecordedLab]:
+    """Host simulator, gateway and tap on loopback; terminal simulators record through the tap.
+    Fresh keys unless given."""
+    zmk = zmk or generate_key(16)
+    tmks = tmks or {tid: generate_key(16) for tid in terminal_ids(terminals)}
     keys_file = tmp / "lab-keys.toml"
     keys_file.write_text(keys_toml(zmk, {tid: (MERCHANT_ID, k) for tid, k in tmks.items()}), encoding="utf-8")
     recorder = Recorder(trace, tmks)
@@ -258,3 +272,60 @@ async def fresh_gateway(tmp: Path, keys_file: Path, host_port: int, *, host_time
 
 def endpoint(port: int) -> Endpoint:
     return Endpoint(LOOPBACK, port)
+
+
+async def record_session(tmp: Path, trace: Path, *, host_timeout: float, late: float,
+                         zmk: bytes | None = None, tmks: dict[str, bytes] | None = None) -> Path:
+    """A representative session: sign-ins, approvals, declines (51, 55), a refund of a purchase by its
+    RRN, a void, a balance inquiry, a terminal reversal, a purchase over the limit and its reversal,
+    and a host timeout that the gateway reverses by itself (the host's approval arrives `late`).
+    Returns the lab keys file."""
+    slow = Fault("late", seconds=late, pan=CARD_CUP_2.pan, mti=("0200",), limit=1)
+    async with recorded_lab(tmp, trace, host_timeout=host_timeout, faults=[slow], zmk=zmk, tmks=tmks) as lab:
+        t1, t2 = lab.terminal(0), lab.terminal(1)
+        await t1.connect()
+        await t2.connect()
+        assert (await t1.sign_in()).rc == "00"
+        assert (await t2.sign_in()).rc == "00"
+        sale = await t1.purchase(12_345, CARD_CUP)
+        assert sale.approved
+        assert (await t2.purchase(8_800, CARD_VISA)).approved
+        assert (await t1.purchase(9_000, CARD_LOW)).rc == "51"
+        assert (await t2.purchase(1_000, CARD_CUP, pin="999999")).rc == "55"
+        assert (await t1.refund(2_000, CARD_CUP, original=sale)).rc == "00"
+        sale2 = await t2.purchase(3_300, CARD_VISA)
+        assert (await t2.void(sale2)).rc == "00"
+        assert (await t1.balance(CARD_CUP)).rc == "00"
+        sale3 = await t1.purchase(700, CARD_VISA)
+        assert (await t1.reversal(sale3, "96")).rc == "00"
+        over = await t2.purchase(1_500_000, CARD_CUP)  # above the per-transaction limit: refused here
+        assert over.rc == "61"
+        assert (await t2.reversal(over, "06")).rc == "25"  # the gateway never saw an original for it
+        timed_out = await t1.purchase(4_200, CARD_CUP_2)
+        assert timed_out.rc == "98"
+        with anyio.fail_after(10):  # until the gateway's own reversal of it is acknowledged
+            while len(lab.host.rules.reversed()) < 2:  # the terminal's reversal and the gateway's
+                await anyio.sleep(0.05)
+        await anyio.sleep(late)  # the late approval arrives too, and is journalled, never forwarded
+    return lab.keys_file
+
+
+#: the keys of examples/replay (also in its gateway.toml and lab-keys.toml): lab keys, never production
+EXAMPLE_ZMK = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+EXAMPLE_TMKS = {"10000001": bytes.fromhex("FDE67607DFC81C9EF2497931AE8097A2"),
+                "10000002": bytes.fromhex("83AB7C026129CD9D6ED3CDE386027AC2")}
+EXAMPLE_HOST_TIMEOUT, EXAMPLE_LATE = 1.0, 2.0
+
+
+async def record_example(directory: Path) -> None:
+    """Regenerate examples/replay/session.jsonl and session-rerun.jsonl (two recordings of one session)."""
+    for name in ("session.jsonl", "session-rerun.jsonl"):
+        with tempfile.TemporaryDirectory() as tmp:
+            await record_session(Path(tmp), directory / name, host_timeout=EXAMPLE_HOST_TIMEOUT,
+                                 late=EXAMPLE_LATE, zmk=EXAMPLE_ZMK, tmks=dict(EXAMPLE_TMKS))
+
+
+if __name__ == "__main__":  # python -m tests.trace_support examples/replay
+    import sys
+
+    anyio.run(record_example, Path(sys.argv[1]))

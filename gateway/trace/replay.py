@@ -477,6 +477,8 @@ class _Run:
         state.last_sent.set()
         if state.player is not None:
             await state.player.close()
+        if self.conns.get(end.conn) is state and not state.open_cases:
+            del self.conns[end.conn]  # connection names do not come back: keep memory flat
 
     # --- host-initiated and lone upstream cases ----------------------------------------------------
 
@@ -592,9 +594,22 @@ async def replay(trace: Path | None, options: ReplayOptions, sink: CaseSink,
         header, assembler, items = template_header(), None, iter(())
     run = _Run(options, header, sink, say)
     started = anyio.current_time()
-    await run.run(items, assembler)
+    try:
+        await run.run(items, assembler)
+    except BaseExceptionGroup as group:
+        cause = _single(group)
+        if isinstance(cause, ReplayError | OSError):
+            raise cause from None  # a run that could not start: one line for the command, no trace back
+        raise
     run.stats.seconds = anyio.current_time() - started
     return run.stats
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) task-group exception groups, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 __all__ = ["Pace", "ReplayError", "ReplayOptions", "ReplayStats", "replay"]
