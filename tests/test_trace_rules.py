@@ -248,7 +248,8 @@ def test_host_leg_reversals_name_this_runs_original_and_repeat_it_identically() 
     wrong_90 = {**run_rev, "90": rec_90}  # a gateway that named the recording's original, not its own
     found = _host_out("0400", wrong_90, rec_rev, captures)
     assert [(f.field, f.rule, f.expected) for f in found] == [
-        ("90.2", "ref host_stan", "'000005' (ref host_stan)"), ("90.3", "ref host_time", "'1202093000' (ref host_time)")]
+        ("90.2", "ref host_stan", "'000005' (ref host_stan)"),
+        ("90.3", "ref host_time", "'1202093000' (ref host_time)")]
     rec_repeat = {**rec_rev}  # ISO practice: identical but for the MTI
     assert _host_out("0401", {**run_rev}, rec_repeat, captures) == []
     fresh = {**run_rev, "11": "000007", "7": "1202093009"}
