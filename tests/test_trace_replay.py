@@ -18,10 +18,10 @@ import anyio
 import pytest
 
 from gateway.config import LimitsConfig, ReversalConfig
+from gateway.sim.keyfile import read_test_keys
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
 from gateway.trace.diff import diff
 from gateway.trace.format import read_trace
-from gateway.trace.keys import load_keys
 from gateway.trace.pace import Pace
 from gateway.trace.replay import ReplayOptions, replay
 from gateway.trace.report import CaseSink, Finding, FindingKind
@@ -45,7 +45,7 @@ async def run_replay(tmp: Path, trace: Path, keys_file: Path, *, limits: LimitsC
     async with fresh_gateway(tmp, keys_file, port, host_timeout=host_timeout, limits=limits, reversal=reversal,
                              name=name) as gw:
         options = ReplayOptions(target=endpoint(gw.terminal_port), host_listen=endpoint(port),
-                                keys=load_keys(keys_file), rules=load_rules(None, trace=trace),
+                                keys=read_test_keys(keys_file), rules=load_rules(None, trace=trace),
                                 pace=Pace.parse(pace), answer_timeout=5.0, grace=1.0, progress=0)
         with anyio.fail_after(60):
             await replay(trace, options, sink)

@@ -17,8 +17,8 @@ from gateway.iso.framing import make_framer
 from gateway.iso.spec import load_dialect
 from gateway.lab import CARD_CUP, LOOPBACK, MERCHANT_ID, terminal_ids
 from gateway.security.algorithms import generate_key
+from gateway.sim.keyfile import LabKeys, LabTerminal, read_test_keys, render_test_keys
 from gateway.trace.format import Direction, FrameRecord, Leg, TraceHeader, write_records
-from gateway.trace.keys import keys_toml, load_keys
 from gateway.trace.replay import ReplayOptions, replay
 from gateway.trace.report import CaseSink, FindingKind
 from gateway.trace.rulesfile import load_rules
@@ -75,8 +75,8 @@ expect = {{ "39" = "one-of 05" }}
 
 def lab_keys(tmp: Path) -> Path:
     path = tmp / "lab-keys.toml"
-    tmks = {tid: (MERCHANT_ID, generate_key(16)) for tid in terminal_ids(2)}
-    path.write_text(keys_toml(generate_key(16), tmks))
+    terminals = tuple(LabTerminal(tid, MERCHANT_ID, generate_key(16)) for tid in terminal_ids(2))
+    path.write_text(render_test_keys(LabKeys(generate_key(16), terminals)))
     return path
 
 
@@ -86,7 +86,7 @@ async def replay_against(tmp: Path, keys: Path, trace: Path | None, rules: Path 
     port = sut_host_port or free_port()
     async with fresh_gateway(tmp, keys, port) as gw:
         options = ReplayOptions(target=endpoint(target_port or gw.terminal_port), host_listen=endpoint(port),
-                                keys=load_keys(keys), rules=load_rules(rules, trace=trace), answer_timeout=3.0,
+                                keys=read_test_keys(keys), rules=load_rules(rules, trace=trace), answer_timeout=3.0,
                                 grace=1.0, progress=0)
         with anyio.fail_after(60):
             await replay(trace, options, sink)
@@ -202,7 +202,7 @@ expect = {{ "39" = "one-of 00" }}
     port = free_port()
     sink = CaseSink("replay")
     async with fresh_gateway(tmp_path, keys, port) as gw, stan_bending_proxy(gw.terminal_port, "0210") as bent:
-        options = ReplayOptions(target=endpoint(bent), host_listen=endpoint(port), keys=load_keys(keys),
+        options = ReplayOptions(target=endpoint(bent), host_listen=endpoint(port), keys=read_test_keys(keys),
                                 rules=load_rules(rules), answer_timeout=1.0, grace=0.5, progress=0)
         with anyio.fail_after(30):
             await replay(None, options, sink)

@@ -46,6 +46,7 @@ from gateway.security.keys import KeyUsage
 from gateway.serve import RunningGateway, run_gateway
 from gateway.sim.host import HostSimConfig, HostSimulator
 from gateway.sim.host_rules import Fault, HostRulesConfig
+from gateway.sim.keyfile import LabKeys, LabTerminal, read_test_keys, render_test_keys
 from gateway.sim.terminal import TerminalSimulator
 from gateway.trace.format import (
     Direction,
@@ -56,7 +57,6 @@ from gateway.trace.format import (
     SecretKind,
     TraceHeader,
 )
-from gateway.trace.keys import keys_toml, load_keys
 
 FAST_SAF = ReversalConfig(max_attempts=5, backoff=(0.2, 0.5, 1.0), poll_interval=0.05, original_wait=3.0)
 
@@ -223,7 +223,8 @@ async def recorded_lab(tmp: Path, trace: Path, *, terminals: int = 3, host_timeo
     zmk = zmk or generate_key(16)
     tmks = tmks or {tid: generate_key(16) for tid in terminal_ids(terminals)}
     keys_file = tmp / "lab-keys.toml"
-    keys_file.write_text(keys_toml(zmk, {tid: (MERCHANT_ID, k) for tid, k in tmks.items()}), encoding="utf-8")
+    lab_keys = LabKeys(zmk, tuple(LabTerminal(tid, MERCHANT_ID, k) for tid, k in tmks.items()))
+    keys_file.write_text(render_test_keys(lab_keys), encoding="utf-8")
     recorder = Recorder(trace, tmks)
     host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000,
                                                                       faults=tuple(faults))))
@@ -259,8 +260,8 @@ async def fresh_gateway(tmp: Path, keys_file: Path, host_port: int, *, host_time
                         limits: LimitsConfig | None = None, reversal: ReversalConfig | None = None,
                         name: str = "sut") -> AsyncIterator[RunningGateway]:
     """A new gateway (empty journal) with the lab keys, its host link pointed at `host_port`."""
-    keys = load_keys(keys_file)
-    config = lab_config(tmp / name, host_port, {t: e.tmk for t, e in keys.terminals.items()}, keys.zmk,
+    keys = read_test_keys(keys_file)
+    config = lab_config(tmp / name, host_port, {t.terminal_id: t.tmk for t in keys.terminals}, keys.zmk,
                         host_timeout=host_timeout, admin=False, limits=limits, reversal=reversal or FAST_SAF)
     async with anyio.create_task_group() as tg:
         gw: RunningGateway = await tg.start(_gateway, config)

@@ -32,8 +32,8 @@ from gateway.iso.spec import load_dialect
 from gateway.security.algorithms import encrypt_pin_block, encrypt_track, macs_equal, parse_key_block, terminal_mac
 from gateway.security.errors import SecurityError
 from gateway.security.keys import KeyUsage
+from gateway.sim.keyfile import LabKeys, LabTerminal
 from gateway.trace.format import SecretKind
-from gateway.trace.keys import LabKeys
 
 log = logging.getLogger("gateway.trace.player")
 
@@ -87,6 +87,11 @@ class _Slot:
     key: tuple[str, str, str]
     event: anyio.Event = field(default_factory=anyio.Event)
     answer: Answer | None = None
+
+
+def lab_terminal(keys: LabKeys, terminal_id: str) -> LabTerminal | None:
+    """The keys file's entry for a terminal (None: it has none)."""
+    return next((t for t in keys.terminals if t.terminal_id == terminal_id), None)
 
 
 def track_pan(track: str | None) -> str | None:
@@ -315,9 +320,10 @@ class TerminalPlayer:
         return verified
 
     def _install(self, tid: str, request: Message, block: str) -> str:
-        tmk = self.lab.tmk(tid)
-        if tmk is None:
+        entry = lab_terminal(self.lab, tid)
+        if entry is None:
             return f"no TMK for terminal {tid} in the keys file"
+        tmk = entry.tmk
         mode = request.fields.get("60", "")[8:11] or "004"
         try:
             keys = parse_key_block(tmk, bytes.fromhex(block), mode)

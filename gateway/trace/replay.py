@@ -30,12 +30,12 @@ from gateway.iso.build import TerminalIdent, cup
 from gateway.iso.errors import IsoError
 from gateway.iso.message import Message
 from gateway.iso.mti import response_mti
+from gateway.sim.keyfile import LabKeys
 from gateway.trace.cases import DEFAULT_DIALECTS, Case, CaseAssembler, CaseKind, ConnEnd, Exchange, Item
 from gateway.trace.compare import Comparison, Seen, Where, compare, flow_of, message_key, substitute_refs
 from gateway.trace.format import FrameRecord, Leg, TraceHeader, read_trace
-from gateway.trace.keys import LabKeys
 from gateway.trace.pace import Pace
-from gateway.trace.player import Answer, PlayerError, TerminalPlayer, WorkingKeys
+from gateway.trace.player import Answer, PlayerError, TerminalPlayer, WorkingKeys, lab_terminal
 from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind, finding_order
 from gateway.trace.rules import Captures, Check, Mode, Rule, RulesError
 from gateway.trace.rulesfile import RulesFile
@@ -360,8 +360,8 @@ class _Run:
     async def _sign_in(self, live: _Live, player: TerminalPlayer, fields: dict[str, str]) -> None:
         """The trace has no sign-in for this terminal before a MAC'd request: sign in as it would."""
         tid = fields.get("41", "")
-        entry = self.options.keys.terminals.get(tid)
-        merchant = entry.merchant_id if entry is not None and entry.merchant_id else fields.get("42", "")
+        entry = lab_terminal(self.options.keys, tid)
+        merchant = entry.merchant_id if entry is not None else fields.get("42", "")
         batch = fields.get("60", "")[2:8] or "000001"
         try:
             request = cup.sign_in(TerminalIdent(tid, merchant), self._next_stan(tid), batch)
@@ -528,14 +528,14 @@ class _Run:
         originals: dict[str, Message] = {}
         for t in self.rules.templates:
             await self.limiter.acquire()
-            tid = t.terminal or next(iter(self.options.keys.terminals), "")
+            tid = t.terminal or (self.options.keys.terminals[0].terminal_id if self.options.keys.terminals else "")
             live = _Live(self, t.name, tid, t.stan or "", template=t)
             self.by_terminal.setdefault(tid, []).append(live)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._finish, live, self._template_case(live, t, tid, originals))
 
     async def _template_case(self, live: _Live, t: Template, tid: str, originals: dict[str, Message]) -> None:
-        entry = self.options.keys.terminals.get(tid)
+        entry = lab_terminal(self.options.keys, tid)
         merchant = t.merchant or (entry.merchant_id if entry is not None else "")
         state = self._conn(f"template:{tid}")
         player = await self._player(f"template:{tid}", state)

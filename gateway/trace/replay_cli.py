@@ -13,9 +13,9 @@ from typing import TextIO
 import anyio
 
 from gateway.config import ConfigError, Endpoint
+from gateway.sim.keyfile import KeyFileError, read_test_keys
 from gateway.trace.diff import diff
 from gateway.trace.format import TraceFormatError
-from gateway.trace.keys import KeysFileError, load_keys
 from gateway.trace.pace import Pace
 from gateway.trace.replay import DEFAULT_PIN, ReplayError, ReplayOptions, replay
 from gateway.trace.report import CaseSink
@@ -72,7 +72,7 @@ def register_trace_commands(trace_subparsers: argparse._SubParsersAction) -> Non
     p.add_argument("--host-listen", type=_endpoint, required=True,
                    help="where the trace host listens, HOST:PORT (the gateway's host address)")
     p.add_argument("--keys", type=Path, default=None,
-                   help=f"lab keys file: zmk and [[terminals]] tmk (default: ./{DEFAULT_KEYS})")
+                   help=f"the TEST KEYS file `gateway init` wrote (default: ./{DEFAULT_KEYS})")
     p.add_argument("--pace", type=_pace, default=Pace(), help="recorded, asap (default) or xN (N times faster)")
     p.add_argument("--concurrency", type=int, default=100, help="cases in flight at most (default 100)")
     p.add_argument("--pin", default=None, help=f"lab PIN in PIN blocks (default: the rules file's, else {DEFAULT_PIN})")
@@ -124,7 +124,7 @@ def _fail(what: str, exc: Exception) -> int:
 def _replay_command(args: argparse.Namespace) -> int:
     try:
         keys_path = args.keys if args.keys is not None else DEFAULT_KEYS
-        keys = load_keys(keys_path)
+        keys = read_test_keys(keys_path)
         rules = load_rules(args.rules, trace=args.trace)
         if args.trace is None and not rules.templates:
             raise RulesError("nothing to run: give a trace, or a rules file with [[case]] templates")
@@ -135,7 +135,7 @@ def _replay_command(args: argparse.Namespace) -> int:
             concurrency=args.concurrency, pin=args.pin or rules.pin or DEFAULT_PIN,
             answer_timeout=args.answer_timeout, grace=args.grace, horizon=args.horizon,
             ready_timeout=args.ready_timeout, progress=args.progress, terminal_mac=args.terminal_mac)
-    except (KeysFileError, RulesError, ReplayError) as exc:
+    except (KeyFileError, RulesError, ReplayError) as exc:
         return _fail("replay", exc)
     sink = CaseSink("trace replay", json_path=args.json, junit_path=args.junit)
     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
