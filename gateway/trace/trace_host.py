@@ -252,6 +252,10 @@ class TraceHost:
             self._conns.remove(conn)
             await anyio.aclose_forcefully(stream)
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._conns)
+
     # --- host-initiated requests -------------------------------------------------------------------
 
     async def send_request(self, msg: Message, timeout: float) -> Message | None:
