@@ -14,7 +14,7 @@ host STANs: an upstream financial request belongs to the open terminal request o
 Memory stays bounded on any length of trace: a case is held only until it is complete (its answer
 came, its upstream exchanges are settled, an expected reversal was answered) or until `horizon`
 seconds of trace time have passed since it started; the lookup tables forget cases older than twice
-the horizon.
+the horizon, and keep at most `lookup_limit` of them (a reversal names a recent original).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from gateway.trace.format import Direction, EventKind, EventRecord, FrameRecord,
 #: host answers that end a reversal (the SAF stops repeating)
 FINAL_REVERSAL_RCS: Final = frozenset({"00", "25", "12"})
 DEFAULT_DIALECTS: Final = {"terminal": "cup-pos", "host": "iso87-ascii"}
+#: recent cases kept for linking later frames to them (reversals by field 90, terminal reversals)
+LOOKUP_LIMIT: Final = 2_000
 
 
 class CaseKind(StrEnum):
@@ -152,9 +154,10 @@ def _valid_mti(mti: str) -> bool:
 
 
 class CaseAssembler:
-    def __init__(self, header: TraceHeader, horizon: float = 30.0) -> None:
+    def __init__(self, header: TraceHeader, horizon: float = 30.0, lookup_limit: int = LOOKUP_LIMIT) -> None:
         self.dialects = {**DEFAULT_DIALECTS, **header.dialects}
         self.horizon = horizon
+        self.lookup_limit = lookup_limit
         self._ids = itertools.count(1)
         self._queue: deque[Item] = deque()
         self._now = 0.0
@@ -371,6 +374,8 @@ class CaseAssembler:
     def _remember(self, table: OrderedDict, key: object, case: Case) -> None:  # type: ignore[type-arg]
         table.pop(key, None)
         table[key] = case
+        if len(table) > self.lookup_limit:  # a dense trace: the window is this many cases, not 2 horizons
+            table.popitem(last=False)
 
     def _expire(self) -> None:
         cutoff = self._now - 2 * self.horizon

@@ -298,7 +298,7 @@ class Captures:
     recorded in the same second may be sent in two seconds now); a ``ref`` accepts any of them. The
     maps are bounded (oldest entries go first), so a long run stays in constant memory."""
 
-    limit: int = 100_000
+    limit: int = 20_000
     per_value: int = 16
     _maps: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     _latest: dict[str, str] = field(default_factory=dict)

@@ -16,6 +16,7 @@ nothing is reported as unexpected and answered 96 (a reversal: 25, so the SUT st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
@@ -46,7 +47,7 @@ UNEXPECTED_RC: Final = "96"
 UNEXPECTED_REVERSAL_RC: Final = "25"
 #: how long after the sign-on the trace host waits for a key exchange before it calls the SUT ready
 KEY_EXCHANGE_WAIT: Final = 1.0
-_STAN_MAP_LIMIT: Final = 100_000
+_STAN_MAP_LIMIT: Final = 20_000
 
 
 class Owner(Protocol):
@@ -55,6 +56,10 @@ class Owner(Protocol):
     terminal: str
 
     def on_upstream(self, expectation: Expectation, msg: Message, verified: dict[str, str]) -> None: ...
+
+
+#: a pairing index: key → expectations, oldest first
+_Index = dict[Any, "deque[Expectation]"]
 
 
 @dataclass(slots=True)
@@ -73,6 +78,8 @@ class Expectation:
     pin: str | None = None  #: the PIN its PIN block must hold
     observed: Message | None = None
     open: bool = True
+    #: where the book indexes it (so a closed expectation leaves the book at once)
+    indexed: list[tuple[_Index, Hashable]] = field(default_factory=list, repr=False)
     seen: anyio.Event = field(default_factory=anyio.Event)  #: the SUT sent the request
     answered: anyio.Event = field(default_factory=anyio.Event)  #: the answer went out (or never will)
 
@@ -88,10 +95,6 @@ def _exact_key(fields: Mapping[str, str], mti: str) -> tuple[str, ...]:
             pan_of(Message(mti, dict(fields))) or "")
 
 
-#: a pairing index: key → expectations, oldest first
-_Index = dict[Any, deque[Expectation]]
-
-
 class ExpectationBook:
     """The expectations of the cases in flight, and how the SUT's requests pair with them."""
 
@@ -102,33 +105,36 @@ class ExpectationBook:
         self._templates: _Index = {}
         #: this run's host STAN → the recorded one, learnt as financial requests pair
         self._stans: OrderedDict[str, str] = OrderedDict()
-        self._added = 0
 
     def add(self, exp: Expectation) -> None:
-        self._added += 1
-        if self._added % 4096 == 0:
-            self._sweep()
         if exp.exchange is None:
-            self._templates.setdefault(exp.owner.terminal, deque()).append(exp)
+            self._put(self._templates, exp.owner.terminal, exp)
             return
         rec = exp.exchange.request
         if rec.mti[1] == "4":
             f90 = rec.fields.get("90", "")
             if len(f90) >= 10:
-                self._by_original.setdefault(f90[4:10], deque()).append(exp)
-        self._exact.setdefault(_exact_key(rec.fields, rec.mti), deque()).append(exp)
-        self._loose.setdefault((rec.fields.get("41", ""), match_class(rec.mti)), deque()).append(exp)
+                self._put(self._by_original, f90[4:10], exp)
+        self._put(self._exact, _exact_key(rec.fields, rec.mti), exp)
+        self._put(self._loose, (rec.fields.get("41", ""), match_class(rec.mti)), exp)
+
+    @staticmethod
+    def _put(table: _Index, key: Hashable, exp: Expectation) -> None:
+        table.setdefault(key, deque()).append(exp)
+        exp.indexed.append((table, key))
 
     def discard(self, exp: Expectation) -> None:
-        """Close an expectation (its case is over); index entries go as the queues are read or swept."""
+        """Close an expectation (its case is over) and take it out of the book: the book holds what is
+        in flight, however long the run."""
         exp.open = False
-
-    def _sweep(self) -> None:
-        """Drop index keys whose queues hold only closed expectations: keeps the book as large as
-        what is in flight, however long the run."""
-        for table in (self._exact, self._loose, self._by_original, self._templates):
-            for key in [k for k, q in table.items() if not any(e.open for e in q)]:
-                del table[key]
+        for table, key in exp.indexed:
+            queue = table.get(key)
+            if queue is not None:
+                with contextlib.suppress(ValueError):  # matched and popped already
+                    queue.remove(exp)
+                if not queue:
+                    del table[key]
+        exp.indexed.clear()
 
     @staticmethod
     def _first(table: _Index, key: Hashable) -> Expectation | None:
