@@ -203,6 +203,16 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TraceConfig:
+    """Recording both legs to a trace (gateway.trace): off unless `path` is set."""
+
+    path: _OptionalPath = None
+    max_bytes: Count = 64 * 1024 * 1024  #: per file; the live file rotates to path.1, path.2, ...
+    max_files: Count = 8  #: files kept in all (disk used: at most max_bytes × max_files)
+    max_pending: Count = 8 * 1024 * 1024  #: bytes waiting for the writer before records are dropped
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class TerminalEntry:
     terminal_id: Annotated[str, Strict(), Field(min_length=8, max_length=8)]
     merchant_id: Annotated[str, Strict(), Field(min_length=15, max_length=15)]
@@ -220,6 +230,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     terminals: tuple[TerminalEntry, ...] = ()
+    trace: TraceConfig = field(default_factory=TraceConfig)
     _by_id: dict[str, TerminalEntry] = field(init=False, repr=False, compare=False)
 
     @field_validator("terminals")

@@ -35,6 +35,7 @@ from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import TxnRecord
 from gateway.store.sqlite import SqliteStore
+from gateway.trace.recorder import open_recorder
 
 log = logging.getLogger("gateway")
 
@@ -120,6 +121,8 @@ async def run_gateway(
         saf = SafSender(config.reversal, store, link, metrics, config.host.acquirer_id, config.host.forwarding_id)
         service = GatewayService(config, security, store, link, saf, metrics)
         link.on_unmatched = service.on_unmatched_host_answer
+        recorder = await open_recorder(config, metrics, tg)  # None unless [trace] path is set
+        link.tap = service.tap = recorder
         recovered = await service.recover()
         link.stans = resume_host_stans(await store.list_transactions(limit=1))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
@@ -127,6 +130,7 @@ async def run_gateway(
         await tg.start(link.run)
         await tg.start(saf.run)
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
+        server.tap = recorder
         terminal_port = await tg.start(server.serve)
         admin_port = None
         if config.admin.listen is not None:

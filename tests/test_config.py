@@ -91,6 +91,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"reversal": {"backoff": []}}, "reversal.backoff"),
         ({"reversal": {"unknown_original_rc": "12"}}, "reversal.unknown_original_rc"),
         ({"limits": {"per_day": -1}}, "limits.per_day"),
+        ({"trace": {"max_files": 0}}, "trace.max_files"),
+        ({"trace": {"max_bytes": "big"}}, "trace.max_bytes"),
         ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
         ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
         ({"store": {"commit_delay": float("nan")}}, "store.commit_delay"),

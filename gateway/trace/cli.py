@@ -1,15 +1,24 @@
-"""`gateway trace …`: the conformance-run tools. This module only assembles the sub-commands; each
-group lives with the code it drives (`replay_cli`: replay and diff)."""
+"""`gateway trace ...`: the conformance-run tools. A simple registry: each module in
+`TRACE_COMMAND_MODULES` has `add_command(subparsers)` adding one `gateway trace <name>` sub-command, so
+record/import/check and replay/diff live in their own modules and are added here by name."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
-from gateway.trace.replay_cli import register_trace_commands
+#: modules that add `gateway trace` sub-commands, in help order
+TRACE_COMMAND_MODULES: list[str] = [
+    "gateway.trace.check_cli",  # check
+    "gateway.trace.import_cli",  # import
+    "gateway.trace.proxy",  # proxy
+    "gateway.trace.replay_cli",  # replay, diff
+]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("trace", help="conformance runs against recorded traces (replay, diff)")
-    trace_subparsers = p.add_subparsers(dest="trace_command", metavar="TRACE-COMMAND")
-    register_trace_commands(trace_subparsers)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    parser = subparsers.add_parser("trace", help="conformance traces: record (proxy), import, check, replay, diff")
+    trace_sub = parser.add_subparsers(dest="trace_command", metavar="TRACE_COMMAND")
+    for name in TRACE_COMMAND_MODULES:
+        importlib.import_module(name).add_command(trace_sub)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)

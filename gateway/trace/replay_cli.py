@@ -60,6 +60,11 @@ def _report_options(p: argparse.ArgumentParser) -> None:
                    help="trace seconds a recorded case may stay incomplete (bounds memory; default 30)")
 
 
+def add_command(trace_subparsers: argparse._SubParsersAction) -> None:
+    """The `gateway trace` registry's hook (gateway/trace/cli.py): this module adds two commands."""
+    register_trace_commands(trace_subparsers)
+
+
 def register_trace_commands(trace_subparsers: argparse._SubParsersAction) -> None:
     p = trace_subparsers.add_parser(
         "replay", help="play a trace's terminal leg against a gateway, answer its host from the trace, compare",
