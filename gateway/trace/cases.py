@@ -30,7 +30,16 @@ from gateway.iso.errors import IsoError
 from gateway.iso.message import Message
 from gateway.iso.mti import is_request, match_class
 from gateway.iso.validate import FlowSpec, identify
-from gateway.trace.format import Direction, EventKind, EventRecord, FrameRecord, Leg, Record, TraceHeader
+from gateway.trace.format import (
+    Direction,
+    EventKind,
+    EventRecord,
+    FrameRecord,
+    Leg,
+    Record,
+    TraceHeader,
+    parse_match_key,
+)
 
 #: host answers that end a reversal (the SAF stops repeating)
 FINAL_REVERSAL_RCS: Final = frozenset({"00", "25", "12"})
@@ -240,6 +249,21 @@ class CaseAssembler:
                 x.late = True  # the SUT answered the terminal without (or before) the host's answer
 
     def _event(self, rec: EventRecord) -> None:
+        if rec.event is EventKind.TIMEOUT and rec.leg is Leg.HOST:
+            # the SUT says it gave up on this request: its answer, if one comes, is late
+            named = parse_match_key(rec.detail)
+            pending = self._host_pending.get((rec.conn, named.get("class", ""), named.get("11", "")))
+            if pending is not None:
+                pending[0].late = True
+            return
+        if rec.event is EventKind.UNDELIVERED and rec.leg is Leg.TERMINAL:
+            # the SUT decided an answer but could not write it: the terminal never got one
+            named = parse_match_key(rec.detail)
+            waiting = self._term_pending.get((rec.conn, named.get("class", ""), named.get("11", ""),
+                                              named.get("41", "")))
+            for case in waiting or ():
+                case.conn_closed = True
+            return
         if rec.leg is not Leg.TERMINAL or rec.event is not EventKind.CLOSE:
             return
         for key in [k for k in self._term_pending if k[0] == rec.conn]:

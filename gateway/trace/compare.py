@@ -27,6 +27,11 @@ SECRET_DEFAULTS: Final[Mapping[SecretKind, Rule]] = {
     SecretKind.CVV: Rule(Check.SECRET, text="secret", origin="secret:cvv"),
     SecretKind.MAC: Rule(Check.VERIFY, text="verify", origin="secret:mac"),
 }
+#: in a diff, surrogates of two traces differ (each trace has its own surrogate key): the same card must
+#: be the same surrogate throughout, which a one-to-one mapping of A's surrogates to B's checks
+SURROGATE: Final = Rule(Check.SAME, text="surrogate", origin="secret:surrogate")
+MASKED: Final = Rule(Check.PRESENT, text="present", origin="masked in the source")
+SURROGATE_KINDS: Final = frozenset({SecretKind.PAN, SecretKind.TRACK, SecretKind.CHIP})
 #: fields whose values a finding never shows, beyond the codec's redacted set (48 may carry keys)
 _HIDDEN: Final = REDACTED_FIELDS | {"48", "64", "128"}
 
@@ -39,10 +44,12 @@ class Seen:
     fields: Mapping[str, str]
     secrets: Mapping[str, SecretKind] = field(default_factory=dict)
     seq: int | None = None
+    #: fields the source had masked (imports of masked logs): placeholders, compared as present
+    masked: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, rec: FrameRecord) -> Seen:
-        return cls(rec.mti, rec.fields, rec.secrets, rec.seq)
+        return cls(rec.mti, rec.fields, rec.secrets, rec.seq, frozenset(rec.masked))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,8 @@ class Comparison:
             return ECHO_FROM_FLOW  # an answer: the flow's echoed fields must equal the request's
         if secret is not None and secret in SECRET_DEFAULTS:
             return SECRET_DEFAULTS[secret]
+        if secret in SURROGATE_KINDS and self.key.mode is Mode.DIFF:
+            return SURROGATE
         return SAME
 
 
@@ -144,8 +153,11 @@ def compare(cmp: Comparison, expected: Seen | None, got: Seen) -> list[Finding]:
     if cmp.overrides is not None:
         ids |= {k.partition(".")[0] for k in cmp.overrides if k != "*"}
     secrets = expected.secrets if expected is not None else got.secrets
+    masked = expected.masked if expected is not None else frozenset()
     for fid in sorted(ids, key=_field_order):
         rule = cmp.rule(fid, secrets.get(fid))
+        if fid in masked and rule.check is Check.SAME:
+            rule = MASKED  # the recording kept no value for it: only its presence can be compared
         e = expected.fields.get(fid) if expected is not None else None
         g = got.fields.get(fid)
         if cmp.overrides is not None:
@@ -266,10 +278,28 @@ def _problem(cmp: Comparison, recorded: bool, fid: str, rule: Rule, e: str | Non
     # SAME
     if not recorded:
         return None
+    if rule is SURROGATE:
+        return _surrogate(cmp, fid, e, g)
     if e == g:
         return None
     expected_text, _, note = _difference(fid, e, g)
     return expected_text, note
+
+
+def _surrogate(cmp: Comparison, fid: str, e: str | None, g: str | None) -> tuple[str, str] | None:
+    """A's surrogate stands for one card; B's for that card must always be the same one, and no other
+    card of A may have it."""
+    if e is None or g is None:
+        return None if e is g else (show(fid, e), "")
+    forward, backward = f"surrogate:{fid}", f"surrogate-of:{fid}"
+    mapped, mapped_back = cmp.captures.resolve(forward, e), cmp.captures.resolve(backward, g)
+    if mapped is None and mapped_back is None:
+        cmp.captures.record(forward, e, g)
+        cmp.captures.record(backward, g, e)
+        return None
+    if mapped == g and mapped_back == e:
+        return None
+    return f"the surrogate B gave this card before ({show(fid, mapped)})", " (another card, or the card changed)"
 
 
 def _finding(cmp: Comparison, got: Seen, fid: str, expected: str, got_text: str, rule: Rule, note: str,
