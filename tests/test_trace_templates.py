@@ -211,3 +211,15 @@ expect = {{ "39" = "one-of 00" }}
     assert finding.kind is FindingKind.MATCH_KEY
     assert "does not pair with the request 0200" in finding.message
     assert (finding.expected.split()[0], finding.got.split()[0]) == ("0210", "0210")
+
+
+def test_the_demo_records_its_traffic_and_replays_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from gateway.demo import run_demo
+
+    assert anyio.run(run_demo, True, tmp_path) is True
+    out = capsys.readouterr().out
+    assert "both legs recorded to demo.trace.jsonl" in out
+    assert "replay: the recorded traffic against a fresh gateway" in out
+    line = next(x for x in out.splitlines() if "trace replay: " in x)
+    assert "PASS" in line and " 0 failed" in line
+    assert (tmp_path / "demo.trace.jsonl").stat().st_size > 0

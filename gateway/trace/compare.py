@@ -125,6 +125,15 @@ class Comparison:
     verified: Mapping[str, str] = field(default_factory=dict)
     #: a template case's own rules; with them, fields no rule names are not compared (jPOS-EE style)
     overrides: Mapping[str, Rule] | None = None
+    #: the recorded request and answer of this exchange: a flow's echo list applies to a field only where
+    #: the recording echoed it (a settlement answer's 48 carries the verdicts, not the request's totals)
+    recorded_request: Mapping[str, str] | None = None
+    recorded_answer: Mapping[str, str] | None = None
+
+    def _echoed_in_recording(self, fid: str) -> bool:
+        if self.recorded_request is None or self.recorded_answer is None:
+            return True
+        return self.recorded_request.get(fid) == self.recorded_answer.get(fid)
 
     def rule(self, fid: str, secret: SecretKind | None) -> Rule:
         if self.overrides is not None:  # a template: its own rules, nothing else (jPOS-EE style)
@@ -133,7 +142,7 @@ class Comparison:
         if found is not None:
             return found
         if self.flow is not None and self.key.mti[2:3] in ("1", "3", "5", "7", "9") \
-                and fid in self.flow.response.echo:
+                and fid in self.flow.response.echo and self._echoed_in_recording(fid):
             return ECHO_FROM_FLOW  # an answer: the flow's echoed fields must equal the request's
         if secret is not None and secret in SECRET_DEFAULTS:
             return SECRET_DEFAULTS[secret]

@@ -110,15 +110,17 @@ class _Differ:
             out.append(Finding(kind, f"{name}: {leg} {present.mti} answer to {xa.request.mti} in {where}",
                                leg=leg, mti=present.mti, terminal=case.terminal, stan=case.stan, seq=present.seq))
             return
-        self._message(out, name, case, leg, dirs[1], xa.answer, xb.answer, xb.request.fields)
+        self._message(out, name, case, leg, dirs[1], xa.answer, xb.answer, xb.request.fields, xa.request.fields)
 
     def _message(self, out: list[Finding], name: str, case: Case, leg: str, direction: str, ra: FrameRecord,
-                 rb: FrameRecord, request: dict[str, str] | None) -> None:
+                 rb: FrameRecord, request: dict[str, str] | None,
+                 recorded_request: dict[str, str] | None = None) -> None:
         dialect = self.b.dialects[leg]
         flow = flow_of(dialect, rb.mti, rb.fields)
         cmp = Comparison(self.rules, message_key(dialect, leg, direction, rb.mti, flow, Mode.DIFF),
                          Where(name, leg, case.terminal, rb.fields.get("11", "")), self.captures, flow,
-                         request=request)
+                         request=request, recorded_request=recorded_request,
+                         recorded_answer=ra.fields if recorded_request is not None else None)
         out += compare(cmp, Seen.of(ra), Seen.of(rb))
 
 

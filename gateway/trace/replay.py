@@ -403,7 +403,8 @@ class _Run:
         flow = flow_of(dialect, msg.mti, msg.fields) or flow_of(dialect, sent.mti, sent.fields)
         cmp = Comparison(self.rules.rules, message_key(dialect, "terminal", "out", msg.mti, flow, Mode.REPLAY),
                          Where(live.name, "terminal", live.terminal, stan), self.captures, flow,
-                         request=sent.fields, verified=verified)
+                         request=sent.fields, verified=verified, recorded_request=rec_request.fields,
+                         recorded_answer=recorded.fields)
         live.findings += compare(cmp, Seen.of(recorded), Seen(msg.mti, msg.fields))
 
     def _no_answer(self, live: _Live, sent: Message, recorded: FrameRecord | None, player: TerminalPlayer,
@@ -503,7 +504,7 @@ class _Run:
         flow = flow_of(dialect, answer.mti, answer.fields)
         cmp = Comparison(self.rules.rules, message_key(dialect, "host", "out", answer.mti, flow, Mode.REPLAY),
                          Where(live.name, "host", live.terminal, answer.fields.get("11", "")), self.captures, flow,
-                         request=sent.fields)
+                         request=sent.fields, recorded_request=rec.fields, recorded_answer=recorded.fields)
         live.findings += compare(cmp, Seen.of(recorded), Seen(answer.mti, answer.fields))
 
     async def _upstream_case(self, live: _Live, case: Case) -> None:
