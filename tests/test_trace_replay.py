@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 from gateway.config import LimitsConfig, ReversalConfig
+from gateway.lab import CARD_CUP
 from gateway.sim.keyfile import read_test_keys
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
 from gateway.trace.diff import diff
@@ -26,7 +27,7 @@ from gateway.trace.pace import Pace
 from gateway.trace.replay import ReplayOptions, replay
 from gateway.trace.report import CaseSink, Finding, FindingKind
 from gateway.trace.rulesfile import load_rules
-from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, record_session
+from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, record_session, recorded_lab
 
 HOST_TIMEOUT = 0.6
 LATE = 1.5  #: the recorded host's answer to the slow card comes this late: a timeout
@@ -192,3 +193,28 @@ async def test_scaled_pace_keeps_the_recorded_rhythm(tmp_path: Path, session: tu
     sink = await run_replay(tmp_path, trace, keys, pace="x2")
     assert sink.failed == 0, findings(sink)
     assert anyio.current_time() - started >= span / 2  # never earlier than the recording, halved
+
+
+@pytest.mark.anyio
+async def test_identical_concurrent_purchases_pair_with_their_own_answers(tmp_path: Path) -> None:
+    """Eight purchases alike (same terminal, card and amount) in flight at once: nothing upstream says
+    which is which, and the gateway may write them upstream in any order. The trace host pairs them in
+    the order the gateway allocated their STANs, so each terminal gets the RRN its own sale was given."""
+    trace = tmp_path / "alike.jsonl"
+    async with recorded_lab(tmp_path, trace) as (lab, keys):
+        t = lab.terminal(lab.config.terminals[0].terminal_id)
+        await t.connect()
+        await t.sign_in()
+        results = []
+
+        async def buy() -> None:
+            results.append(await t.purchase(100, CARD_CUP))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(buy)
+        assert len({r.rrn for r in results}) == 8 and all(r.approved for r in results)
+    for round_ in range(2):
+        sink = await run_replay(tmp_path, trace, keys, name=f"alike{round_}")
+        assert sink.failed == 0, findings(sink)
+        assert sink.total == 9

@@ -151,6 +151,12 @@ def _pan(fields: dict[str, str]) -> str | None:
     return None
 
 
+def _reference(fields: dict[str, str]) -> tuple[str, str] | None:
+    """What a host answer and the SUT's answer to the terminal share: the RRN and the auth code."""
+    rrn, auth = fields.get("37", "").strip(), fields.get("38", "").strip()
+    return (rrn, auth) if rrn or auth else None
+
+
 def _flow(dialect: str, rec: FrameRecord) -> FlowSpec | None:
     try:
         return identify(dialect, Message(rec.mti, dict(rec.fields)))
@@ -184,6 +190,8 @@ class CaseAssembler:
         self._by_host_stan: OrderedDict[str, Case] = OrderedDict()
         #: recent financial cases by (terminal, batch, STAN): a CUP reversal repeats its original's
         self._by_txn: OrderedDict[tuple[str, str, str], Case] = OrderedDict()
+        #: recent cases by the RRN and auth code of their upstream answer (their terminal answer has them)
+        self._by_reference: OrderedDict[tuple[str, str], Case] = OrderedDict()
         self._sweeps = 0
         self.unpaired_answers = 0  #: answers no request of the trace explains (trace check reports them)
 
@@ -243,6 +251,7 @@ class CaseAssembler:
         if not waiting:
             del self._term_pending[key]
         case.exchange.answer = rec
+        self._relink_by_reference(case, rec)
         self._answered_since.setdefault(rec.conn, []).append(case.id)
         for x in case.upstream:
             if x.answer is None or x.answer.t > rec.t:
@@ -301,6 +310,32 @@ class CaseAssembler:
         exchange.answer = rec
         if owner is not None and owner.kind is CaseKind.TERMINAL and owner.exchange.answer is not None:
             exchange.late = True
+        if owner is not None and rec.mti[1] != "4":
+            ref = _reference(rec.fields)
+            if ref is not None:
+                self._remember(self._by_reference, ref, owner)
+
+    def _relink_by_reference(self, case: Case, answer: FrameRecord) -> None:
+        """Alike requests (same terminal, card and amount, in flight together) are linked upstream in
+        arrival order, which the SUT need not keep; the answer tells: it carries the RRN and auth code
+        of the host answer the SUT got. Swap the upstream exchanges when they name another case's."""
+        ref = _reference(answer.fields)
+        mine = case.primary
+        if ref is None or mine is None or (mine.answer is not None and _reference(mine.answer.fields) == ref):
+            return
+        other = self._by_reference.get(ref)
+        theirs = other.primary if other is not None else None
+        if other is None or other is case or theirs is None or other.terminal != case.terminal \
+                or theirs.request.fields.get("4") != mine.request.fields.get("4"):
+            return
+        case.upstream[case.upstream.index(mine)] = theirs
+        other.upstream[other.upstream.index(theirs)] = mine
+        self._remember(self._by_reference, ref, case)
+        for x, owner in ((theirs, case), (mine, other)):
+            if "11" in x.request.fields:
+                self._remember(self._by_host_stan, x.request.fields["11"], owner)
+            if x.answer is not None and (r := _reference(x.answer.fields)) is not None:
+                self._remember(self._by_reference, r, owner)
 
     def _upstream_request(self, rec: FrameRecord, key: tuple[str, str, str]) -> None:
         if rec.mti[1] == "8":  # the SUT's own sign-on, key exchange, echo test: session, not a case
@@ -403,7 +438,7 @@ class CaseAssembler:
 
     def _expire(self) -> None:
         cutoff = self._now - 2 * self.horizon
-        for table in (self._by_host_stan, self._by_txn):
+        for table in (self._by_host_stan, self._by_txn, self._by_reference):
             while table:
                 oldest = next(iter(table.values()))
                 if oldest.start >= cutoff:

@@ -45,6 +45,8 @@ log = logging.getLogger("gateway.trace.host")
 #: answers to requests the recording does not explain
 UNEXPECTED_RC: Final = "96"
 UNEXPECTED_REVERSAL_RC: Final = "25"
+#: how long requests that pair alike wait for each other before they are decided in STAN order
+ALIKE_WAIT: Final = 0.2
 #: how long after the sign-on the trace host waits for a key exchange before it calls the SUT ready
 KEY_EXCHANGE_WAIT: Final = 1.0
 _STAN_MAP_LIMIT: Final = 20_000
@@ -136,6 +138,14 @@ class ExpectationBook:
                     del table[key]
         exp.indexed.clear()
 
+    def alike(self, msg: Message) -> int:
+        """How many open expectations a financial request pairs with equally well (same terminal, MTI
+        class, processing code, amount and card): more than one, and the order decides."""
+        if msg.mti[1] == "4":
+            return 0
+        queue = self._exact.get(_exact_key(msg.fields, msg.mti))
+        return sum(1 for e in queue if e.open) if queue else 0
+
     @staticmethod
     def _first(table: _Index, key: Hashable) -> Expectation | None:
         queue = table.get(key)
@@ -173,6 +183,10 @@ class ExpectationBook:
         return found
 
 
+def _stan_order(stan: str) -> int:
+    return int(stan) if stan.isdigit() else 1_000_000
+
+
 def answer_from_recording(exchange: Exchange, observed: Message, mac_fields: tuple[str, ...],
                           mac_len: int) -> Message | None:
     """The recorded answer for this run's request: where the recorded host echoed a field of its
@@ -197,6 +211,9 @@ class Reply:
     data: bytes | None  #: the framed answer (None: nothing to send)
     delay: float = 0.0
     expectation: Expectation | None = None  #: told when its answer is out
+    #: held with requests alike (`TraceHost.release(held)` decides them), and whether all have come
+    held: tuple[str, ...] | None = None
+    complete: bool = False
 
     def sent(self) -> None:
         if self.expectation is not None:
@@ -225,6 +242,8 @@ class TraceHost:
         self.unexpected = 0
         self.requests = 0
         self.pending = 0  #: answers waiting for their delay
+        #: financial requests held because several expectations fit them alike, by their pairing key
+        self._alike: dict[tuple[str, ...], list[tuple[bytes, Message]]] = {}
 
     # --- the listener ------------------------------------------------------------------------------
 
@@ -287,7 +306,8 @@ class TraceHost:
     # --- the sans-I/O step of one request ----------------------------------------------------------
 
     def handle(self, body: bytes) -> Reply:
-        """What to send back for one frame from the SUT, and when."""
+        """What to send back for one frame from the SUT, and when. A financial request that could pair
+        with several expectations alike (the same card and amount twice) is held: `Reply.held`."""
         try:
             msg = self.codec.decode(body)
         except IsoError as exc:
@@ -302,6 +322,22 @@ class TraceHost:
         if msg.mti[1] == "8":
             return Reply(self._network(body, msg))
         self.requests += 1
+        alike = self.book.alike(msg)
+        key = _exact_key(msg.fields, msg.mti)
+        if alike > 1 or key in self._alike:
+            bucket = self._alike.setdefault(key, [])
+            bucket.append((body, msg))
+            return Reply(None, held=key, complete=len(bucket) >= alike)
+        return self.decide(body, msg)
+
+    def release(self, key: tuple[str, ...]) -> list[Reply]:
+        """Requests held as alike, paired in the order the SUT allocated their STANs: the order it took
+        the terminal requests in, whatever order its upstream writes went out in."""
+        bucket = self._alike.pop(key, [])
+        bucket.sort(key=lambda item: _stan_order(item[1].fields.get("11", "")))
+        return [self.decide(body, msg) for body, msg in bucket]
+
+    def decide(self, body: bytes, msg: Message) -> Reply:
         exp = self.book.match(msg)
         verified = self._verify(body, msg, exp)
         if exp is None:
@@ -375,6 +411,7 @@ class _SutConnection:
         self.host = host
         self.stream = stream
         self.lock = anyio.Lock()
+        self.timers: set[tuple[str, ...]] = set()
 
     async def run(self) -> None:
         decoder = self.host.framer.decoder()
@@ -390,14 +427,32 @@ class _SutConnection:
                     break
                 for frame in frames:
                     reply = self.host.handle(frame.body)
-                    if reply.data is None:
-                        reply.sent()
-                    elif reply.delay > 0:
-                        tg.start_soon(self._send_later, reply)
-                    else:
-                        await self.send(reply.data)
-                        reply.sent()
+                    if reply.held is not None:
+                        if reply.complete:
+                            for each in self.host.release(reply.held):
+                                await self.deliver(tg, each)
+                        elif reply.held not in self.timers:
+                            self.timers.add(reply.held)
+                            tg.start_soon(self._release_later, tg, reply.held)
+                        continue
+                    await self.deliver(tg, reply)
             tg.cancel_scope.cancel()  # answers still waiting for their delay die with the connection
+
+    async def deliver(self, tg: anyio.abc.TaskGroup, reply: Reply) -> None:
+        if reply.data is None:
+            reply.sent()
+        elif reply.delay > 0:
+            tg.start_soon(self._send_later, reply)
+        else:
+            await self.send(reply.data)
+            reply.sent()
+
+    async def _release_later(self, tg: anyio.abc.TaskGroup, key: tuple[str, ...]) -> None:
+        """Requests alike that did not all come: decide the ones that did after a short wait."""
+        await anyio.sleep(ALIKE_WAIT)
+        self.timers.discard(key)
+        for each in self.host.release(key):
+            await self.deliver(tg, each)
 
     async def _send_later(self, reply: Reply) -> None:
         self.host.pending += 1
