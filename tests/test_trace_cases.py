@@ -169,3 +169,21 @@ def test_memory_stays_bounded_on_a_long_trace() -> None:
     assert done == 20_000
     assert held <= 2
     assert tables <= 2 * 2.0 / 0.005 + 64 * 4  # two horizons of cases (+ one sweep interval)
+
+
+def test_the_suts_timeout_and_undelivered_events_mark_the_exchanges() -> None:
+    """The recorder says when the SUT gave up on an upstream request (TIMEOUT) and when it could not
+    write an answer (UNDELIVERED): the first makes the host's later answer late, the second means the
+    terminal never got its answer."""
+    b = Builder()
+    records: list[Record] = [
+        b.term(1.0, IN, "T1", "0200", "10000001", "000007", "000000004200"),
+        b.host(1.1, OUT, "0200", "10000001", "000061", "000000004200"),
+        EventRecord(next(b.seq), 3.1, Leg.HOST, "H1", EventKind.TIMEOUT, "class=020 11=000061 41=10000001"),
+        b.host(3.2, IN, "0210", "10000001", "000061", "000000004200", "00"),
+        EventRecord(next(b.seq), 3.3, Leg.TERMINAL, "T1", EventKind.UNDELIVERED,
+                    "class=020 11=000007 41=10000001 39=98"),
+    ]
+    [case] = cases(records)
+    assert case.primary is not None and case.primary.late
+    assert case.conn_closed and case.exchange.answer is None

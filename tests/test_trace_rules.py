@@ -255,3 +255,17 @@ def test_host_leg_reversals_name_this_runs_original_and_repeat_it_identically() 
     fresh = {**run_rev, "11": "000007", "7": "1202093009"}
     found = _host_out("0401", fresh, rec_repeat, captures)
     assert sorted((f.field, f.rule) for f in found) == [("11", "ref host_stan"), ("7", "ref host_time")]
+
+
+def test_fields_the_source_had_masked_compare_as_present() -> None:
+    """An import of a masked jPOS log keeps placeholders: only their presence can be compared."""
+    rules = load_rules(None).rules
+    flow = flow_of("cup-pos", "0210", ANSWER)
+    cmp = Comparison(rules, message_key("cup-pos", "terminal", "out", "0210", flow, Mode.DIFF),
+                     Where("case", "terminal"), Captures(), flow, request=REQUEST, verified={"64": ""})
+    recorded = Seen("0210", dict(ANSWER, **{"63": "___"}), masked=frozenset({"63"}))
+    assert compare(cmp, recorded, Seen("0210", dict(ANSWER, **{"63": "VIS"}))) == []
+    without = dict(ANSWER)
+    del without["63"]
+    [f] = compare(cmp, recorded, Seen("0210", without))
+    assert (f.field, f.rule) == ("63", "present")
