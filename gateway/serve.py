@@ -30,6 +30,7 @@ from gateway.net.saf_sender import SafSender
 from gateway.net.terminal_server import TerminalServer
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule, SoftwareSecurityModule
+from gateway.security.startup import require_zone_master_key, warn_missing_terminal_master_keys
 from gateway.service import GatewayService
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
@@ -116,6 +117,10 @@ async def run_gateway(
     metrics = metrics if metrics is not None else (Metrics() if config.admin.metrics else NullMetrics())
     security = security if security is not None else SoftwareSecurityModule.from_config(
         config.security, config.terminals)
+    # refuse to start without the keys the configuration needs (rather than failing every sign-on)
+    require_zone_master_key(security, keystore=config.security.keystore, lmk_file=config.security.lmk_file,
+                            key_exchange=config.host.key_exchange)
+    warn_missing_terminal_master_keys(security, (t.terminal_id for t in config.terminals))
     async with open_store(config, metrics, durable=durable) as store, anyio.create_task_group() as tg:
         link = HostLink(config.host, security, metrics)
         saf = SafSender(config.reversal, store, link, metrics, config.host.acquirer_id, config.host.forwarding_id)

@@ -211,7 +211,7 @@ class GatewayService:
             mab = body[: -self.mac_len]
             mac = self.security.generate_terminal_mac(msg.fields["41"], mab)
             body = mab + mac
-            msg.fields[self.dialect.mac_field] = mac.decode("ascii")
+            msg.fields[self.dialect.mac_field] = mac.hex().upper()  # field 64 is binary (8 bytes)
         return body
 
     async def _decide(self, msg: Message, body: bytes) -> tuple[Answer, decisions.OnDelivery | None]:

@@ -101,6 +101,11 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),
         ({"host": {"dialect": "cup-pos"}}, "host.dialect"),
         ({"host": {"timout": 1}}, "host.timout"),
+        ({"terminal_side": {"frame_timeout": 0}}, "terminal_side.frame_timeout"),
+        ({"terminal_side": {"tls": {"key": "k.pem"}}}, "terminal_side.tls.cert"),
+        ({"terminal_side": {"tls": {"cert": "c", "key": "k", "client_certs": "required"}}}, "terminal_side.tls"),
+        ({"host": {"tls": {"min_version": "1.0"}}}, "host.tls.min_version"),
+        ({"host": {"tls": {"cert": "c.pem"}}}, "host.tls"),
     ],
 )
 def test_bad_values_name_the_key(doc: dict, named: str) -> None:
