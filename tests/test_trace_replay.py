@@ -119,7 +119,7 @@ async def test_a_different_response_code_rule_fails(tmp_path: Path, session: tup
     rev = failed_case(sink, "T2 10000002 stan 000006 0400 reversal")
     # 00 is an approval, which carries a MAC where the recorded 25 carried none
     assert [(f.field, f.expected, f.got, f.mti) for f in rev] == [
-        ("39", "'25'", "'00'", "0410"), ("64", "(absent)", "<8 characters>", "0410")]
+        ("39", "'25'", "'00'", "0410"), ("64", "(absent)", "<16 characters>", "0410")]
 
 
 @pytest.mark.anyio

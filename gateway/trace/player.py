@@ -222,7 +222,7 @@ class TerminalPlayer:
                 except (SecurityError, ValueError) as exc:
                     notes.append(f"PIN block cannot be made: {exc}")
         if "64" in out:
-            out["64"] = "0" * 8
+            out["64"] = "0" * 16  # 8 bytes on the wire: spliced below, once the MAB is known
         msg = Message(mti, out)
         try:
             body = self.codec.encode(msg)
@@ -235,7 +235,7 @@ class TerminalPlayer:
             else:
                 mac = terminal_mac(mak, body[:-8], self.mac_algorithm)
                 body = body[:-8] + mac
-                msg.fields["64"] = mac.decode("ascii")
+                msg.fields["64"] = mac.hex().upper()  # the codec's form of the 8 wire bytes
         env = DEFAULT_ENVELOPE
         if envelope is not None and "tpdu" in envelope and "header" in envelope:
             try:
@@ -313,8 +313,8 @@ class TerminalPlayer:
             else:
                 try:
                     expected = terminal_mac(mak, answer.body[:-8], self.mac_algorithm)
-                    ok = macs_equal(expected, msg.fields["64"].upper().encode("ascii"))
-                except (SecurityError, UnicodeEncodeError):
+                    ok = macs_equal(expected, answer.body[-8:].upper())  # 8 ASCII hex bytes on the wire
+                except SecurityError:
                     ok = False
                 verified["64"] = "" if ok else "the MAC does not verify under the MAK of the sign-in"
         return verified
