@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import pg_support
 import pytest
 
 
@@ -13,3 +17,21 @@ import pytest
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this test session's own, dropped at its end (see tests/pg_support.py)."""
+    url = pg_support.create_database()
+    pg_support.DATABASE = url
+    try:
+        yield url
+    finally:
+        pg_support.DATABASE = None
+        pg_support.drop_database(url)
+
+
+@pytest.fixture
+def pg_url(pg_database: str, tmp_path: Path) -> str:
+    """A schema of this test's own in the session's database."""
+    return pg_support.schema_url(pg_database, str(tmp_path))

@@ -1,5 +1,5 @@
-"""Every store operation and state transition, on both backends (SQLite in a real file under tmp_path,
-and memory), each on asyncio+uvloop and trio."""
+"""Every store operation and state transition, on every backend (SQLite in a real file under tmp_path,
+memory, and PostgreSQL in a schema of the test's own on the real server), each on asyncio+uvloop and trio."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from test_store_support import (
     TEST_PAN,
     FakeClock,
     Recorder,
+    backend,
     open_store,
     request,
 )
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(params=BACKENDS)
 def kind(request: pytest.FixtureRequest) -> str:
-    return request.param
+    return backend(request)
 
 
 # --- journal -----------------------------------------------------------------------------------------

@@ -197,8 +197,9 @@ def attempt(saf: SafView, *, instance: str | None, attempted_at: float, next_att
     if saf.state is not SafState.PENDING:
         raise StateConflict("SAF entry", saf.saf_id, saf.state, "record an attempt")
     _check_lease(saf, instance, "record an attempt")
+    # the lease goes with the attempt: whichever instance is free when the entry is due next takes it
     return {"attempts": saf.attempts + 1, "total_attempts": saf.total_attempts + 1, "last_attempt_at": attempted_at,
-            "next_attempt_at": next_attempt_at, "last_error": error, "updated_at": now}
+            "next_attempt_at": next_attempt_at, "last_error": error, "updated_at": now, **_NO_LEASE}
 
 
 @dataclass(frozen=True, slots=True)
