@@ -88,6 +88,13 @@ class StoreConfig:
     #: seconds the first write of a batch waits for others to share its commit (0: none); see group_commit
     commit_delay: float = 0.002
     pan_hash_key_hex: str | None = None  #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
+    # --- PostgreSQL (several instances on one journal); `path` and `synchronous` are SQLite's ---------
+    url: str | None = None  #: "postgresql://..." selects the PostgreSQL store; None: SQLite at `path`
+    instance_id: str | None = None  #: unique per running instance, stable across its restarts (default: host name)
+    saf_lease: float = 15.0  #: seconds a claimed SAF entry stays this instance's unless renewed
+    heartbeat_interval: float = 1.0
+    orphan_after: float = 10.0  #: heartbeat older than this: the instance is dead, its pending rows are taken over
+    pool_size: int = 4  #: read connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,11 @@ class ReversalConfig:
     poll_interval: float = 0.5
     unknown_original_rc: str = "25"  #: answer to a terminal reversal whose original we never saw
     original_wait: float = 15.0  #: how long a terminal reversal waits for its in-flight original
+    #: "identical": a repeat is the first attempt's message (same STAN and field 7, kept in the journal)
+    #: with the MTI's last digit 1, as ISO 8583:1987 means it; "fresh": a new STAN and field 7 each attempt
+    repeat: str = "identical"
+    #: "0400": reversals go upstream as 0400/0401; "0420": as acquirer reversal advices 0420/0421
+    upstream_mti: str = "0400"
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +279,20 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         synchronous=_get(st, "synchronous", "store", str, std.synchronous).upper(),
         commit_delay=_get(st, "commit_delay", "store", float, std.commit_delay),
         pan_hash_key_hex=_get(st, "pan_hash_key_hex", "store", str, "") or None,
+        url=_get(st, "url", "store", str, "") or None,
+        instance_id=_get(st, "instance_id", "store", str, "") or None,
+        saf_lease=_get(st, "saf_lease", "store", float, std.saf_lease),
+        heartbeat_interval=_get(st, "heartbeat_interval", "store", float, std.heartbeat_interval),
+        orphan_after=_get(st, "orphan_after", "store", float, std.orphan_after),
+        pool_size=_get(st, "pool_size", "store", int, std.pool_size),
     )
+    if store.url is not None and not store.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("store.url: expected a postgresql:// URL")
+    _positive(store, "store", ("saf_lease", "heartbeat_interval", "orphan_after"))
+    if not store.heartbeat_interval < store.saf_lease or not store.heartbeat_interval < store.orphan_after:
+        raise ConfigError("store.heartbeat_interval: must be shorter than store.saf_lease and store.orphan_after")
+    if store.pool_size < 1:
+        raise ConfigError("store.pool_size: must be at least 1")
     if store.synchronous not in {"FULL", "NORMAL", "OFF"}:
         raise ConfigError("store.synchronous: expected FULL, NORMAL or OFF")
     if not store.commit_delay <= MAX_COMMIT_DELAY:  # also refuses nan
@@ -287,7 +312,13 @@ def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
         poll_interval=_get(r, "poll_interval", "reversal", float, rd.poll_interval),
         unknown_original_rc=_get(r, "unknown_original_rc", "reversal", str, rd.unknown_original_rc),
         original_wait=_get(r, "original_wait", "reversal", float, rd.original_wait),
+        repeat=_get(r, "repeat", "reversal", str, rd.repeat),
+        upstream_mti=_get(r, "upstream_mti", "reversal", str, rd.upstream_mti),
     )
+    if reversal.repeat not in {"identical", "fresh"}:
+        raise ConfigError("reversal.repeat: expected identical or fresh")
+    if reversal.upstream_mti not in {"0400", "0420"}:
+        raise ConfigError("reversal.upstream_mti: expected 0400 or 0420")
     if reversal.unknown_original_rc not in {"00", "25"}:
         raise ConfigError("reversal.unknown_original_rc: expected 00 or 25")
     if reversal.max_attempts < 1:
