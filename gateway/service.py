@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
+import anyio.abc
 
 from gateway.config import GatewayConfig
 from gateway.core import decisions, translate
@@ -92,19 +93,43 @@ class GatewayService:
     async def recover(self) -> int:
         """Settle every request whose outcome is unknown (the gateway stopped while it was in flight):
         reversible kinds are reversed; the others (refund, balance inquiry) are marked timed out."""
+        return await self.settle_unknown(await self.store.unknown_outcomes(), "had no known outcome at start")
+
+    async def settle_unknown(self, records: list[TxnRecord], why: str) -> int:
+        """Reverse (or mark timed out) requests left `pending`; returns the reversals queued. One that got
+        its outcome meanwhile (its instance was alive after all) is left as it is: the journal's state
+        machine refuses a timeout after an outcome."""
         queued = 0
-        for rec in await self.store.unknown_outcomes():
-            if self._reversible(rec.kind):
-                await self.store.queue_reversal(rec.txn_id, "06", state="timed_out")
-                self.metrics.reversals_queued.inc()
-                queued += 1
-                log.warning("txn %s (terminal %s stan %s) had no known outcome at start: reversal queued",
-                            rec.txn_id, rec.terminal_id, rec.terminal_stan)
-            else:
-                await self.store.record_outcome(rec.txn_id, "timed_out")
+        for rec in records:
+            try:
+                if self._reversible(rec.kind):
+                    await self.store.queue_reversal(rec.txn_id, "06", state="timed_out")
+                    self.metrics.reversals_queued.inc()
+                    queued += 1
+                    log.warning("txn %s (terminal %s stan %s) %s: reversal queued",
+                                rec.txn_id, rec.terminal_id, rec.terminal_stan, why)
+                else:
+                    await self.store.record_outcome(rec.txn_id, "timed_out")
+            except StateConflict as exc:
+                log.info("txn %s %s, but has moved on since (%s): left as it is", rec.txn_id, why, exc)
         if queued:
             self.saf.wake()
         return queued
+
+    async def sweep_orphans(self, *, interval: float, stale_after: float,
+                            task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Several instances on one journal: settle the pending requests of an instance whose heartbeat
+        is older than `stale_after` (it died, or lost the database), without waiting for its restart.
+        The store hands each to exactly one live instance."""
+        task_status.started()
+        while True:
+            await anyio.sleep(interval)
+            try:
+                orphans = await self.store.claim_orphaned_pending(stale_after)
+                if orphans:
+                    await self.settle_unknown(orphans, "was left pending by an instance that stopped")
+            except Exception:  # a journal hiccup: the next sweep tries again
+                log.exception("could not settle the pending requests of stopped instances")
 
     def _reversible(self, kind: str) -> bool:
         """Whether the terminal dialect reverses this kind of transaction (specs/flows.toml, reference
