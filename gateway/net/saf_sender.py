@@ -35,7 +35,7 @@ from gateway.core.reversal import build_host_reversal
 from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostNotSent, HostTimeout
 from gateway.store.base import Store
-from gateway.store.errors import LeaseLost
+from gateway.store.errors import LeaseLost, StateConflict
 from gateway.store.records import RC_ORIGINAL_NOT_FOUND, SafEntry
 
 log = logging.getLogger("gateway.saf")
@@ -95,6 +95,10 @@ class SafSender:
         except LeaseLost as exc:
             # this instance stalled past its lease and another took the entry over: its attempt counts
             log.info("reversal of txn %s: %s; left to it", entry.txn_id, exc)
+        except StateConflict as exc:
+            # it moved on while this attempt was out: acknowledged (by another instance's attempt, or
+            # this one's late answer), or dropped by an operator: nothing left to record
+            log.info("reversal of txn %s moved on meanwhile: %s", entry.txn_id, exc)
         except Exception:
             # an operator may have dropped the entry meanwhile, or the journal hiccupped: log it and
             # let the next poll look again; the sender (and with it the gateway) must keep running
