@@ -5,6 +5,7 @@ round trips counted on the wire (libpq's protocol trace of the commit connection
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -297,3 +298,28 @@ async def test_a_write_the_database_refuses_fails_alone(pg_url: str) -> None:
         assert all(isinstance(e, InvalidRecord) and e.field == "orig_txn_id" for e in bad)
         assert s.batches_failed_over >= 1
         assert len(await s.list_transactions()) == 16
+
+
+# --- operator commands -------------------------------------------------------------------------------
+
+
+def test_operator_commands_work_on_a_postgresql_journal(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gateway saf list|retry --url ...` while a gateway instance has the journal open."""
+    from test_store_cli import run_cli
+
+    async def scenario() -> None:
+        async with store(pg_url, "gw-a") as gw:
+            txn = await gw.record_request(request("000001"))
+            saf_id = (await gw.record_timeout_and_queue_reversal(txn)).saf_id
+            await gw.park_reversal(saf_id, "gave up after 6 attempts: timeout")
+            code, out, _ = await anyio.to_thread.run_sync(run_cli, capsys, "saf", "list", "--url", pg_url, "--json")
+            assert code == 0
+            [listed] = json.loads(out)
+            assert (listed["saf_id"], listed["state"]) == (saf_id, "parked")
+            code, out, _ = await anyio.to_thread.run_sync(run_cli, capsys, "saf", "retry", str(saf_id), "--url", pg_url)
+            assert code == 0 and "pending again" in out
+            assert (await gw.get_saf(saf_id)).state is SafState.PENDING
+            with psycopg.connect(pg_url) as conn:  # an operator is no gateway instance
+                assert conn.execute("SELECT instance_id FROM instance").fetchall() == [("gw-a",)]
+
+    anyio.run(scenario)

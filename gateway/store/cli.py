@@ -5,8 +5,9 @@
     gateway saf drop     SAF_ID --note TEXT     close a reversal by hand, with the reason why
     gateway journal show [--terminal TID] [--batch N] [--state S] [--limit N]
 
-Every command takes `--db PATH` (default $GATEWAY_STORE__PATH, else var/journal.db) and `--json`
-for machine-readable output. PANs appear masked (6+4) only; the journal holds nothing else. The
+Every command takes `--db PATH` (default $GATEWAY_STORE__PATH, else var/journal.db), or `--url
+postgresql://...` (default $GATEWAY_STORE__URL) for a PostgreSQL journal, and `--json` for
+machine-readable output. PANs appear masked (6+4) only; the journal holds nothing else. The
 commands are safe while the gateway runs: SQLite's WAL lets them read, and their few writes wait for
 the gateway's commit (busy timeout) instead of failing.
 """
@@ -30,6 +31,7 @@ from gateway.store.records import SafEntry, SafState, TxnRecord, TxnState
 from gateway.store.sqlite import SqliteStore
 
 DB_ENV = "GATEWAY_STORE__PATH"
+URL_ENV = "GATEWAY_STORE__URL"
 DEFAULT_DB = Path("var/journal.db")
 
 Command = Callable[[argparse.Namespace], int]
@@ -39,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", type=Path, default=Path(os.environ.get(DB_ENV) or DEFAULT_DB),
                         help=f"journal database (default ${DB_ENV}, else {DEFAULT_DB})")
+    common.add_argument("--url", default=os.environ.get(URL_ENV) or None,
+                        help=f"a PostgreSQL journal instead (postgresql://..., default ${URL_ENV})")
     common.add_argument("--json", action="store_true", help="JSON output for machines")
 
     saf = subparsers.add_parser("saf", help="store-and-forward reversal queue: list, retry, drop",
@@ -72,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_saf_list(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    entries = _with_store(args.db, lambda store: store.list_saf(args.state, limit=args.limit))
+    entries = _with_store(args, lambda store: store.list_saf(args.state, limit=args.limit))
     if args.json:
         _print_json([_saf_json(e) for e in entries], out)
     else:
@@ -82,7 +86,7 @@ def cmd_saf_list(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def cmd_saf_retry(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    entry = _with_store(args.db, lambda store: store.retry_saf(args.saf_id))
+    entry = _with_store(args, lambda store: store.retry_saf(args.saf_id))
     text = f"SAF {entry.saf_id} (txn {entry.txn_id}) is pending again; the next send is a 0400"
     _print_one(entry, text, args, out)
     return 0
@@ -90,14 +94,14 @@ def cmd_saf_retry(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def cmd_saf_drop(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    entry = _with_store(args.db, lambda store: store.drop_saf(args.saf_id, args.note))
+    entry = _with_store(args, lambda store: store.drop_saf(args.saf_id, args.note))
     _print_one(entry, f"SAF {entry.saf_id} (txn {entry.txn_id}) dropped: {entry.operator_note}", args, out)
     return 0
 
 
 def cmd_journal_show(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    records = _with_store(args.db, lambda store: store.list_transactions(
+    records = _with_store(args, lambda store: store.list_transactions(
         terminal_id=args.terminal, batch=args.batch, state=args.state, limit=args.limit))
     if args.json:
         _print_json([_txn_json(r) for r in records], out)
@@ -124,11 +128,18 @@ def _guard(command: Command) -> Command:
     return run
 
 
-def _with_store(db: Path, action: Callable[[SqliteStore], Awaitable[Any]]) -> Any:
-    if not db.exists():  # opening would create an empty journal, which helps nobody
-        raise CliError(f"no journal at {db} (use --db or ${DB_ENV})")
+def _with_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[Any]]) -> Any:
+    url: str | None = getattr(args, "url", None)
+    db: Path = args.db
+    if url is None and not db.exists():  # opening would create an empty journal, which helps nobody
+        raise CliError(f"no journal at {db} (use --db or ${DB_ENV}, or --url)")
 
     async def go() -> Any:
+        if url is not None:
+            from gateway.store.postgres import PostgresStore  # psycopg: the `postgres` extra
+
+            async with PostgresStore.open(url, operator=True) as pg:
+                return await action(pg)
         async with SqliteStore.open(db) as store:
             return await action(store)
 

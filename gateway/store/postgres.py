@@ -433,7 +433,10 @@ class PostgresStore:
         lease: float = DEFAULT_LEASE,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
         connect_timeout: float = 10.0,
+        operator: bool = False,
     ) -> None:
+        """`operator`: a store for operator commands (`gateway saf …`), not a gateway instance: no
+        instance row, lock or heartbeat (it journals no requests and claims nothing)."""
         if pan_key is not None:
             pan_fingerprint(pan_key, "0000000000000000")  # checks the key's length now, not at first use
         if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
@@ -450,6 +453,7 @@ class PostgresStore:
         self._max_refusals = check_limit(max_refusals)
         self._pool_size = check_limit(pool_size)
         self._connect_timeout = connect_timeout
+        self.operator = operator
         self._committer: GroupCommitter[Conn] = GroupCommitter(
             self._apply_batch, observer=self._observer, max_batch=max_batch, after_batch=self._after_batch,
             commit_delay=commit_delay,
@@ -477,7 +481,8 @@ class PostgresStore:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(store._serve)
-                tg.start_soon(store._heartbeats)
+                if not store.operator:
+                    tg.start_soon(store._heartbeats)
                 try:
                     yield store
                 finally:
@@ -515,8 +520,9 @@ class PostgresStore:
     def _connect_all(self) -> None:
         self._writer = self._connection()
         pg_migrations.migrate(self._writer)
-        self._session = session = self._connection()
-        self._lock_instance(session)
+        if not self.operator:
+            self._session = session = self._connection()
+            self._lock_instance(session)
         self._pool = ConnectionPool(self.url, min_size=1, max_size=self._pool_size, open=False,
                                     kwargs={"autocommit": True}, timeout=self._connect_timeout,
                                     name=f"journal-read-{self.instance_id}")
