@@ -388,6 +388,10 @@ _SAF_OPS: Final[frozenset[Callable[..., object]]] = frozenset(
 )
 
 
+#: errors after which the whole transaction is gone (not only the write that met them)
+_TRANSACTION_LOST: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+
 def _db_error(exc: psycopg.Error) -> StoreError:
     """A write's own failure inside the database, as the typed error the other backends give."""
     if isinstance(exc, psycopg.errors.ForeignKeyViolation):
@@ -609,9 +613,10 @@ class PostgresStore:
         try:
             finishers = self._pipelined(conn, writes)
         except psycopg.Error as exc:
-            if conn.broken or conn.closed or isinstance(exc, psycopg.OperationalError):
+            if conn.broken or conn.closed:  # the connection is gone: nothing of the batch was committed
                 self._fail_all(conn, writes, exc)
                 return
+            # a write the database refused, or a deadlock / statement timeout: undo, then write by write
             self._rollback(conn)
             self.batches_failed_over += 1
             try:
@@ -657,8 +662,8 @@ class PostgresStore:
                 write.result = write.op(conn, *write.args)()
                 conn.execute("RELEASE SAVEPOINT w")
             except psycopg.Error as exc:
-                if conn.broken or isinstance(exc, psycopg.OperationalError):
-                    raise
+                if conn.broken or conn.closed or isinstance(exc, _TRANSACTION_LOST):
+                    raise  # the whole transaction is lost: every write of the batch fails
                 conn.execute("ROLLBACK TO SAVEPOINT w")
                 write.result, write.error = None, _db_error(exc)
             except StoreError as err:
