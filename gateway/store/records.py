@@ -1,5 +1,6 @@
-"""What the journal keeps: transaction records, SAF entries, late answers, and the rules that move a
-transaction from state to state. Pure data and pure functions, shared by every backend.
+"""What the journal keeps: transaction records, SAF entries, late answers, and the tables of which state
+may follow which (`machine` holds the transitions themselves). Pure data and pure functions, shared by
+every backend.
 
 A record keeps what settlement, refunds, reversals and investigations need, and nothing secret: the
 PAN only masked (6+4) and as a keyed fingerprint (HMAC-SHA256) for matching; never the PIN block,
