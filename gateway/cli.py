@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "gateway.store.cli",  # saf, journal
     "gateway.sim.cli",  # sim-host, sim-terminal
     "gateway.load.cli",  # load
+    "gateway.trace.cli",  # trace
 )
 
 

@@ -36,7 +36,16 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from gateway.store.group_commit import MAX_COMMIT_DELAY
@@ -129,6 +138,44 @@ _STRICT_KEYS = ConfigDict(extra="forbid")
 # --- sections ---------------------------------------------------------------------------------------
 
 
+TlsVersion = Literal["1.2", "1.3"]
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TlsServerConfig:
+    """`[terminal_side.tls]`: TLS on the terminal port (absent: plain TCP, what most CUP terminals speak)."""
+
+    cert: Path  #: PEM certificate (chain) the gateway presents
+    key: Path  #: its PEM private key
+    ca: _OptionalPath = None  #: PEM CA bundle client certificates must chain to
+    #: "none", "optional" (checked when presented) or "required" (mTLS)
+    client_certs: Literal["none", "optional", "required"] = "none"
+    min_version: TlsVersion = "1.2"
+
+    @model_validator(mode="after")
+    def _ca_checks_client_certificates(self) -> TlsServerConfig:
+        if self.client_certs != "none" and self.ca is None:
+            raise ValueError(f"ca is required to check client certificates (client_certs = {self.client_certs!r})")
+        return self
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TlsClientConfig:
+    """`[host.tls]`: TLS on the host link (absent: plain TCP)."""
+
+    ca: _OptionalPath = None  #: PEM CA bundle the host's certificate must chain to (None: the system's)
+    cert: _OptionalPath = None  #: PEM client certificate, for a host that asks for one (mTLS)
+    key: _OptionalPath = None  #: its PEM private key
+    server_name: _OptionalText = None  #: name the host's certificate must carry (None: host.address's host)
+    min_version: TlsVersion = "1.2"
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsClientConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        return self
+
+
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class TerminalSideConfig:
     listen: _EndpointField = Endpoint("127.0.0.1", 5000)
@@ -140,6 +187,10 @@ class TerminalSideConfig:
     idle_timeout: Seconds = 300.0
     write_timeout: Seconds = 5.0
     max_in_flight_per_connection: Count = 64
+    #: a frame must arrive whole within this many seconds of its first byte (and a TLS handshake within
+    #: this many of the connect): the idle timeout alone restarts on every byte, so a trickle never ends
+    frame_timeout: Seconds = 10.0
+    tls: Annotated[TlsServerConfig | None, BeforeValidator(_empty_is_none)] = None
 
 
 MatchKeyPart = Literal["mti_class", "stan", "terminal"]
@@ -161,6 +212,7 @@ class HostConfig:
     #: request/response pairing, like jPOS QMUX's key: "stan" plus any of "mti_class", "terminal"
     match_key: tuple[MatchKeyPart, ...] = ("mti_class", "stan", "terminal")
     key_exchange: Flag = True
+    tls: Annotated[TlsClientConfig | None, BeforeValidator(_empty_is_none)] = None
 
     @field_validator("match_key")
     @classmethod
@@ -228,6 +280,16 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TraceConfig:
+    """Recording both legs to a trace (gateway.trace): off unless `path` is set."""
+
+    path: _OptionalPath = None
+    max_bytes: Count = 64 * 1024 * 1024  #: per file; the live file rotates to path.1, path.2, ...
+    max_files: Count = 8  #: files kept in all (disk used: at most max_bytes × max_files)
+    max_pending: Count = 8 * 1024 * 1024  #: bytes waiting for the writer before records are dropped
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class TerminalEntry:
     terminal_id: Annotated[str, Strict(), Field(min_length=8, max_length=8)]
     merchant_id: Annotated[str, Strict(), Field(min_length=15, max_length=15)]
@@ -245,6 +307,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     terminals: tuple[TerminalEntry, ...] = ()
+    trace: TraceConfig = field(default_factory=TraceConfig)
     _by_id: dict[str, TerminalEntry] = field(init=False, repr=False, compare=False)
 
     @field_validator("terminals")

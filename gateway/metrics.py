@@ -59,6 +59,10 @@ SECURITY_FAILURE_KINDS: Final = frozenset(
     }
 )  # fmt: skip
 
+#: TLS failures: where (`side`) and what (`kind`, gateway.net.tls.FAILURE_KINDS); anything else is "other"
+TLS_SIDES: Final = frozenset({"terminal", "host"})
+TLS_FAILURE_KINDS: Final = frozenset({"bad_certificate", "no_certificate", "protocol", "timeout", "closed", "other"})
+
 OTHER: Final = "other"
 NO_RESPONSE_CODE: Final = "none"
 
@@ -116,6 +120,8 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("saf_depth", Gauge, "saf_depth", "Reversals waiting in the store-and-forward queue", None),
     ("mac_failures", Counter, "mac_failures", "Messages whose MAC did not verify (terminal or host)", None),
     ("pin_failures", Counter, "pin_failures", "PIN blocks that could not be translated", None),
+    ("trace_dropped", Counter, "trace_records_dropped",
+     "Trace records dropped because the trace recorder fell behind or its writer died", None),
     ("end_to_end", Histogram, "end_to_end_latency_seconds",
      "Terminal request in to answer out", LATENCY_BUCKETS),
     ("upstream", Histogram, "upstream_latency_seconds",
@@ -123,6 +129,17 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("journal_commit", Histogram, "journal_commit_seconds", "Journal group commit duration", COMMIT_BUCKETS),
     ("journal_batch_size", Histogram, "journal_commit_batch_size", "Journal writes per group commit",
      BATCH_SIZE_BUCKETS),
+    # --- availability under abuse (slow clients, answer storms, TLS) ---
+    ("connections_shed", Counter, "terminal_connections_shed",
+     "Terminal connections closed at max_connections to make room for a new one (idle or trickling longest)",
+     None),
+    ("frame_timeouts", Counter, "terminal_frame_timeouts",
+     "Terminal connections closed because a frame did not arrive whole within frame_timeout", None),
+    ("late_answers_dropped", Counter, "late_host_answers_dropped",
+     "Late or unmatched host answers dropped unjournalled because the backlog to the journal was full", None),
+    ("admin_connections_shed", Counter, "admin_connections_shed",
+     "Admin connections closed at the connection cap to make room (slow to send their request, or lingering)",
+     None),
 )  # fmt: skip
 
 
@@ -169,10 +186,15 @@ class Metrics:
     saf_depth: GaugeLike
     mac_failures: CounterLike
     pin_failures: CounterLike
+    trace_dropped: CounterLike
     end_to_end: HistogramLike
     upstream: HistogramLike
     journal_commit: HistogramLike
     journal_batch_size: HistogramLike
+    connections_shed: CounterLike
+    frame_timeouts: CounterLike
+    late_answers_dropped: CounterLike
+    admin_connections_shed: CounterLike
     journal: JournalObserver
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
@@ -196,6 +218,10 @@ class Metrics:
         )
         self._security_failures = Counter(
             f"{PREFIX}_security_failures", "Security module refusals by kind", ["kind"], registry=r,
+        )
+        self._tls_failures = Counter(
+            f"{PREFIX}_tls_failures", "TLS handshakes or sessions that failed, by side and kind", ["side", "kind"],
+            registry=r,
         )
         self._message_children: dict[tuple[str, str, str], CounterLike] = {}
         self._decode_children: dict[str, CounterLike] = {}
@@ -243,6 +269,11 @@ class Metrics:
         if child is None:
             child = self._bind(self._security_failures, self._security_children, kind, SECURITY_FAILURE_KINDS)
         return child
+
+    def tls_failure(self, side: str, kind: str) -> CounterLike:
+        """Counter child for one TLS failure: `side` "terminal" or "host", `kind` a TLS_FAILURE_KINDS value.
+        Rare (a failed handshake), so it is not cached."""
+        return self._tls_failures.labels(_normalise(side, TLS_SIDES), _normalise(kind, TLS_FAILURE_KINDS))
 
     @staticmethod
     def _bind(
@@ -302,6 +333,9 @@ class NullMetrics(Metrics):
         return NOOP
 
     def security_failure(self, kind: str) -> CounterLike:
+        return NOOP
+
+    def tls_failure(self, side: str, kind: str) -> CounterLike:
         return NOOP
 
 

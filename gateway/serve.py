@@ -31,11 +31,13 @@ from gateway.net.saf_sender import SafSender
 from gateway.net.terminal_server import TerminalServer
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule, SoftwareSecurityModule
+from gateway.security.startup import require_zone_master_key, warn_missing_terminal_master_keys
 from gateway.service import GatewayService
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import TxnRecord
 from gateway.store.sqlite import SqliteStore
+from gateway.trace.recorder import open_recorder
 
 log = logging.getLogger("gateway")
 
@@ -134,11 +136,17 @@ async def run_gateway(
     metrics = metrics if metrics is not None else (Metrics() if config.admin.metrics else NullMetrics())
     security = security if security is not None else SoftwareSecurityModule.from_config(
         config.security, config.terminals)
+    # refuse to start without the keys the configuration needs (rather than failing every sign-on)
+    require_zone_master_key(security, keystore=config.security.keystore, lmk_file=config.security.lmk_file,
+                            key_exchange=config.host.key_exchange)
+    warn_missing_terminal_master_keys(security, (t.terminal_id for t in config.terminals))
     async with open_store(config, metrics, durable=durable) as store, anyio.create_task_group() as tg:
         link = HostLink(config.host, security, metrics)
         saf = SafSender(config.reversal, store, link, metrics, config.host.acquirer_id, config.host.forwarding_id)
         service = GatewayService(config, security, store, link, saf, metrics)
         link.on_unmatched = service.on_unmatched_host_answer
+        recorder = await open_recorder(config, metrics, tg)  # None unless [trace] path is set
+        link.tap = service.tap = recorder
         recovered = await service.recover()
         link.stans = resume_host_stans(await store.list_transactions(limit=1))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
@@ -149,6 +157,7 @@ async def run_gateway(
         await tg.start(partial(service.sweep_orphans, interval=config.store.orphan_after / 2,
                                stale_after=config.store.orphan_after))
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
+        server.tap = recorder
         terminal_port = await tg.start(server.serve)
         admin_port = None
         if config.admin.listen is not None:

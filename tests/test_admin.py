@@ -160,18 +160,15 @@ async def test_a_silent_client_is_timed_out_and_closed():
             assert (await get(port, "/healthz"))[0] == 200
 
 
-async def test_too_many_connections_get_503():
+async def test_at_the_cap_a_silent_connection_makes_room_for_a_new_request():
+    # (a new connection is refused with 503 only when every connection is being answered:
+    # tests/test_admin_slow_clients.py)
     with anyio.fail_after(10):
         async with admin(NullMetrics(), {}, max_connections=1, read_timeout=2) as port:
             holder = await anyio.connect_tcp(HOST, port)  # occupies the only slot without sending
             async with holder:
                 await anyio.sleep(0.05)
                 reply = await anyio.to_thread.run_sync(raw_exchange, port, b"GET /healthz HTTP/1.1\r\n\r\n")
-                assert reply.startswith(b"HTTP/1.1 503 ")
-            # slot freed once the holder is gone (the server notices the close)
-            with anyio.fail_after(5):
-                while True:
-                    reply = await anyio.to_thread.run_sync(raw_exchange, port, b"GET / HTTP/1.1\r\n\r\n")
-                    if reply.startswith(b"HTTP/1.1 404 "):
-                        break
-                    await anyio.sleep(0.05)
+                assert reply.startswith(b"HTTP/1.1 200 ")
+                with anyio.fail_after(3), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await holder.receive()  # the holder was closed, without an answer

@@ -91,6 +91,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"reversal": {"backoff": []}}, "reversal.backoff"),
         ({"reversal": {"unknown_original_rc": "12"}}, "reversal.unknown_original_rc"),
         ({"limits": {"per_day": -1}}, "limits.per_day"),
+        ({"trace": {"max_files": 0}}, "trace.max_files"),
+        ({"trace": {"max_bytes": "big"}}, "trace.max_bytes"),
         ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
         ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
         ({"store": {"commit_delay": float("nan")}}, "store.commit_delay"),
@@ -105,6 +107,11 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"store": {"pool_size": 0}}, "store.pool_size"),
         ({"reversal": {"repeat": "new"}}, "reversal.repeat"),
         ({"reversal": {"upstream_mti": "0401"}}, "reversal.upstream_mti"),
+        ({"terminal_side": {"frame_timeout": 0}}, "terminal_side.frame_timeout"),
+        ({"terminal_side": {"tls": {"key": "k.pem"}}}, "terminal_side.tls.cert"),
+        ({"terminal_side": {"tls": {"cert": "c", "key": "k", "client_certs": "required"}}}, "terminal_side.tls"),
+        ({"host": {"tls": {"min_version": "1.0"}}}, "host.tls.min_version"),
+        ({"host": {"tls": {"cert": "c.pem"}}}, "host.tls"),
     ],
 )
 def test_bad_values_name_the_key(doc: dict, named: str) -> None:
