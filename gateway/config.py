@@ -49,6 +49,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from gateway.store.group_commit import MAX_COMMIT_DELAY
+from gateway.store.records import DEFAULT_MAX_REFUSALS
 
 T = TypeVar("T")
 
@@ -240,6 +241,8 @@ class StoreConfig:
     commit_delay: Annotated[float, Strict(), Field(ge=0, le=MAX_COMMIT_DELAY, allow_inf_nan=False)] = 0.002
     #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
     pan_hash_key_hex: _OptionalText = field(default=None, metadata=SECRET)
+    #: refusals kept on record at most (the oldest go first): a flood of garbage cannot fill the disk
+    max_refusals: Count = DEFAULT_MAX_REFUSALS
     # --- PostgreSQL: several instances on one journal (README "PostgreSQL store"); `path` and
     # `synchronous` are SQLite's
     #: "postgresql://..." selects the PostgreSQL store; unset: SQLite at `path` (secret: it may hold a password)
@@ -327,10 +330,13 @@ class GatewayConfig:
 
 
 def duplicate_terminals(terminal_ids: Sequence[object]) -> list[str]:
-    """One line per repeated terminal id: two entries would share (and fight over) one TMK."""
+    """One line per repeated terminal id: two entries would share (and fight over) one TMK. Ids that
+    are not text are reported by the type check, not here."""
     first: dict[object, int] = {}
     duplicates = []
     for i, tid in enumerate(terminal_ids):
+        if not isinstance(tid, str):
+            continue
         if tid in first:
             duplicates.append(f"duplicate terminal_id {tid}: terminals[{i}] repeats terminals[{first[tid]}]")
         first.setdefault(tid, i)
@@ -372,14 +378,28 @@ def _key(loc: tuple[int | str, ...]) -> str:
     return text
 
 
+def _secret_names() -> frozenset[str]:
+    """Names of the fields marked SECRET in any section: their values never appear in a problem."""
+    names = set()
+    for section in (*typing.get_type_hints(GatewayConfig).values(), TerminalEntry):
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
+            names |= {f.name for f in dataclasses.fields(section) if f.metadata.get("secret")}
+    return frozenset(names)
+
+
+_SECRET_NAMES: frozenset[str] = _secret_names()
+
+
 def _problem(error: Any, sources: Mapping[str, str]) -> str:
-    key = _key(tuple(error["loc"]))
+    loc = tuple(error["loc"])
+    key = _key(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "unexpected_keyword_argument":
         message = "unknown key" if "." in key or "[" in key else "unknown section"
-    elif error["type"] not in ("missing", "value_error") and "input" in error:
+    elif error["type"] not in ("missing", "value_error") and "input" in error and _SECRET_NAMES.isdisjoint(loc):
         message += f" [got {error['input']!r}]"
-    source = sources.get(key)
+    # a list item (host.match_key[1]) came from the variable that set the whole key
+    source = sources.get(key) or sources.get(_key(tuple(p for p in loc if not isinstance(p, int))))
     return f"{key}: {message}" + (f" (from {source})" if source else "")
 
 

@@ -96,6 +96,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
         ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
         ({"store": {"commit_delay": float("nan")}}, "store.commit_delay"),
+        ({"store": {"max_refusals": 0}}, "store.max_refusals"),
+        ({"store": {"max_refusals": "many"}}, "store.max_refusals"),
         ({"terminals": [{"terminal_id": "123", "merchant_id": "898100012340001"}]}, "terminals[0].terminal_id"),
         ({"hots": {}}, "hots"),
         ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),

@@ -13,6 +13,9 @@ every connection is being answered is the new one refused with 503. Each shed co
 (`gateway_admin_connections_shed_total`) and logged (one line per second at most).
 
 - `GET /metrics`  → 200, `prometheus_client.generate_latest(registry)` as `CONTENT_TYPE_LATEST`
+- `GET /metrics`  → 200, the registry in the Prometheus text format, or in OpenMetrics when the
+                    scraper's `Accept` header asks for `application/openmetrics-text` (Prometheus does;
+                    prometheus-client's `choose_encoder` reads the header, as its own servers do)
 - `GET /healthz`  → 200 while the process runs (liveness)
 - `GET /readyz`   → 200 when every readiness callback returns True, else 503; JSON body either way,
                     naming the checks that are not ready (a callback that raises counts as not ready)
@@ -30,6 +33,7 @@ from typing import Final
 import anyio
 import anyio.abc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from gateway.metrics import Metrics
 from gateway.net.counted_log import CountedLog
@@ -78,6 +82,18 @@ def render_response(status: int, content_type: str, body: bytes, *, head_only: b
         lines.append(f"{name}: {value}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + body
+
+
+def header_value(head: bytes, name: str) -> str:
+    """The value of header `name` (case-insensitive) in a request head, "" when absent. Repeated
+    headers are joined with commas, as RFC 9110 allows for list-valued ones such as Accept."""
+    wanted = name.lower().encode("ascii")
+    values = []
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == wanted:
+            values.append(value.strip().decode("latin-1"))
+    return ",".join(values)
 
 
 def parse_request_line(head: bytes) -> tuple[str, str]:
@@ -205,8 +221,13 @@ class AdminHandler:
                                    extra_headers={"Allow": "GET, HEAD"})
         head_only = method == "HEAD"
         if path == "/metrics":
-            body = generate_latest(self.metrics.registry)
-            return render_response(200, CONTENT_TYPE_LATEST, body, head_only=head_only)
+            accept = header_value(head, "Accept")
+            if "application/openmetrics-text" in accept:
+                encoder, content_type = choose_encoder(accept)
+                body = encoder(self.metrics.registry)
+            else:  # the text format, as before (choose_encoder would fall back to its older 0.0.4)
+                body, content_type = generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+            return render_response(200, content_type, body, head_only=head_only)
         if path == "/healthz":
             return render_response(200, _TEXT, b"ok\n", head_only=head_only)
         if path == "/readyz":

@@ -39,6 +39,7 @@ from enum import IntEnum
 import anyio
 import anyio.abc
 
+from gateway import logs
 from gateway.config import HostConfig
 from gateway.core.clock import utc_mmddhhmmss
 from gateway.iso.build import iso87
@@ -49,7 +50,7 @@ from gateway.iso.message import Message
 from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
-from gateway.metrics import CounterLike, Metrics
+from gateway.metrics import CounterLike, Metrics, clock
 from gateway.net.counted_log import CountedLog
 from gateway.net.tls import TlsHandshakeError, client_context, failure_kind, handshake
 from gateway.security.errors import SecurityError
@@ -106,7 +107,7 @@ _QUEUED, _SENDING, _SENT, _WITHDRAWN = range(4)
 class _Pending:
     """One request waiting for its answer."""
 
-    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "state", "timeout")
+    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "sent_at", "state", "timeout")
 
     def __init__(self, key: tuple[str, ...], frame: bytes, counter: CounterLike, timeout: float) -> None:
         self.key = key
@@ -120,6 +121,8 @@ class _Pending:
         self.event = anyio.Event()
         self.reply: HostReply | None = None
         self.error: HostError | None = None
+        #: `metrics.clock()` when the writer took the frame (the host stage runs from here to the answer)
+        self.sent_at = 0.0
 
 
 class _Connection:
@@ -473,6 +476,7 @@ class HostLink:
             frame = self.framer.encode(body)
         except (IsoError, SecurityError) as exc:
             raise HostNotSent(f"request cannot be encoded: {exc}") from None
+        logs.trace("host_out", msg)
         slot = _Pending(key, frame, self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")), timeout)
         pending[key] = slot
         self._add_deadline(conn, slot, anyio.current_time() + timeout)
@@ -561,11 +565,13 @@ class HostLink:
             batch, conn.outgoing = conn.outgoing, []
             chunks: list[bytes] = []
             taken: list[_Pending] = []
+            writing_at = clock()  # before the send: an answer can be read before `send` returns here
             for item in batch:
                 if isinstance(item, bytes):
                     chunks.append(item)
                 elif item.state == _QUEUED:  # not withdrawn meanwhile
                     item.state = _SENDING
+                    item.sent_at = writing_at
                     chunks.append(item.frame)
                     taken.append(item)
             if not chunks:
@@ -626,6 +632,7 @@ class HostLink:
             log.warning("undecodable message from host: %s", exc)
             return None
         self.metrics.message("host_in", msg.mti, msg.fields.get("39", "")).inc()
+        logs.trace("host_in", msg)
         if is_request(msg.mti):
             self._answer_host_request(msg)
             return None
@@ -640,6 +647,7 @@ class HostLink:
             self._late_log.note("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
             return HostReply(msg, mac_ok)
         del self._pending[key]
+        self.metrics.stages.host.observe(clock() - slot.sent_at)
         slot.done = True
         slot.reply = HostReply(msg, mac_ok)
         slot.event.set()

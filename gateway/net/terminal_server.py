@@ -46,7 +46,7 @@ from anyio.streams.tls import TLSStream
 from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
-from gateway.metrics import Metrics
+from gateway.metrics import NOOP, HistogramLike, Metrics, clock
 from gateway.net.counted_log import CountedLog
 from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
 from gateway.trace.format import Direction, EventKind, Leg
@@ -95,6 +95,8 @@ class TerminalConnection:
     def __init__(self, stream: anyio.abc.ByteStream, encode: Callable[[bytes, CupEnvelope | None], bytes],
                  write_timeout: float, peer: str) -> None:
         self._stream = stream
+        #: times each write (`metrics.stages.terminal_write`); the server sets it, NOOP by default
+        self.write_stage: HistogramLike = NOOP
         self._encode = encode
         self._write_timeout = write_timeout
         self.peer = peer
@@ -198,7 +200,9 @@ class TerminalConnection:
                 parts = batch.parts
                 self._writing = batch
                 try:
+                    started = clock()
                     await stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
+                    self.write_stage.observe(clock() - started)
                 except Exception as exc:
                     if not isinstance(exc, _WRITE_ERRORS):  # a bug guard: contained to this connection
                         log.exception("unexpected error writing to terminal %s", self.peer)
@@ -383,6 +387,13 @@ class TerminalServer:
         self._shed_log = CountedLog(log)
         #: TLS on the terminal port ([terminal_side.tls]); None: plain TCP
         self.ssl_context = server_context(config.tls) if config.tls is not None else None
+        #: around the accept loop only: `stop_accepting` ends it, the open connections go on
+        self._accepting = anyio.CancelScope()
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: close the listening socket (new terminals are refused) and keep serving
+        the connections already open, so the answers in flight are still delivered."""
+        self._accepting.cancel()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
@@ -397,7 +408,11 @@ class TerminalServer:
         async with listener, anyio.create_task_group() as tg:
             tg.start_soon(self._sweep, sweeping)
             try:
-                await listener.serve(self._handle_connection)
+                async with anyio.create_task_group() as connections:
+                    with self._accepting:
+                        await listener.serve(self._handle_connection, task_group=connections)
+                    await listener.aclose()  # stopped accepting: refuse new connections from now on
+                    log.info("no longer accepting terminals; %d connections stay open", self.active)
             finally:
                 sweeping.cancel()
 
@@ -456,6 +471,7 @@ class TerminalServer:
                     framed = await self._tls_handshake(stream, watched)
                 if framed is not None:
                     watched.conn = TerminalConnection(framed, self.framer.encode, self.config.write_timeout, peer)
+                    watched.conn.write_stage = self.metrics.stages.terminal_write
                     if self.tap is not None:  # the connection the tap names is the one frames flow on
                         self.tap.opened(Leg.TERMINAL, watched.conn, peer)
                     await self._serve_connection(framed, watched)

@@ -84,6 +84,7 @@ from gateway.store.records import (
     ReversalInitiator,
     SafEntry,
     SafState,
+    SafSummary,
     TxnKind,
     TxnQuery,
     TxnRecord,
@@ -944,6 +945,19 @@ class PostgresStore:
 
     async def saf_depth(self) -> int:
         return await self._read(_count_open_saf)
+
+    async def saf_summary(self) -> SafSummary:
+        def query(conn: Conn) -> SafSummary:
+            counts = {SafState.PENDING: (0, None), SafState.PARKED: (0, None)}
+            for state, n, oldest in conn.execute(
+                "SELECT state, count(*), min(queued_at) FROM saf WHERE state IN (%s, %s) GROUP BY state",
+                (SafState.PENDING, SafState.PARKED),
+            ).fetchall():
+                counts[SafState(state)] = (int(n), oldest)
+            pending, oldest_pending = counts[SafState.PENDING]
+            return SafSummary(pending, counts[SafState.PARKED][0], oldest_pending)
+
+        return await self._read(query)
 
 
 def _count_open_saf(conn: Conn) -> int:
