@@ -29,6 +29,9 @@ def _private_terminal_state(tmp_path_factory: pytest.TempPathFactory, monkeypatc
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A PostgreSQL database of this test session's own, dropped at its end (see tests/pg_support.py)."""
+    if pg_support.DATABASE is not None:  # made already by a test that needed it first (dropped at exit)
+        yield pg_support.DATABASE
+        return
     url = pg_support.create_database()
     pg_support.DATABASE = url
     try:

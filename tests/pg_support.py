@@ -12,6 +12,7 @@ No server reachable: the PostgreSQL tests are skipped with the reason, unless
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import secrets
@@ -71,6 +72,10 @@ DATABASE: str | None = None
 
 
 def database() -> str:
+    """The session's database; created here when a test reaches PostgreSQL without the `pg_database`
+    fixture (e.g. parametrised over BACKENDS directly), and then dropped when the process exits."""
+    global DATABASE
     if DATABASE is None:
-        raise RuntimeError("request the pg_database fixture first (e.g. through a backend fixture)")
+        DATABASE = create_database()
+        atexit.register(drop_database, DATABASE)
     return DATABASE
