@@ -19,6 +19,7 @@ import pytest
 
 from gateway.config import LimitsConfig, ReversalConfig
 from gateway.lab import CARD_CUP
+from gateway.sim.host_rules import Fault
 from gateway.sim.keyfile import read_test_keys
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
 from gateway.trace.diff import diff
@@ -218,3 +219,28 @@ async def test_identical_concurrent_purchases_pair_with_their_own_answers(tmp_pa
         sink = await run_replay(tmp_path, trace, keys, name=f"alike{round_}")
         assert sink.failed == 0, findings(sink)
         assert sink.total == 9
+
+
+@pytest.mark.anyio
+async def test_a_refused_reversal_and_its_0401_repeat_replay_under_iso_practice(tmp_path: Path) -> None:
+    """The host refuses the gateway's first reversal attempt; the gateway repeats it as a 0401, which
+    (ISO 8583:1987 practice, the default rules) must carry the 0400's STAN and field 7 again."""
+    trace = tmp_path / "repeat.jsonl"
+    slow = Fault("late", seconds=HOST_TIMEOUT + 0.4, pan=CARD_CUP.pan, mti=("0200",), limit=1)
+    async with recorded_lab(tmp_path, trace, faults=[slow]) as (lab, keys):
+        lab.host.add_fault(Fault("reject_reversal", count=1))
+        t = lab.terminal(lab.config.terminals[0].terminal_id, auto_reverse=False)
+        await t.connect()
+        await t.sign_in()
+        assert (await t.purchase(4_000, CARD_CUP)).rc == "98"
+        with anyio.fail_after(10):
+            while len(lab.host.rules.reversed()) < 1:
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)
+    header, records = read_trace(trace)
+    [case] = [c for c in CaseAssembler(header).stream(records) if isinstance(c, Case) and c.flow == "purchase"]
+    first, repeat = case.reversals()
+    assert (first.request.mti, first.rc, repeat.request.mti, repeat.rc) == ("0400", "96", "0401", "00")
+    assert repeat.request.fields["11"] == first.request.fields["11"]  # what the default rules expect
+    sink = await run_replay(tmp_path, trace, keys, name="repeat")
+    assert sink.failed == 0, findings(sink)
