@@ -23,7 +23,7 @@ COMMAND_MODULES = (
     "gateway.store.cli",  # saf, journal
     "gateway.sim.cli",  # sim-host, sim-terminal
     "gateway.load.cli",  # load
-    "gateway.trace.cli",  # trace
+    "gateway.trace.cli",  # trace (check, import, proxy, replay, diff)
 )
 
 

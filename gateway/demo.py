@@ -2,7 +2,9 @@
 embedded defaults (fresh demo keys, a journal in a temporary directory), showing real traffic:
 sign-ins, approvals, a decline, a refund, a void, a risk-limit refusal, a terminal that is not signed
 in, a host timeout that ends in an automatic reversal, a settlement, and a summary from the journal.
-It stops by itself and exits 0 when every step came out as expected (1 otherwise).
+The gateway records both legs as it goes; at the end the recording is replayed against a fresh
+gateway (`gateway trace replay` in-process) and must pass. It stops by itself and exits 0 when every
+step came out as expected (1 otherwise).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from typing import TypeVar
 
 import anyio
 
+from gateway.config import TraceConfig
 from gateway.iso.message import mask_pan
 from gateway.lab import CARD_CUP, CARD_CUP_2, CARD_LOW, CARD_VISA, Lab, open_lab
 from gateway.sim.host_rules import Fault
 from gateway.sim.terminal import TerminalSimulator, TxnResult
 from gateway.store.records import TxnState
+from gateway.trace.lab_replay import replay_in_lab
+from gateway.trace.report import CaseSink
 
 HOST_TIMEOUT = 1.5  #: seconds the gateway waits for the host in the demo
 LATE_BY = 3.0  #: the host's scripted delay for the timeout scene
@@ -215,11 +220,28 @@ async def run_demo(plain: bool = False, data_dir: Path | None = None) -> bool:
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmp:
         where = data_dir or Path(tmp)
         print(f"gateway demo: journal {where / 'journal.db'}, demo keys generated for this run")
-        async with open_lab(where, terminals=4, host_timeout=HOST_TIMEOUT) as lab:
+        trace = where / "demo.trace.jsonl"
+        async with open_lab(where, terminals=4, host_timeout=HOST_TIMEOUT, trace=TraceConfig(path=trace)) as lab:
             print(f"host simulator on 127.0.0.1:{lab.host_port} (ISO 8583:1987 ASCII), gateway on "
-                  f"127.0.0.1:{lab.gateway.terminal_port} (CUP POS), signed on to the host with fresh zone keys")
+                  f"127.0.0.1:{lab.gateway.terminal_port} (CUP POS), signed on to the host with fresh zone keys; "
+                  f"both legs recorded to {trace.name}")
             scenes = await _run(lab, screen)
-            return await _summary(lab, screen, scenes)
+            ok = await _summary(lab, screen, scenes)
+        return await _replay_recording(trace, where, lab, screen) and ok
+
+
+async def _replay_recording(trace: Path, where: Path, lab: Lab, screen: Screen) -> bool:
+    """The demo's own traffic, as the gateway recorded it, replayed against a fresh gateway."""
+    screen.title("replay: the recorded traffic against a fresh gateway, its host answered from the trace")
+    sink = CaseSink("trace replay")
+    started = time.monotonic()
+    await replay_in_lab(trace, where / "replay", lab.zmk, lab.tmks, sink, host_timeout=HOST_TIMEOUT)
+    for case in sink.failures[:10]:
+        for finding in case.findings[:3]:
+            print(f"         {finding.message}")
+    screen.check(sink.ok and sink.total > 0, sink.summary(time.monotonic() - started))
+    print(f"         (gateway trace replay {trace.name} does the same against any gateway: see the README)")
+    return sink.ok and sink.total > 0
 
 
 def _demo_command(args: argparse.Namespace) -> int:

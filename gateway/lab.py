@@ -102,12 +102,15 @@ async def open_lab(tmp_dir: Path, *, terminals: int = 3, host_timeout: float = 2
                    faults: Iterable[Fault] = (), durable: bool = True, metrics: Metrics | None = None,
                    host_limit: int = 2_000_000, host_options: Mapping[str, Any] | None = None,
                    host_ssl_context: ssl.SSLContext | None = None,
+                   zmk: bytes | None = None, tmks: Mapping[str, bytes] | None = None,
                    **config_overrides: Any) -> AsyncIterator[Lab]:
     """Host simulator and gateway running on loopback until the block ends. `host_options` replace
     fields of the gateway's HostConfig (echo interval, match key, TLS, ...); `host_ssl_context` makes
-    the host simulator speak TLS; `config_overrides` replace whole sections of the GatewayConfig."""
-    zmk = generate_key(16)
-    tmks = {tid: generate_key(16) for tid in terminal_ids(terminals)}
+    the host simulator speak TLS; `config_overrides` replace whole sections of the GatewayConfig. Fresh
+    keys, unless `zmk` and `tmks` are given (a lab that must match a keys file written before, e.g. a
+    trace replayed later)."""
+    zmk = zmk or generate_key(16)
+    tmks = dict(tmks) if tmks else {tid: generate_key(16) for tid in terminal_ids(terminals)}
     host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=host_limit,
                                                                       faults=tuple(faults))))
     async with anyio.create_task_group() as tg:

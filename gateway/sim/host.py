@@ -231,6 +231,20 @@ class HostSimulator:
     def has_zone_key(self, usage: str) -> bool:
         return usage in self._zone_keys
 
+    # --- pieces other hosts reuse (the trace host of `trace replay` answers from a recording) -------
+
+    def zone_key(self, usage: str) -> DesKey | None:
+        """The ZPK or ZAK this host issued last (None before the key exchange)."""
+        return self._zone_keys.get(usage)
+
+    def verify_mac(self, body: bytes) -> bool:
+        """Whether the MAC at the end of a request body verifies under the ZAK this host issued."""
+        return self._mac_ok(body)
+
+    def encode_answer(self, answer: Message) -> bytes | None:
+        """An answer encoded, its MAC field (when it has one) computed under the ZAK."""
+        return self._encode(answer, wrong_mac=False)
+
     async def send_unsolicited(self, messages: Iterable[Message]) -> int:
         """Write messages nobody asked for (stray, replayed or very late answers: an answer storm) to
         every open connection, all in one write per connection. Returns how many connections got them."""

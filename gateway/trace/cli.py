@@ -12,11 +12,12 @@ TRACE_COMMAND_MODULES: list[str] = [
     "gateway.trace.check_cli",  # check
     "gateway.trace.import_cli",  # import
     "gateway.trace.proxy",  # proxy
+    "gateway.trace.replay_cli",  # replay, diff
 ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("trace", help="conformance traces: record (proxy), import, check")
+    parser = subparsers.add_parser("trace", help="conformance traces: record (proxy), import, check, replay, diff")
     trace_sub = parser.add_subparsers(dest="trace_command", metavar="TRACE_COMMAND")
     for name in TRACE_COMMAND_MODULES:
         importlib.import_module(name).add_command(trace_sub)

@@ -41,6 +41,14 @@ class Finding:
     seq: int | None = None  #: the recorded frame's position in the trace, when there is one
 
 
+def finding_order(f: Finding) -> int:
+    """Most telling first (the JUnit failure message is a case's first finding): the response code and
+    the MTI, then frames that did not pair, came or went missing, then the other fields."""
+    if f.kind is FindingKind.FIELD and f.field in ("39", "mti"):
+        return 0
+    return 2 if f.kind is FindingKind.FIELD else 1
+
+
 @dataclass(slots=True)
 class CaseResult:
     name: str  #: e.g. "T3 10000001 stan 000123 purchase" or a template case's name
@@ -92,3 +100,90 @@ def write_junit(path: Path, title: str, cases: Sequence[CaseResult], seconds: fl
     tree = ET.ElementTree(root)
     ET.indent(tree)
     tree.write(path, encoding="utf-8", xml_declaration=True)
+
+
+class CaseSink:
+    """Collects a run's results in constant memory: counts every case, keeps at most `keep_failed`
+    failed cases for the terminal summary, and streams each case to the JSON and JUnit files as it
+    finishes (through temporary files next to them; the totals each format needs up front are
+    written at `close`). The files are what `write_json` / `write_junit` write for the same cases."""
+
+    def __init__(self, title: str, *, json_path: Path | None = None, junit_path: Path | None = None,
+                 keep_failed: int = 1000) -> None:
+        self.title = title
+        self.json_path = json_path
+        self.junit_path = junit_path
+        self.keep_failed = keep_failed
+        self.total = self.failed = self.skipped = 0
+        self.failures: list[CaseResult] = []  #: the first `keep_failed` failed cases
+        self._json_tmp = self._open(json_path)
+        self._junit_tmp = self._open(junit_path)
+        self._first_json = True
+
+    @staticmethod
+    def _open(path: Path | None) -> Any:
+        if path is None:
+            return None
+        return path.with_name(path.name + ".part").open("w", encoding="utf-8")
+
+    @property
+    def passed(self) -> int:
+        return self.total - self.failed - self.skipped
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def add(self, case: CaseResult) -> None:
+        self.total += 1
+        if case.findings:
+            self.failed += 1
+            if len(self.failures) < self.keep_failed:
+                self.failures.append(case)
+        elif case.skipped:
+            self.skipped += 1
+        if self._json_tmp is not None:
+            item = to_json(self.title, [case], case.seconds)["cases"][0]
+            self._json_tmp.write(("" if self._first_json else ",\n") + json.dumps(item, indent=2))
+            self._first_json = False
+        if self._junit_tmp is not None:
+            tc = ET.Element("testcase", classname=self.title, name=case.name, time=f"{case.seconds:.3f}")
+            if case.skipped:
+                ET.SubElement(tc, "skipped", message=case.skipped)
+            elif case.findings:
+                first = case.findings[0]
+                failure = ET.SubElement(tc, "failure", message=first.message, type=first.kind.value)
+                failure.text = "\n".join(f.message for f in case.findings)
+            ET.indent(tc, space="  ", level=2)
+            self._junit_tmp.write("    " + ET.tostring(tc, encoding="unicode").rstrip() + "\n")
+
+    def summary(self, seconds: float) -> str:
+        verdict = "PASS" if self.failed == 0 else "FAIL"
+        return (f"{self.title}: {verdict} — {self.passed} passed, {self.failed} failed, {self.skipped} skipped "
+                f"of {self.total} cases in {seconds:.1f}s")
+
+    def close(self, seconds: float) -> None:
+        if self._json_tmp is not None and self.json_path is not None:
+            self._json_tmp.close()
+            part = self.json_path.with_name(self.json_path.name + ".part")
+            with self.json_path.open("w", encoding="utf-8") as out, part.open(encoding="utf-8") as cases:
+                head = {"title": self.title, "passed": self.failed == 0, "seconds": round(seconds, 3)}
+                out.write(json.dumps(head, indent=2)[:-2] + ',\n  "cases": [\n')
+                for line in cases:
+                    out.write("    " + line if line.strip() else line)
+                out.write("\n  ]\n}\n")
+            part.unlink()
+            self._json_tmp = None
+        if self._junit_tmp is not None and self.junit_path is not None:
+            self._junit_tmp.close()
+            part = self.junit_path.with_name(self.junit_path.name + ".part")
+            attrs = {"name": self.title, "tests": str(self.total), "failures": str(self.failed),
+                     "skipped": str(self.skipped), "time": f"{seconds:.3f}"}
+            opening = ET.tostring(ET.Element("testsuite", attrs), encoding="unicode").replace(" />", ">")
+            with self.junit_path.open("w", encoding="utf-8") as out, part.open(encoding="utf-8") as cases:
+                out.write("<?xml version='1.0' encoding='utf-8'?>\n<testsuites>\n  " + opening + "\n")
+                for line in cases:
+                    out.write(line)
+                out.write("  </testsuite>\n</testsuites>\n")
+            part.unlink()
+            self._junit_tmp = None
