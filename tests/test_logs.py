@@ -181,6 +181,19 @@ def test_the_trace_masks_every_secret_field(restore_logging):
     assert second["fields"] == {"t": "0200", "11": "000002"}
 
 
+def test_the_trace_masks_the_pan_in_the_host_dialects_other_account_fields(restore_logging):
+    # ISO 8583:1987 carries a card number in 34 (PAN, extended) and often in 102/103 (account
+    # identification): a host answer echoing one was traced in clear
+    stream = io.StringIO()
+    logs.configure(2, "json", stream=stream)
+    logs.trace("host_in", Message("0210", {"11": "000001", "34": CARD_CUP.pan, "102": CARD_VISA.pan,
+                                           "103": CARD_CUP.pan, "39": "00"}))
+    text = stream.getvalue()
+    fields = json.loads(text)["fields"]
+    assert fields["34"] == fields["103"] == mask_pan(CARD_CUP.pan) and fields["102"] == mask_pan(CARD_VISA.pan)
+    assert CARD_CUP.pan not in text and CARD_VISA.pan not in text
+
+
 def test_the_trace_is_on_at_debug_only(restore_logging):
     stream = io.StringIO()
     logs.configure(0, "text", command="serve", stream=stream)  # serve: INFO

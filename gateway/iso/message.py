@@ -17,6 +17,9 @@ from typing import Final
 #: fields whose content is never shown anywhere outside the security module
 REDACTED_FIELDS: Final = frozenset({"35", "36", "45", "52", "55", "62", "96"})
 PAN_FIELD: Final = "2"
+#: fields shown as a PAN is (6+4): the PAN, and where ISO 8583:1987 also carries a card number (34 PAN
+#: extended; 102/103 account identification, the PAN at many hosts)
+PAN_LIKE_FIELDS: Final = frozenset({PAN_FIELD, "34", "102", "103"})
 
 
 def mask_pan(pan: str) -> str:
@@ -32,7 +35,7 @@ FIELD_48_SHOWN_CLASS: Final = "5"
 
 
 def masked_value(key: str, value: str, mti: str = "") -> str:
-    if key == PAN_FIELD:
+    if key in PAN_LIKE_FIELDS:
         return mask_pan(value)
     if key in REDACTED_FIELDS or (key == "48" and mti[1:2] != FIELD_48_SHOWN_CLASS):
         return f"<redacted {len(value)}>"
