@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from tls_support import Authority, Pem
 
@@ -211,6 +212,34 @@ async def test_a_host_certificate_of_another_ca_is_refused(pki: Pki, caplog: pyt
         assert tls_failures(link.metrics, "host", "bad_certificate") >= 2  # every attempt, with back-off
     lines = [r.getMessage() for r in caplog.records if "retry in" in r.getMessage()]
     assert lines and all("certificate verify failed" in line for line in lines), lines
+
+
+async def test_a_host_tls_handshake_that_never_completes_is_counted(pki: Pki,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A host that accepts the connection but never answers the ClientHello: each attempt ends at
+    connect_timeout with a line saying so and a count, like every other TLS refusal (it was logged as
+    the host being unreachable, and not counted)."""
+    caplog.set_level(logging.WARNING, logger="gateway.host")
+
+    async def silent(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep_forever()
+
+    listener = await anyio.create_tcp_listener(local_host=LOOPBACK, local_port=0)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, silent)
+        config = HostConfig(address=Endpoint(LOOPBACK, listener.extra(anyio.abc.SocketAttribute.local_port)),
+                            key_exchange=False, connect_timeout=0.3, reconnect_min=0.1, reconnect_max=0.2,
+                            tls=TlsClientConfig(ca=pki.ca.ca))
+        link = HostLink(config, SoftwareSecurityModule(), Metrics(process_metrics=False))
+        await tg.start(link.run)
+        with anyio.fail_after(10):
+            while link.reconnects < 2:
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert tls_failures(link.metrics, "host", "timeout") >= 2
+    lines = [r.getMessage() for r in caplog.records if "retry in" in r.getMessage()]
+    assert lines and all("TLS handshake" in line for line in lines), lines
 
 
 async def test_a_host_that_requires_a_client_certificate_refuses_a_link_without_one(

@@ -246,6 +246,8 @@ class HostLink:
         self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
         #: why the current connection ended, for the one log line about it (None: it has not)
         self._ended_because: str | None = None
+        #: the current connect attempt got as far as the TLS handshake and it has not ended (yet)
+        self._handshaking = False
         #: field 7 of the current second (formatting it costs more than everything else in `allocate`)
 
     # --- public API --------------------------------------------------------------------------------
@@ -318,13 +320,20 @@ class HostLink:
         while True:
             self._set_state(LinkState.CONNECTING)
             self._ended_because = None
+            self._handshaking = False
             signed_on = False
             try:
                 with anyio.fail_after(self.config.connect_timeout):
                     stream = await self._connect()
             except (OSError, TimeoutError) as exc:
                 self._set_state(LinkState.DOWN)
-                why = f"host {self.config.address} unreachable: {_describe(exc)}"
+                if isinstance(exc, TimeoutError) and self._handshaking:
+                    # connected, but the host never finished the TLS handshake: a TLS refusal like the others
+                    self.metrics.tls_failure("host", "timeout").inc()
+                    why = (f"TLS handshake with host {self.config.address} not complete within "
+                           f"{self.config.connect_timeout:g}s")
+                else:
+                    why = f"host {self.config.address} unreachable: {_describe(exc)}"
             else:
                 try:
                     await self._serve_connection(stream)
@@ -362,10 +371,14 @@ class HostLink:
             return stream
         tls = self.config.tls
         assert tls is not None
+        self._handshaking = True  # stays set when connect_timeout cuts the handshake short
         try:
-            return await handshake(stream, self._ssl_context, server_side=False,
-                                   hostname=tls.server_name or address.host)
+            tls_stream = await handshake(stream, self._ssl_context, server_side=False,
+                                         hostname=tls.server_name or address.host)
+            self._handshaking = False
+            return tls_stream
         except TlsHandshakeError as exc:
+            self._handshaking = False
             self.metrics.tls_failure("host", exc.kind).inc()
             await anyio.aclose_forcefully(stream)
             raise
