@@ -5,6 +5,7 @@ the configured path. It must not say "gateway up" and then fail every sign-on.""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -134,6 +135,12 @@ def test_a_missing_key_store_says_so(tmp_path: Path) -> None:
     for store in (tmp_path / "keys.bin", tmp_path / "no-such-dir" / "keys.bin"):
         status, lines, seconds = _serve(_config(tmp_path, store), tmp_path)
         assert status == 1, f"not refused (ran {seconds:.1f}s): {lines[-5:]}"
+        lmk = tmp_path / "lmk"
         assert lines == [f"gateway: cannot start: KeyStoreError: key store {store} does not exist: "
-                         f"create it with `gateway keys init --store {store}`"], lines
+                         f"create it with `gateway keys init --store {store} --lmk-file {lmk}`"], lines
         assert not store.exists()  # and nothing was made up in its place
+        # the command the line names works as it stands (without --lmk-file it said "no LMK")
+        command = shlex.split(lines[0].split("`")[1])
+        assert command[0] == "gateway"
+        made = _gateway(*command[1:], cwd=tmp_path)
+        assert made.returncode == 0 and store.exists(), made.stderr

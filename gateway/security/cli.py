@@ -127,6 +127,9 @@ def cmd_init(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"new LMK written to {args.lmk_file} (mode 0600), LMK check {_hex(lmk.check)}", file=out)
     else:
         lmk = load_lmk(args.lmk_file)
+    # a store in a directory still to be made (the start-up check names this command for it): make the
+    # directory, owner-only, instead of failing on the store's lock file
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     KeyStore.create(path, lmk)
     print(f"key store {path} created, encrypted under LMK check {_hex(lmk.check)}", file=out)
     return 0

@@ -123,8 +123,10 @@ class SoftwareSecurityModule:
         become a new, empty store): `gateway keys init` creates it."""
         if config.keystore is not None:
             if not config.keystore.exists():  # said before any LMK problem: it is the first thing to fix
+                # the command as it must be typed: `keys init` does not read the config's lmk_file
+                lmk = f" --lmk-file {config.lmk_file}" if config.lmk_file is not None else ""
                 raise KeyStoreError(f"key store {config.keystore} does not exist: create it with "
-                                    f"`gateway keys init --store {config.keystore}`")
+                                    f"`gateway keys init --store {config.keystore}{lmk}`")
             store = KeyStore.open(config.keystore, load_lmk(config.lmk_file))
         else:
             store = KeyStore.in_memory()
