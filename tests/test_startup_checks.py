@@ -13,7 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from gateway.config import SecurityConfig
 from gateway.security.des import generate_key
+from gateway.security.errors import KeyStoreError
+from gateway.security.module import SoftwareSecurityModule
+from gateway.security.startup import require_zone_master_key
 
 REPO = Path(__file__).resolve().parents[1]
 #: a refusal comes within a second or two; a gateway that came up instead is stopped after this
@@ -144,3 +150,12 @@ def test_a_missing_key_store_says_so(tmp_path: Path) -> None:
         assert command[0] == "gateway"
         made = _gateway(*command[1:], cwd=tmp_path)
         assert made.returncode == 0 and store.exists(), made.stderr
+
+
+def test_without_a_key_store_the_zmk_line_names_the_config_not_an_import() -> None:
+    # `gateway keys zmk-import` needs a store to import into: for the in-memory one it cannot be the advice
+    security = SoftwareSecurityModule.from_config(SecurityConfig())
+    with pytest.raises(KeyStoreError) as refused:
+        require_zone_master_key(security, keystore=None, key_exchange=True)
+    assert "security.keystore" in str(refused.value) and "security.zmk" in str(refused.value)
+    require_zone_master_key(security, keystore=None, key_exchange=False)  # nothing needed without exchange

@@ -29,13 +29,17 @@ def require_zone_master_key(security: SecurityModule, *, keystore: Path | None, 
     try:
         security.key_check_value("ZMK")
     except KeyNotFoundError:
-        store = f" --store {keystore}" if keystore is not None else ""
-        if keystore is not None and lmk_file is not None:
-            store += f" --lmk-file {lmk_file}"
-        where = f"the key store {keystore}" if keystore is not None else "the in-memory key store"
+        if keystore is None:
+            # nothing to import into: an in-memory store holds only what the config gives it
+            raise KeyStoreError(
+                "host.key_exchange is on but the in-memory key store has no ZMK: set security.keystore (and "
+                "import the ZMK with `gateway keys zmk-import`), or security.zmk for test keys "
+                "(or set host.key_exchange = false)"
+            ) from None
+        lmk = f" --lmk-file {lmk_file}" if lmk_file is not None else ""
         raise KeyStoreError(
-            f"host.key_exchange is on but {where} has no ZMK: import it with "
-            f"`gateway keys zmk-import{store} --component - --component -` "
+            f"host.key_exchange is on but the key store {keystore} has no ZMK: import it with "
+            f"`gateway keys zmk-import --store {keystore}{lmk} --component - --component -` "
             "(or set host.key_exchange = false)"
         ) from None
 
