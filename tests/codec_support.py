@@ -51,13 +51,16 @@ def same_decode(pure: Codec, compiled: Codec, body: object) -> tuple[Any, ...]:
 
 
 def same_encode(pure: Codec, compiled: Codec, msg: object) -> tuple[Any, ...]:
-    before = (msg.mti, copy.copy(msg.fields)) if isinstance(msg, Message) else None
+    before = _state(msg)
     expected = outcome(pure.encode, msg)
     got = outcome(compiled.encode, msg)
     assert got == expected, f"encode of {msg!r}:\n pure     {expected}\n compiled {got}"
-    if before is not None:  # neither may touch the message
-        assert (msg.mti, msg.fields) == before
+    assert _state(msg) == before  # neither may touch the message
     return expected
+
+
+def _state(msg: object) -> tuple[object, object]:
+    return getattr(msg, "mti", None), copy.copy(getattr(msg, "fields", None))
 
 
 def round_trip(pure: Codec, compiled: Codec, body: bytes) -> None:

@@ -174,6 +174,7 @@ def test_wrong_types(name: str) -> None:
         Message("0800", {**good, "11": "\udc80" * 6}),
         Message("0800", list(good.items())),  # type: ignore[arg-type]
         FakeMessage("0800", good),
+        object.__new__(Message),  # slots never set
         FakeMessage("0800", "not a dict"),
         "not a message",
         None,
@@ -243,6 +244,13 @@ def test_binary_and_bcd_length_prefix_corners() -> None:
             same_decode(pure, compiled, body[:at] + bytes([value]) + body[at + 1 :])
 
 
+def _encoded(text: str, enc: str) -> bytes:
+    try:
+        return text.encode(enc, "replace")
+    except LookupError:  # a codec that is not a text encoding (rot13)
+        return text.encode("ascii", "replace")
+
+
 def _prefix_dialect(len_enc: str, len_type: int):
     raw = {
         "dialect": {
@@ -264,7 +272,10 @@ def _prefix_dialect(len_enc: str, len_type: int):
     return _build(raw, "<prefix>", Path("<prefix>"), None)
 
 
-@pytest.mark.parametrize(("len_enc", "len_type"), [("utf-8", 4), ("cp500", 2), ("latin-1", 3), ("utf-16-le", 4)])
+@pytest.mark.parametrize(
+    ("len_enc", "len_type"),
+    [("utf-8", 4), ("cp500", 2), ("latin-1", 3), ("utf-16-le", 4), ("utf-16", 4), ("rot13", 2), ("punycode", 3)],
+)
 def test_generic_codec_length_prefixes(len_enc: str, len_type: int) -> None:
     """Length prefixes in other codecs go through bytes.decode() + int() in both codecs: Unicode
     digits ('١٢' is 12 to int()), EBCDIC digits, undecodable bytes."""
@@ -274,7 +285,7 @@ def test_generic_codec_length_prefixes(len_enc: str, len_type: int) -> None:
     at = 4 + 8
     body = b"0200" + (0x6000000000000000).to_bytes(8, "big") + b"\x00" * len_type + b"hello12"
     rng = random.Random(f"prefix-{len_enc}")
-    candidates = [text.encode(len_enc, "replace") for text in ("١٢", "٠٥", "05", " 5", "-1", "+5", "5_", "１２")]
+    candidates = [_encoded(text, len_enc) for text in ("١٢", "٠٥", "05", " 5", "-1", "+5", "5_", "１２")]
     candidates += [rng.randbytes(len_type) for _ in range(300)]
     candidates += [bytes([0xF0 + rng.randrange(10) for _ in range(len_type)]) for _ in range(50)]
     for prefix in candidates:
@@ -335,13 +346,27 @@ def _text_dialect(data_enc: str):
             "p": {"data_enc": "b", "len_enc": "b", "len_type": 0, "max_len": 8},
             "2": {"fmt": "ans", "data_enc": data_enc, "len_enc": "ascii", "len_type": 2, "max_len": 40},
             "3": {"fmt": "ans", "data_enc": data_enc, "len_enc": "ascii", "len_type": 0, "max_len": 4},
+            "4": {"fmt": "n", "data_enc": data_enc, "len_enc": "ascii", "len_type": 2, "max_len": 12},
+            "5": {"fmt": "z", "data_enc": data_enc, "len_enc": "ascii", "len_type": 2, "max_len": 12},
+            "6": {"fmt": "b", "data_enc": data_enc, "len_enc": "ascii", "len_type": 2, "max_len": 12},
+            "7": {"fmt": "xn", "data_enc": data_enc, "len_enc": "ascii", "len_type": 2, "max_len": 12},
+            "8": {"fmt": "b", "data_enc": "b", "len_enc": "bcd", "len_type": 0, "max_len": 4, "len_count": "nibbles"},
             "64": {"fmt": "b", "data_enc": "b", "len_enc": "b", "len_type": 0, "max_len": 8},
         },
     }
     return _build(raw, "<text>", Path("<text>"), None)
 
 
-@pytest.mark.parametrize("data_enc", ["ascii", "latin-1", "iso8859-1", "cp1252", "gbk", "utf-8", "cp500", "utf-16-le"])
+#: the fast paths (ascii, latin-1), CPython codecs of every kind, and codecs a spec may name that str.encode
+#: and bytes.decode refuse (rot13: "not a text encoding", a LookupError) or that yield lone surrogates
+#: (unicode_escape), where the pure codec's own checks raise and the compiled one hands over to it
+TEXT_CODECS = [
+    "ascii", "latin-1", "iso8859-1", "cp1252", "gbk", "utf-8", "cp500", "utf-16-le", "utf-16", "utf-7",
+    "punycode", "rot13", "unicode_escape", "raw_unicode_escape",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("data_enc", TEXT_CODECS)
 def test_text_encodings(data_enc: str) -> None:
     """ascii and latin-1 take the compiled codec's fast paths, the others CPython's codecs; every one
     must accept and refuse exactly what str.encode / bytes.decode do."""
@@ -352,8 +377,17 @@ def test_text_encodings(data_enc: str) -> None:
             result = same_encode(pure, compiled, Message("0200", {"2": text, "3": other}))
             if result[0] == "bytes":
                 round_trip(pure, compiled, result[1])
+    for key, good in (("4", "123"), ("5", "12=3D"), ("6", "0aF1"), ("7", "C12"), ("8", "123")):
+        for text in (good, *texts, "١٢", "\\u0031", "+AGE-"):
+            result = same_encode(pure, compiled, Message("0200", {"2": "x", key: text}))
+            if result[0] == "bytes":
+                round_trip(pure, compiled, result[1])
     rng = random.Random(data_enc)
     head = b"0200" + (0x6000000000000000).to_bytes(8, "big")
     for _ in range(300):
         data = rng.randbytes(rng.randrange(0, 12))
         same_decode(pure, compiled, head + b"%02d" % len(data) + data + rng.randbytes(4))
+    for key, bit in (("4", 60), ("5", 59), ("6", 58), ("7", 57)):  # odd bytes reaching each check
+        for data in (b"12", b"\\ud800", b"\\x41", b"+2D8-", b"\xf1\xf2", rng.randbytes(6)):
+            body = b"0200" + (1 << bit).to_bytes(8, "big") + b"%02d" % len(data) + data
+            same_decode(pure, compiled, body)
