@@ -23,16 +23,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_codec_fuzz import BODIES, LENGTH_OFFSETS, SEEDS, mutate, structured_random
 
+from gateway.iso import _compiled
 from gateway.iso.codec import Codec
 from gateway.iso.message import Message
 from gateway.iso.spec import _build, load_dialect
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_compiled.COMPILED is None, reason=f"no compiled codec to compare: {_compiled.WHY_NOT}"),
+]
 
 HEAVY = 10 if os.environ.get("GATEWAY_HEAVY") == "1" else 1
 DIALECTS = ["cup-pos", "iso87-ascii"]
 PAIRS = {
-    (name, lenient): codec_pair(load_dialect(name), lenient=lenient) for name in DIALECTS for lenient in (False, True)
+    (name, lenient): codec_pair(load_dialect(name), lenient=lenient)
+    for name in DIALECTS
+    for lenient in (False, True)
+    if _compiled.COMPILED is not None
 }
 SETTINGS = settings(
     max_examples=400 * HEAVY, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
