@@ -32,8 +32,9 @@
 
 /* how a length prefix is encoded */
 enum { LEN_FIXED = 0, LEN_BIN = 1, LEN_BCD = 2, LEN_ASCII = 3, LEN_TEXT = 4 };
-/* how field data is encoded */
-enum { DATA_BIN = 0, DATA_ASCII = 1, DATA_LATIN1 = 2, DATA_TEXT = 3 };
+/* how field data is encoded; DATA_ASCII_SUPERSET: a CPython codec that is plain ASCII for ASCII-only
+ * data (gbk, utf-8, cp1252, ...), so ASCII-only data skips the codec call */
+enum { DATA_BIN = 0, DATA_ASCII = 1, DATA_LATIN1 = 2, DATA_TEXT = 3, DATA_ASCII_SUPERSET = 4 };
 /* which of our checks applies (one per fmt; "an"/"ans" have none) */
 enum { CHECK_NONE = 0, CHECK_NUMERIC = 1, CHECK_TRACK = 2, CHECK_HEX = 3, CHECK_XN = 4 };
 #define SECURITY_FIELD 53 /* 53.3 == '1': tracks are TDK-encrypted, any upper-case hex is valid */
@@ -277,10 +278,17 @@ upper(PyObject *v)
 /* hex digit value of a byte (either case), 0xFF for anything else */
 static unsigned char hex_value[256];
 
+/* a byte as its two upper-case hex characters */
+static char hex_pair[256][2];
+
 static void
 init_hex_values(void)
 {
     int c;
+    for (c = 0; c < 256; c++) {
+        hex_pair[c][0] = HEX_UPPER[c >> 4];
+        hex_pair[c][1] = HEX_UPPER[c & 0xF];
+    }
     memset(hex_value, 0xFF, sizeof hex_value);
     for (c = 0; c < 10; c++)
         hex_value['0' + c] = (unsigned char)c;
@@ -377,7 +385,13 @@ decode_text(CodecObject *self, const FieldSpec *fs, const unsigned char *p, Py_s
 {
     PyObject *r;
     Py_ssize_t i;
-    switch (fs->data_kind) {
+    int kind = fs->data_kind;
+    if (kind == DATA_ASCII_SUPERSET) {
+        for (i = 0; i < len && !(p[i] & 0x80); i++)
+            ;
+        kind = i == len ? DATA_ASCII : DATA_TEXT;
+    }
+    switch (kind) {
     case DATA_ASCII:
         for (i = 0; i < len; i++) {
             if (p[i] & 0x80) {
@@ -416,10 +430,8 @@ hex_string(const unsigned char *p, Py_ssize_t len, int skip_first, int skip_last
         out[k++] = (Py_UCS1)HEX_UPPER[p[0] & 0xF];
         i = 1;
     }
-    for (; i < end; i++) {
-        out[k++] = (Py_UCS1)HEX_UPPER[p[i] >> 4];
-        out[k++] = (Py_UCS1)HEX_UPPER[p[i] & 0xF];
-    }
+    for (; i < end; i++, k += 2)
+        memcpy(out + k, hex_pair[p[i]], 2);
     if (skip_last && len > 0)
         out[k++] = (Py_UCS1)HEX_UPPER[p[len - 1] >> 4];
     return r;
@@ -718,7 +730,7 @@ Codec_decode(CodecObject *self, PyObject *body)
     const unsigned char *s;
     Py_ssize_t n, idx, start;
     uint64_t primary = 0, second = 0;
-    int nums[MAX_FIELD], count = 0, i, f, r, prefixed, prefixed_1 = 0;
+    int nums[MAX_FIELD], count = 0, i, r, prefixed, prefixed_1 = 0;
     Decoded dec[MAX_FIELD];
     PyObject *last_key;
 
@@ -804,14 +816,11 @@ Codec_decode(CodecObject *self, PyObject *body)
                     prefixed ? self->key_p : self->key_1, prefixed ? start : start + self->bitmap_len);
         goto done;
     }
-    for (f = 2; f <= 64; f++) {
-        if (primary & (1ULL << (64 - f)))
-            nums[count++] = f;
-    }
-    for (f = 66; f <= 128; f++) {
-        if (second & (1ULL << (128 - f)))
-            nums[count++] = f;
-    }
+    /* the fields named, ascending: field base + 1 + (leading zeros) for each set bit */
+    for (uint64_t w = primary & ~(1ULL << 63); w; w &= ~(1ULL << (63 - __builtin_clzll(w))))
+        nums[count++] = 1 + __builtin_clzll(w);
+    for (uint64_t w = second; w; w &= ~(1ULL << (63 - __builtin_clzll(w))))
+        nums[count++] = 65 + __builtin_clzll(w);
 
     /* pyiso8583's walk */
     for (i = 0; i < count; i++) {
@@ -930,8 +939,11 @@ encode_text(CodecObject *self, Encoded *e)
     const FieldSpec *fs = e->fs;
     PyObject *v = e->value;
     Py_ssize_t len;
-    if (fs->data_kind == DATA_ASCII || fs->data_kind == DATA_LATIN1) {
-        if (fs->data_kind == DATA_ASCII ? !PyUnicode_IS_ASCII(v) : PyUnicode_KIND(v) != PyUnicode_1BYTE_KIND) {
+    int kind = fs->data_kind;
+    if (kind == DATA_ASCII_SUPERSET)
+        kind = PyUnicode_IS_ASCII(v) ? DATA_ASCII : DATA_TEXT;
+    if (kind == DATA_ASCII || kind == DATA_LATIN1) {
+        if (kind == DATA_ASCII ? !PyUnicode_IS_ASCII(v) : PyUnicode_KIND(v) != PyUnicode_1BYTE_KIND) {
             encode_error(self, fs, PyUnicode_FromString("Failed to encode field, invalid data"));
             return -1;
         }
@@ -1344,7 +1356,7 @@ load_field(CodecObject *self, PyObject *row)
         return -1;
     if (num < 2 || num > MAX_FIELD || num == 65 || len_type < 0 || len_type > 4 || len_kind < LEN_FIXED ||
         len_kind > LEN_TEXT || (len_type == 0) != (len_kind == LEN_FIXED) || max_len < 0 || max_len > 99999 ||
-        data_kind < DATA_BIN || data_kind > DATA_TEXT || check < CHECK_NONE || check > CHECK_XN) {
+        data_kind < DATA_BIN || data_kind > DATA_ASCII_SUPERSET || check < CHECK_NONE || check > CHECK_XN) {
         PyErr_Format(PyExc_ValueError, "field row for %d out of range", num);
         return -1;
     }

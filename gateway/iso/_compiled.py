@@ -31,10 +31,18 @@ SOURCE: Final = Path(__file__).with_name("_ccodec.c")
 
 # the C file's enums (keep in step with _ccodec.c)
 _LEN_FIXED, _LEN_BIN, _LEN_BCD, _LEN_ASCII, _LEN_TEXT = range(5)
-_DATA_BIN, _DATA_ASCII, _DATA_LATIN1, _DATA_TEXT = range(4)
+_DATA_BIN, _DATA_ASCII, _DATA_LATIN1, _DATA_TEXT, _DATA_ASCII_SUPERSET = range(5)
 _CHECK_NONE, _CHECK_NUMERIC, _CHECK_TRACK, _CHECK_HEX, _CHECK_XN = range(5)
 
 _ALNUM: Final = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: CPython codecs known to be stateless and plain ASCII for bytes / characters below 0x80 (checked
+#: again on load): ASCII-only data in them skips the codec call. Not utf-7, hz or iso2022-*, whose
+#: ASCII bytes can switch state.
+_ASCII_SUPERSETS: Final = frozenset(
+    {"utf-8", "gbk", "gb2312", "gb18030", "big5", "big5hkscs", "euc_jp", "euc_kr", "cp949", "cp950"}
+    | {f"cp{n}" for n in range(1250, 1259)}
+    | {f"iso8859-{n}" for n in range(2, 17)}
+)
 _HEX_UPPER: Final = "0123456789ABCDEF"
 
 
@@ -131,6 +139,20 @@ def _check_hex_transparent(enc: str) -> None:
         raise UnsupportedDialect(f"bitmap encoding {enc!r} is not ASCII for hex digits")
 
 
+def _ascii_superset(enc: str) -> bool:
+    """Every byte below 0x80 decodes to its own character and back, alone and in sequence."""
+    ascii_bytes = bytes(range(128))
+    text = ascii_bytes.decode("ascii")
+    try:
+        return (
+            ascii_bytes.decode(enc) == text
+            and text.encode(enc) == ascii_bytes
+            and all(bytes([b]).decode(enc) == chr(b) for b in range(128))
+        )
+    except (LookupError, ValueError):
+        return False
+
+
 def _codec_name(enc: str) -> str:
     try:
         return codecs.lookup(enc).name
@@ -161,6 +183,8 @@ def rows(pure: PureCodec) -> tuple[tuple[Any, ...], ...]:
         else:
             name = _codec_name(data_enc)
             data_kind = {"ascii": _DATA_ASCII, "iso8859-1": _DATA_LATIN1}.get(name, _DATA_TEXT)
+            if data_kind == _DATA_TEXT and name in _ASCII_SUPERSETS and _ascii_superset(data_enc):
+                data_kind = _DATA_ASCII_SUPERSET
         if key in pure._numeric:
             check = _CHECK_NUMERIC
         elif key in pure._tracks:
