@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import importlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -63,9 +64,12 @@ def _load() -> tuple[Any, str]:
     if choice == "pure":
         return None, f"{ENV}=pure"
     try:
-        from gateway.iso import _ccodec  # type: ignore[attr-defined]
-    except ImportError as exc:
-        reason = f"compiled extension not available ({exc})"
+        _ccodec = importlib.import_module("gateway.iso._ccodec")
+    except ImportError as exc:  # not built (no C compiler at install time), or built but broken
+        if isinstance(exc, ModuleNotFoundError):
+            reason = "compiled extension not built"
+        else:
+            reason = f"compiled extension does not load: {exc}"
         if choice == "compiled":
             raise ImportError(f"{ENV}=compiled but the {reason}") from exc
         return None, reason
