@@ -13,18 +13,37 @@ from collections.abc import Sequence
 #: modules that add sub-commands, in help order
 COMMAND_MODULES = (
     "gateway.serve",  # serve
+    "gateway.initdir",  # init
+    "gateway.config_cli",  # config check|show
+    "gateway.health_cli",  # health
     "gateway.demo",  # demo
     "gateway.iso.cli",  # decode, encode
     "gateway.security.cli",  # keys
     "gateway.store.cli",  # saf, journal
     "gateway.sim.cli",  # sim-host, sim-terminal
     "gateway.load.cli",  # load
+    "gateway.trace.cli",  # trace
 )
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's "version" action, but the report is built only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=str(kwargs.get("help", "")))
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from gateway.version import version_report
+
+        print(version_report())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="ISO 8583 acquirer gateway")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action=_VersionAction, help="version, Python, event loops and codec")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

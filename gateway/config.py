@@ -1,18 +1,43 @@
-"""Configuration: one TOML file (plus GATEWAY_* environment overrides) read once into frozen, typed
-objects that are passed down. Nothing looks configuration up globally.
+"""Configuration: one TOML file (plus GATEWAY_<SECTION>__<KEY> environment overrides) read once into
+frozen, typed objects that are passed down. Nothing looks configuration up globally.
 
-A bad file fails at start with `ConfigError` naming the key (`host.timeout: expected a number`),
-never a traceback.
+The sections are pydantic dataclasses: real, frozen dataclasses (`config.host.timeout`,
+`dataclasses.replace` work as with the standard library) whose types and constraints pydantic checks
+when a file is read *and* when code builds one. A bad file fails at start with `ConfigError`, which
+lists every problem at once, each naming its key, and for a value from the environment the variable:
+
+    host.timeout: Input should be a valid number [got 'soon'] (from GATEWAY_HOST__TIMEOUT)
+    terminals[1].terminal_id: duplicate of terminals[0] (10000001)
+
+How to add a key (the whole recipe; no parse code to write):
+
+1. Add a field to its section class with a type alias below (`Seconds`, `Count`, `Text`, `Flag`, ...)
+   or `Literal[...]` for a choice, and a default:  `frame_deadline: Seconds = 30.0`.
+   Constraints go in the type (`Annotated[int, Strict(), Field(ge=1, le=99)]`); a value that needs
+   converting first gets a `BeforeValidator` (see `_EndpointField`, `_OptionalPath`). Mark a secret
+   with `field(default=None, metadata=SECRET)` so `gateway config show` masks it.
+2. A new section: a class with the same `@dataclass(...)` decorator, then a field on `GatewayConfig` with
+   `field(default_factory=NewSection)`. Unknown keys are refused in every section.
+3. A rule that spans keys (two sections, or a value that depends on another) is a function in
+   `CROSS_CHECKS` returning problems as "key: message" strings.
+4. Document the key in examples/gateway.toml; tests/test_config.py has a table of bad values and the
+   key each must name: add yours.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 from gateway.store.group_commit import MAX_COMMIT_DELAY
 
@@ -20,105 +45,182 @@ T = TypeVar("T")
 
 
 class ConfigError(Exception):
-    """A configuration value that is missing, of the wrong type or out of range."""
+    """Configuration values that are missing, of the wrong type or out of range: one line per problem."""
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = (problems,) if isinstance(problems, str) else tuple(problems)
+        super().__init__("\n".join(self.problems))
 
 
-@dataclass(frozen=True, slots=True)
+# --- value types ------------------------------------------------------------------------------------
+
+
+def _split_endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    port_no = int(port)
+    if not 0 <= port_no <= 65535:
+        raise ValueError(f"port {port_no} out of range")
+    return host.strip("[]"), port_no
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
     port: int
 
     @classmethod
     def parse(cls, text: str, key: str) -> Endpoint:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
-        port_no = int(port)
-        if not 0 <= port_no <= 65535:
-            raise ConfigError(f"{key}: port {port_no} out of range")
-        return cls(host.strip("[]"), port_no)
+        try:
+            return cls(*_split_endpoint(text))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+def _to_endpoint(value: object) -> object:
+    return Endpoint(*_split_endpoint(value)) if isinstance(value, str) else value
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+def _endpoint_or_none(value: object) -> object:
+    return None if value == "" else _to_endpoint(value)
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+#: strict: TOML gives real types, so "soon" for a number or true for a count is a mistake, not a hint
+Seconds = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]  #: > 0
+NonNegativeSeconds = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[int, Strict(), Field(gt=0)]  #: >= 1
+NonNegative = Annotated[int, Strict(), Field(ge=0)]
+Text = Annotated[str, Strict()]
+Flag = Annotated[bool, Strict()]
+_EndpointField = Annotated[Endpoint, BeforeValidator(_to_endpoint)]
+_OptionalEndpoint = Annotated[Endpoint | None, BeforeValidator(_endpoint_or_none)]  #: "" turns it off
+_OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
+_OptionalText = Annotated[str | None, Strict(), BeforeValidator(_empty_is_none)]
+Framing = Literal["len2", "ascii4", "cup"]
+
+#: field metadata of a secret: `gateway config show` prints it masked
+SECRET: Mapping[str, bool] = {"secret": True}
+
+#: every section: frozen, slots, unknown keys refused
+_STRICT_KEYS = ConfigDict(extra="forbid")
+
+
+# --- sections ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class TerminalSideConfig:
-    listen: Endpoint = Endpoint("127.0.0.1", 5000)
-    dialect: str = "cup-pos"
-    framing: str = "cup"
-    max_connections: int = 1000
-    max_frame: int = 8192
-    idle_timeout: float = 300.0
-    write_timeout: float = 5.0
-    max_in_flight_per_connection: int = 64
+    listen: _EndpointField = Endpoint("127.0.0.1", 5000)
+    #: the codec reads any dialect file, but the flow translation is written for this pair
+    dialect: Literal["cup-pos"] = "cup-pos"
+    framing: Framing = "cup"
+    max_connections: Count = 1000
+    max_frame: Count = 8192
+    idle_timeout: Seconds = 300.0
+    write_timeout: Seconds = 5.0
+    max_in_flight_per_connection: Count = 64
 
 
-@dataclass(frozen=True, slots=True)
+MatchKeyPart = Literal["mti_class", "stan", "terminal"]
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class HostConfig:
-    address: Endpoint = Endpoint("127.0.0.1", 6000)
-    dialect: str = "iso87-ascii"
-    framing: str = "len2"
-    max_frame: int = 8192
-    timeout: float = 10.0
-    connect_timeout: float = 5.0
-    echo_interval: float = 30.0
-    reconnect_min: float = 0.2
-    reconnect_max: float = 30.0
-    acquirer_id: str = "00000001234"
-    forwarding_id: str = "00000000000"
+    address: _EndpointField = Endpoint("127.0.0.1", 6000)
+    dialect: Literal["iso87-ascii"] = "iso87-ascii"
+    framing: Framing = "len2"
+    max_frame: Count = 8192
+    timeout: Seconds = 10.0
+    connect_timeout: Seconds = 5.0
+    echo_interval: Seconds = 30.0
+    reconnect_min: Seconds = 0.2
+    reconnect_max: Seconds = 30.0
+    acquirer_id: Text = "00000001234"
+    forwarding_id: Text = "00000000000"
     #: request/response pairing, like jPOS QMUX's key: "stan" plus any of "mti_class", "terminal"
-    match_key: tuple[str, ...] = ("mti_class", "stan", "terminal")
-    key_exchange: bool = True
+    match_key: tuple[MatchKeyPart, ...] = ("mti_class", "stan", "terminal")
+    key_exchange: Flag = True
+
+    @field_validator("match_key")
+    @classmethod
+    def _needs_stan(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "stan" not in value:
+            raise ValueError("must include stan")
+        return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class SecurityConfig:
-    keystore: Path | None = None  #: None: keys live in memory only (demo, tests)
-    lmk_file: Path | None = None  #: else the LMK comes from GATEWAY_LMK
-    terminal_mac: str = "cup-ecb"
-    key_mode: str = "004"
-    zmk: str | None = None  #: hex; only for the demo and tests, a real deployment imports it with `gateway keys`
+    keystore: _OptionalPath = None  #: None: keys live in memory only (demo, tests)
+    lmk_file: _OptionalPath = None  #: else the LMK comes from GATEWAY_LMK
+    terminal_mac: Literal["cup-ecb", "x919"] = "cup-ecb"
+    key_mode: Literal["001", "003", "004"] = "004"
+    #: hex; only for the demo and tests, a real deployment imports it with `gateway keys`
+    zmk: _OptionalText = field(default=None, metadata=SECRET)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class StoreConfig:
     path: Path = Path("var/journal.db")
-    synchronous: str = "FULL"
+    synchronous: Annotated[Literal["FULL", "NORMAL", "OFF"], BeforeValidator(_upper)] = "FULL"
     #: seconds the first write of a batch waits for others to share its commit (0: none); see group_commit
-    commit_delay: float = 0.002
-    pan_hash_key_hex: str | None = None  #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
+    commit_delay: Annotated[float, Strict(), Field(ge=0, le=MAX_COMMIT_DELAY, allow_inf_nan=False)] = 0.002
+    #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
+    pan_hash_key_hex: _OptionalText = field(default=None, metadata=SECRET)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class ReversalConfig:
-    max_attempts: int = 6
-    backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-    poll_interval: float = 0.5
-    unknown_original_rc: str = "25"  #: answer to a terminal reversal whose original we never saw
-    original_wait: float = 15.0  #: how long a terminal reversal waits for its in-flight original
+    max_attempts: Count = 6
+    backoff: Annotated[tuple[NonNegativeSeconds, ...], Field(min_length=1)] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+    poll_interval: Seconds = 0.5
+    unknown_original_rc: Literal["00", "25"] = "25"  #: answer to a terminal reversal whose original we never saw
+    original_wait: NonNegativeSeconds = 15.0  #: how long a terminal reversal waits for its in-flight original
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class LimitsConfig:
-    per_transaction: int = 5_000_000  #: minor units
-    per_day: int = 50_000_000  #: per terminal, minor units, purchases
+    per_transaction: NonNegative = 5_000_000  #: minor units
+    per_day: NonNegative = 50_000_000  #: per terminal, minor units, purchases
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class AdminConfig:
-    listen: Endpoint | None = Endpoint("127.0.0.1", 9100)
-    metrics: bool = True
+    listen: _OptionalEndpoint = Endpoint("127.0.0.1", 9100)
+    metrics: Flag = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TraceConfig:
+    """Recording both legs to a trace (gateway.trace): off unless `path` is set."""
+
+    path: _OptionalPath = None
+    max_bytes: Count = 64 * 1024 * 1024  #: per file; the live file rotates to path.1, path.2, ...
+    max_files: Count = 8  #: files kept in all (disk used: at most max_bytes × max_files)
+    max_pending: Count = 8 * 1024 * 1024  #: bytes waiting for the writer before records are dropped
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class TerminalEntry:
-    terminal_id: str
-    merchant_id: str
-    tmk: str | None = None  #: hex; demo/tests only. Production TMKs are imported with `gateway keys`.
+    terminal_id: Annotated[str, Strict(), Field(min_length=8, max_length=8)]
+    merchant_id: Annotated[str, Strict(), Field(min_length=15, max_length=15)]
+    #: hex; demo/tests only. Production TMKs are imported with `gateway keys`.
+    tmk: _OptionalText = field(default=None, metadata=SECRET)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class GatewayConfig:
     terminal_side: TerminalSideConfig = field(default_factory=TerminalSideConfig)
     host: HostConfig = field(default_factory=HostConfig)
@@ -128,7 +230,16 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     terminals: tuple[TerminalEntry, ...] = ()
+    trace: TraceConfig = field(default_factory=TraceConfig)
     _by_id: dict[str, TerminalEntry] = field(init=False, repr=False, compare=False)
+
+    @field_validator("terminals")
+    @classmethod
+    def _unique_terminals(cls, value: tuple[TerminalEntry, ...]) -> tuple[TerminalEntry, ...]:
+        duplicates = duplicate_terminals([entry.terminal_id for entry in value])
+        if duplicates:
+            raise ValueError("; ".join(duplicates))
+        return value
 
     def __post_init__(self) -> None:
         # looked up on every message: a dict, built once
@@ -138,230 +249,170 @@ class GatewayConfig:
         return self._by_id.get(terminal_id)
 
 
-# --- reading ---------------------------------------------------------------------------------------
+def duplicate_terminals(terminal_ids: Sequence[object]) -> list[str]:
+    """One line per repeated terminal id: two entries would share (and fight over) one TMK."""
+    first: dict[object, int] = {}
+    duplicates = []
+    for i, tid in enumerate(terminal_ids):
+        if tid in first:
+            duplicates.append(f"duplicate terminal_id {tid}: terminals[{i}] repeats terminals[{first[tid]}]")
+        first.setdefault(tid, i)
+    return duplicates
 
 
-def _get(table: Mapping[str, Any], key: str, path: str, kind: type[T], default: T) -> T:
-    if key not in table:
-        return default
-    value = table[key]
-    full = f"{path}.{key}" if path else key
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is int and isinstance(value, bool):
-        raise ConfigError(f"{full}: expected an integer, got a boolean")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{full}: expected {_kind_name(kind)}, got {type(value).__name__}")
-    if kind in (int, float) and value < 0:  # type: ignore[operator]
-        raise ConfigError(f"{full}: must not be negative")
-    return value  # type: ignore[return-value]
+# --- rules across keys ------------------------------------------------------------------------------
 
 
-def _kind_name(kind: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(kind, kind.__name__)
-
-
-def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = doc.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a table")
-    return value
-
-
-def _check_unknown(table: Mapping[str, Any], path: str, known: set[str]) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{path}.{key}: unknown key")
-
-
-def _positive(section: object, path: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        if getattr(section, name) <= 0:
-            raise ConfigError(f"{path}.{name}: must be positive")
-
-
-def _endpoint(table: Mapping[str, Any], key: str, path: str, default: Endpoint) -> Endpoint:
-    text = _get(table, key, path, str, "")
-    return Endpoint.parse(text, f"{path}.{key}") if text else default
-
-
-def parse_config(doc: Mapping[str, Any]) -> GatewayConfig:
-    """Turn a parsed TOML document into a `GatewayConfig`, naming the key of any bad value."""
-    known_tables = {"terminal_side", "host", "security", "store", "reversal", "limits", "admin", "terminals"}
-    for key in doc:
-        if key not in known_tables:
-            raise ConfigError(f"{key}: unknown section")
-
-    t = _table(doc, "terminal_side")
-    d = TerminalSideConfig()
-    _check_unknown(t, "terminal_side", {f for f in TerminalSideConfig.__slots__})  # type: ignore[attr-defined]
-    terminal_side = TerminalSideConfig(
-        listen=_endpoint(t, "listen", "terminal_side", d.listen),
-        dialect=_get(t, "dialect", "terminal_side", str, d.dialect),
-        framing=_get(t, "framing", "terminal_side", str, d.framing),
-        max_connections=_get(t, "max_connections", "terminal_side", int, d.max_connections),
-        max_frame=_get(t, "max_frame", "terminal_side", int, d.max_frame),
-        idle_timeout=_get(t, "idle_timeout", "terminal_side", float, d.idle_timeout),
-        write_timeout=_get(t, "write_timeout", "terminal_side", float, d.write_timeout),
-        max_in_flight_per_connection=_get(
-            t, "max_in_flight_per_connection", "terminal_side", int, d.max_in_flight_per_connection
-        ),
-    )
-
-    # the codec reads any dialect file, but the flow translation is written for this pair
-    if terminal_side.dialect != "cup-pos":
-        raise ConfigError("terminal_side.dialect: only cup-pos terminals are supported by the flows")
-    _positive(terminal_side, "terminal_side", ("max_connections", "max_frame", "idle_timeout", "write_timeout",
-                                               "max_in_flight_per_connection"))
-
-    h = _table(doc, "host")
-    hd = HostConfig()
-    _check_unknown(h, "host", set(HostConfig.__slots__))  # type: ignore[attr-defined]
-    match_key = h.get("match_key", list(hd.match_key))
-    if not isinstance(match_key, list) or "stan" not in match_key or not all(
-        k in {"mti_class", "stan", "terminal"} for k in match_key
-    ):
-        raise ConfigError("host.match_key: expected a list of mti_class/stan/terminal that includes stan")
-    host = HostConfig(
-        address=_endpoint(h, "address", "host", hd.address),
-        dialect=_get(h, "dialect", "host", str, hd.dialect),
-        framing=_get(h, "framing", "host", str, hd.framing),
-        max_frame=_get(h, "max_frame", "host", int, hd.max_frame),
-        timeout=_get(h, "timeout", "host", float, hd.timeout),
-        connect_timeout=_get(h, "connect_timeout", "host", float, hd.connect_timeout),
-        echo_interval=_get(h, "echo_interval", "host", float, hd.echo_interval),
-        reconnect_min=_get(h, "reconnect_min", "host", float, hd.reconnect_min),
-        reconnect_max=_get(h, "reconnect_max", "host", float, hd.reconnect_max),
-        acquirer_id=_get(h, "acquirer_id", "host", str, hd.acquirer_id),
-        forwarding_id=_get(h, "forwarding_id", "host", str, hd.forwarding_id),
-        match_key=tuple(match_key),
-        key_exchange=_get(h, "key_exchange", "host", bool, hd.key_exchange),
-    )
-    if host.dialect != "iso87-ascii":
-        raise ConfigError("host.dialect: only an iso87-ascii host is supported by the flows")
-    _positive(host, "host", ("timeout", "connect_timeout", "echo_interval", "reconnect_min", "reconnect_max",
-                              "max_frame"))
-
-    s = _table(doc, "security")
-    sd = SecurityConfig()
-    _check_unknown(s, "security", set(SecurityConfig.__slots__))  # type: ignore[attr-defined]
-    keystore = _get(s, "keystore", "security", str, "")
-    lmk_file = _get(s, "lmk_file", "security", str, "")
-    security = SecurityConfig(
-        keystore=Path(keystore) if keystore else None,
-        lmk_file=Path(lmk_file) if lmk_file else None,
-        terminal_mac=_get(s, "terminal_mac", "security", str, sd.terminal_mac),
-        key_mode=_get(s, "key_mode", "security", str, sd.key_mode),
-        zmk=_get(s, "zmk", "security", str, "") or None,
-    )
-    if security.terminal_mac not in {"cup-ecb", "x919"}:
-        raise ConfigError("security.terminal_mac: expected cup-ecb or x919")
-    if security.key_mode not in {"001", "003", "004"}:
-        raise ConfigError("security.key_mode: expected 001, 003 or 004")
-
-    st = _table(doc, "store")
-    std = StoreConfig()
-    _check_unknown(st, "store", set(StoreConfig.__slots__))  # type: ignore[attr-defined]
-    store = StoreConfig(
-        path=Path(_get(st, "path", "store", str, str(std.path))),
-        synchronous=_get(st, "synchronous", "store", str, std.synchronous).upper(),
-        commit_delay=_get(st, "commit_delay", "store", float, std.commit_delay),
-        pan_hash_key_hex=_get(st, "pan_hash_key_hex", "store", str, "") or None,
-    )
-    if store.synchronous not in {"FULL", "NORMAL", "OFF"}:
-        raise ConfigError("store.synchronous: expected FULL, NORMAL or OFF")
-    if not store.commit_delay <= MAX_COMMIT_DELAY:  # also refuses nan
-        raise ConfigError(f"store.commit_delay: at most {MAX_COMMIT_DELAY} seconds")
-
-    r = _table(doc, "reversal")
-    rd = ReversalConfig()
-    _check_unknown(r, "reversal", set(ReversalConfig.__slots__))  # type: ignore[attr-defined]
-    backoff = r.get("backoff", list(rd.backoff))
-    if not isinstance(backoff, list) or not backoff or not all(
-        isinstance(b, int | float) and b >= 0 for b in backoff
-    ):
-        raise ConfigError("reversal.backoff: expected a non-empty list of seconds")
-    reversal = ReversalConfig(
-        max_attempts=_get(r, "max_attempts", "reversal", int, rd.max_attempts),
-        backoff=tuple(float(b) for b in backoff),
-        poll_interval=_get(r, "poll_interval", "reversal", float, rd.poll_interval),
-        unknown_original_rc=_get(r, "unknown_original_rc", "reversal", str, rd.unknown_original_rc),
-        original_wait=_get(r, "original_wait", "reversal", float, rd.original_wait),
-    )
-    if reversal.unknown_original_rc not in {"00", "25"}:
-        raise ConfigError("reversal.unknown_original_rc: expected 00 or 25")
-    if reversal.max_attempts < 1:
-        raise ConfigError("reversal.max_attempts: must be at least 1")
-    _positive(reversal, "reversal", ("poll_interval",))
-    if reversal.original_wait < host.timeout:
+def _original_wait_covers_host_timeout(config: GatewayConfig) -> str | None:
+    if config.reversal.original_wait < config.host.timeout:
         # a terminal reversal must wait out its original's host exchange, or its 0400 could overtake it
-        raise ConfigError("reversal.original_wait: must be at least host.timeout")
+        return "reversal.original_wait: must be at least host.timeout"
+    return None
 
-    lim = _table(doc, "limits")
-    ld = LimitsConfig()
-    _check_unknown(lim, "limits", set(LimitsConfig.__slots__))  # type: ignore[attr-defined]
-    limits = LimitsConfig(
-        per_transaction=_get(lim, "per_transaction", "limits", int, ld.per_transaction),
-        per_day=_get(lim, "per_day", "limits", int, ld.per_day),
-    )
 
-    a = _table(doc, "admin")
-    _check_unknown(a, "admin", set(AdminConfig.__slots__))  # type: ignore[attr-defined]
-    admin_listen = _get(a, "listen", "admin", str, "127.0.0.1:9100")
-    admin = AdminConfig(
-        listen=Endpoint.parse(admin_listen, "admin.listen") if admin_listen else None,
-        metrics=_get(a, "metrics", "admin", bool, True),
-    )
+CROSS_CHECKS: tuple[Callable[[GatewayConfig], str | None], ...] = (_original_wait_covers_host_timeout,)
 
-    terminals_raw = doc.get("terminals", [])
-    if not isinstance(terminals_raw, list):
+
+# --- reading ----------------------------------------------------------------------------------------
+
+_ADAPTER: TypeAdapter[GatewayConfig] = TypeAdapter(GatewayConfig)
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _problem(error: Any, sources: Mapping[str, str]) -> str:
+    key = _key(tuple(error["loc"]))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "unexpected_keyword_argument":
+        message = "unknown key" if "." in key or "[" in key else "unknown section"
+    elif error["type"] not in ("missing", "value_error") and "input" in error:
+        message += f" [got {error['input']!r}]"
+    source = sources.get(key)
+    return f"{key}: {message}" + (f" (from {source})" if source else "")
+
+
+def parse_config(doc: Mapping[str, Any], *, sources: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Turn a parsed TOML document into a `GatewayConfig`. `ConfigError` lists every bad value by its
+    key; `sources` maps keys ("host.timeout") to the environment variable that set them."""
+    sources = sources or {}
+    if "terminals" in doc and not isinstance(doc["terminals"], list):
         raise ConfigError("terminals: expected an array of tables ([[terminals]])")
-    terminals = []
-    for i, entry in enumerate(terminals_raw):
-        path = f"terminals[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: expected a table")
-        _check_unknown(entry, path, {"terminal_id", "merchant_id", "tmk"})
-        tid = _get(entry, "terminal_id", path, str, "")
-        mid = _get(entry, "merchant_id", path, str, "")
-        if len(tid) != 8:
-            raise ConfigError(f"{path}.terminal_id: expected 8 characters")
-        if len(mid) != 15:
-            raise ConfigError(f"{path}.merchant_id: expected 15 characters")
-        terminals.append(TerminalEntry(tid, mid, _get(entry, "tmk", path, str, "") or None))
-
-    return GatewayConfig(terminal_side, host, security, store, reversal, limits, admin, tuple(terminals))
+    try:
+        config = _ADAPTER.validate_python(doc)
+    except ValidationError as exc:
+        problems = [_problem(error, sources) for error in exc.errors()]
+        # the model checks duplicates only once every entry is valid: name them now, with the rest
+        raw_ids = [e.get("terminal_id") for e in doc.get("terminals", ()) if isinstance(e, dict)]
+        problems += [f"terminals: {line}" for line in duplicate_terminals(raw_ids)
+                     if f"terminals: {line}" not in problems]
+        raise ConfigError(problems) from None
+    problems = [problem for check in CROSS_CHECKS if (problem := check(config))]
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 #: environment overrides: GATEWAY_<SECTION>__<KEY>=value (values parsed as TOML scalars when they can be)
 ENV_PREFIX = "GATEWAY_"
 
 
-def _env_overrides(doc: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _section_class(name: str) -> type | None:
+    hint = typing.get_type_hints(GatewayConfig).get(name)
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def _wants_text(hint: Any) -> bool:
+    """Whether a field takes text (so an environment value stays the string it is: "004", "1234")."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return all(isinstance(arg, str) for arg in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(_wants_text(arg) for arg in typing.get_args(hint) if arg is not type(None))
+    return hint in (str, Path, Endpoint)
+
+
+def _env_value(section_name: str, key: str, raw: str) -> object:
+    cls = _section_class(section_name)
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'"
+    if cls is not None and _wants_text(typing.get_type_hints(cls).get(key)) and not quoted:
+        return raw
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string such as an address; the type check names it if it is not one
+
+
+def env_overrides(doc: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The document with GATEWAY_<SECTION>__<KEY> values applied, and which key each variable set."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
-    for name, raw in environ.items():
+    sources: dict[str, str] = {}
+    problems = []
+    for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare string such as an address
-        table = merged.setdefault(section, {})
+        section_name, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        table = merged.setdefault(section_name, {})
         if not isinstance(table, dict):
-            raise ConfigError(f"{name}: {section} is not a table")
-        table[key] = value
-    return merged
+            problems.append(f"{section_name}: not a table, cannot be set from {name}")
+            continue
+        table[key] = _env_value(section_name, key, raw)
+        sources[f"{section_name}.{key}"] = name
+        sources.setdefault(section_name, name)  # an unknown section is named by its first variable
+    if problems:
+        raise ConfigError(problems)
+    return merged, sources
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Read the TOML file (or only defaults when `path` is None) and apply environment overrides."""
-    doc: dict[str, Any] = {}
-    if path is not None:
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(_env_overrides(doc, os.environ if environ is None else environ))
+    doc = read_config_file(path) if path is not None else {}
+    merged, sources = env_overrides(doc, os.environ if environ is None else environ)
+    return parse_config(merged, sources=sources)
+
+
+# --- showing ----------------------------------------------------------------------------------------
+
+MASK = "********"
+
+
+def to_document(config: object, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """The config as a TOML-ready document (what `gateway config show` prints): endpoints as HOST:PORT,
+    paths as text, unset values as "" (which reads back as unset), secrets that are set masked."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        if not f.init:
+            continue
+        value = _plain(getattr(config, f.name), mask_secrets)
+        if value is None:
+            out[f.name] = ""  # every optional key reads "" as unset
+        else:
+            out[f.name] = MASK if mask_secrets and f.metadata.get("secret") else value
+    return out
+
+
+def _plain(value: object, mask_secrets: bool) -> Any:
+    if isinstance(value, Endpoint | Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_document(value, mask_secrets=mask_secrets)
+    if isinstance(value, tuple | list):
+        return [_plain(v, mask_secrets) for v in value]
+    return value

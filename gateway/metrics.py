@@ -116,6 +116,8 @@ _UNLABELLED: Final[tuple[tuple[str, type, str, str, tuple[float, ...] | None], .
     ("saf_depth", Gauge, "saf_depth", "Reversals waiting in the store-and-forward queue", None),
     ("mac_failures", Counter, "mac_failures", "Messages whose MAC did not verify (terminal or host)", None),
     ("pin_failures", Counter, "pin_failures", "PIN blocks that could not be translated", None),
+    ("trace_dropped", Counter, "trace_records_dropped",
+     "Trace records dropped because the trace recorder fell behind or its writer died", None),
     ("end_to_end", Histogram, "end_to_end_latency_seconds",
      "Terminal request in to answer out", LATENCY_BUCKETS),
     ("upstream", Histogram, "upstream_latency_seconds",
@@ -169,6 +171,7 @@ class Metrics:
     saf_depth: GaugeLike
     mac_failures: CounterLike
     pin_failures: CounterLike
+    trace_dropped: CounterLike
     end_to_end: HistogramLike
     upstream: HistogramLike
     journal_commit: HistogramLike

@@ -35,6 +35,7 @@ from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import TxnRecord
 from gateway.store.sqlite import SqliteStore
+from gateway.trace.recorder import open_recorder
 
 log = logging.getLogger("gateway")
 
@@ -68,9 +69,10 @@ class RunningGateway:
     recovered: int  #: reversals queued at start for requests whose outcome was unknown
 
 
-def pan_hash_key(config: GatewayConfig) -> bytes:
+def pan_hash_key(config: GatewayConfig, *, create: bool = True) -> bytes:
     """The key of the journal's PAN fingerprints: env, config, or a key file kept next to the journal
-    (created once, owner-only), so fingerprints stay comparable across restarts."""
+    (created once, owner-only), so fingerprints stay comparable across restarts. `create=False` (the
+    operator's card lookup) refuses to make one up: a new key would match nothing."""
     text = os.environ.get(PAN_KEY_ENV) or config.store.pan_hash_key_hex
     if text:
         try:
@@ -80,6 +82,9 @@ def pan_hash_key(config: GatewayConfig) -> bytes:
     key_file = config.store.path.with_name(config.store.path.name + ".pankey")
     if key_file.exists():
         return bytes.fromhex(key_file.read_text().strip())
+    if not create:
+        raise ConfigError(f"no PAN fingerprint key: {key_file} is missing and neither {PAN_KEY_ENV} nor "
+                          "store.pan_hash_key_hex is set (the gateway creates the file when it first starts)")
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -116,6 +121,8 @@ async def run_gateway(
         saf = SafSender(config.reversal, store, link, metrics, config.host.acquirer_id, config.host.forwarding_id)
         service = GatewayService(config, security, store, link, saf, metrics)
         link.on_unmatched = service.on_unmatched_host_answer
+        recorder = await open_recorder(config, metrics, tg)  # None unless [trace] path is set
+        link.tap = service.tap = recorder
         recovered = await service.recover()
         link.stans = resume_host_stans(await store.list_transactions(limit=1))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
@@ -123,6 +130,7 @@ async def run_gateway(
         await tg.start(link.run)
         await tg.start(saf.run)
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
+        server.tap = recorder
         terminal_port = await tg.start(server.serve)
         admin_port = None
         if config.admin.listen is not None:
@@ -157,7 +165,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(Path(args.config) if args.config else None)
     except ConfigError as exc:
-        print(f"gateway: bad configuration: {exc}", flush=True)
+        for problem in exc.problems:
+            print(f"gateway: bad configuration: {problem}", flush=True)
         return 2
     logging.getLogger("gateway").setLevel(logging.INFO)
     try:

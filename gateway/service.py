@@ -30,7 +30,7 @@ from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
 from gateway.iso.framing import Frame
 from gateway.iso.message import Message
-from gateway.iso.mti import is_request
+from gateway.iso.mti import is_request, match_class
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import FlowSpec, UnsupportedFlow, identify, validate
 from gateway.iso.validate import flow as flow_spec
@@ -43,6 +43,8 @@ from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict
 from gateway.store.records import TxnRecord, TxnState
+from gateway.trace.format import Direction, EventKind, Leg, format_match_key
+from gateway.trace.tap import Tap
 
 log = logging.getLogger("gateway.flow")
 
@@ -86,6 +88,7 @@ class GatewayService:
         self.in_flight: dict[tuple[str, str, str], anyio.Event] = {}
         self._rrn_seq = 0
         self.journal_healthy = True
+        self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
 
     # --- start-up ----------------------------------------------------------------------------------
 
@@ -192,7 +195,13 @@ class GatewayService:
             await conn.send(body, envelope)
         except Undeliverable as exc:
             log.warning("answer %s to terminal %s not delivered: %s", msg.mti, msg.get("41"), exc)
+            if self.tap is not None:
+                self.tap.event(Leg.TERMINAL, conn, EventKind.UNDELIVERED, format_match_key(
+                    {"class": match_class(msg.mti), "11": msg.fields.get("11", ""),
+                     "41": msg.fields.get("41", ""), "39": msg.fields.get("39", "")}))
             return False
+        if self.tap is not None:
+            self.tap.frame(Leg.TERMINAL, Direction.OUT, conn, body, envelope)
         self.metrics.message("terminal_out", msg.mti, msg.fields.get("39", "")).inc()
         return True
 

@@ -91,6 +91,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"reversal": {"backoff": []}}, "reversal.backoff"),
         ({"reversal": {"unknown_original_rc": "12"}}, "reversal.unknown_original_rc"),
         ({"limits": {"per_day": -1}}, "limits.per_day"),
+        ({"trace": {"max_files": 0}}, "trace.max_files"),
+        ({"trace": {"max_bytes": "big"}}, "trace.max_bytes"),
         ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
         ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
         ({"store": {"commit_delay": float("nan")}}, "store.commit_delay"),
@@ -122,3 +124,89 @@ def test_the_example_config_parses() -> None:
     assert cfg.terminals[0].terminal_id == "10000001"
     assert cfg.store.synchronous == "FULL"
     assert cfg.store.commit_delay == 0.002
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    doc = {
+        "host": {"timeout": "soon", "address": "nocolon", "timout": 1},
+        "security": {"key_mode": "002"},
+        "hots": {},
+        "terminals": [{"terminal_id": "123", "merchant_id": "898100012340001"}],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    keys = [problem.split(":")[0] for problem in err.value.problems]
+    assert sorted(keys) == ["host.address", "host.timeout", "host.timout", "hots", "security.key_mode",
+                            "terminals[0].terminal_id"]
+    assert "host.timeout: Input should be a valid number [got 'soon']" in err.value.problems
+    assert "host.timout: unknown key" in err.value.problems
+    assert str(err.value).count("\n") == len(keys) - 1
+
+
+def test_an_environment_value_names_its_variable(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(FULL)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={"GATEWAY_HOST__TIMEOUT": "soon", "GATEWAY_LIMITS__PER_DAY": "-5",
+                                   "GATEWAY_HOTS__X": "1"})
+    assert err.value.problems == (
+        "host.timeout: Input should be a valid number [got 'soon'] (from GATEWAY_HOST__TIMEOUT)",
+        "limits.per_day: Input should be greater than or equal to 0 [got -5] (from GATEWAY_LIMITS__PER_DAY)",
+        "hots: unknown section (from GATEWAY_HOTS__X)",
+    )
+
+
+def test_environment_text_stays_text() -> None:
+    # "004" is not a TOML number and 1234 is one; both must arrive as the text the variable holds
+    cfg = load_config(None, environ={"GATEWAY_SECURITY__KEY_MODE": "003", "GATEWAY_HOST__ACQUIRER_ID": "1234",
+                                     "GATEWAY_ADMIN__LISTEN": '""', "GATEWAY_TERMINAL_SIDE__LISTEN": "[::1]:5001",
+                                     "GATEWAY_HOST__KEY_EXCHANGE": "false", "GATEWAY_LMK": "not a config key"})
+    assert cfg.security.key_mode == "003"
+    assert cfg.host.acquirer_id == "1234"
+    assert cfg.admin.listen is None
+    assert cfg.terminal_side.listen == Endpoint("::1", 5001)
+    assert cfg.host.key_exchange is False
+
+
+def test_duplicate_terminals_are_refused_with_the_rest() -> None:
+    entry = {"terminal_id": "10000001", "merchant_id": "898100012340001"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"terminals": [entry, {"terminal_id": "10000002", "merchant_id": "1"}, dict(entry)]})
+    assert err.value.problems == (
+        "terminals[1].merchant_id: String should have at least 15 characters [got '1']",
+        "terminals: duplicate terminal_id 10000001: terminals[2] repeats terminals[0]",
+    )
+    with pytest.raises(ConfigError, match=r"^terminals: duplicate terminal_id 10000001"):
+        parse_config({"terminals": [entry, dict(entry)]})
+
+
+def test_sections_check_values_when_code_builds_them_too() -> None:
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from gateway.config import HostConfig
+
+    host = HostConfig(timeout=3)
+    assert host.timeout == 3.0
+    assert dataclasses.replace(host, timeout=4.5).timeout == 4.5
+    with pytest.raises(ValidationError):
+        HostConfig(timeout=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        host.timeout = 1.0  # type: ignore[misc]
+
+
+def test_the_document_masks_secrets_and_reads_back() -> None:
+    from gateway.config import MASK, to_document
+
+    doc = {"security": {"zmk": "0123456789ABCDEFFEDCBA9876543210"}, "store": {"pan_hash_key_hex": "11" * 32},
+           "admin": {"listen": ""},
+           "terminals": [{"terminal_id": "10000001", "merchant_id": "898100012340001", "tmk": "AB" * 16}]}
+    cfg = parse_config(doc)
+    shown = to_document(cfg)
+    assert shown["security"]["zmk"] == MASK
+    assert shown["store"]["pan_hash_key_hex"] == MASK
+    assert shown["terminals"][0]["tmk"] == MASK
+    assert shown["security"]["keystore"] == ""
+    assert "AB" * 16 not in repr(shown) and "0123456789ABCDEF" not in repr(shown)
+    assert parse_config(to_document(cfg, mask_secrets=False)) == cfg

@@ -1,13 +1,17 @@
 """`gateway decode` and `gateway encode`: look at and build messages by hand.
 
     gateway decode --dialect cup-pos --framing cup 0047600003000060310031073002003020...
+    gateway decode --dialect cup-pos --framing cup --text --file capture.hex
     echo '{"mti": "0800", "fields": {"11": "000001", ...}}' | gateway encode --dialect iso87-ascii -
+    gateway encode --dialect iso87-ascii --file message.json
 
 `decode` prints JSON: dialect, envelope (the CUP TPDU/header broken out, or null), mti, fields
-(masked: PAN 6+4, track/PIN/ICC/key fields as their length only) and subfields (composite fields
-broken out by `gateway.iso.subfields`). `encode` reads the same shape (mti + fields, plus
-envelope.tpdu / envelope.header for cup framing) and prints the frame as hex. Because decode masks
-secrets, its output re-encodes only after the real values are filled in.
+(masked: PAN 6+4, track/PIN/ICC/key fields as their length only), names (each present field's name
+from the dialect file's `desc`) and subfields (composite fields broken out by
+`gateway.iso.subfields`); `--text` prints the same as a table for people. `encode` reads the same
+shape (mti + fields, plus envelope.tpdu / envelope.header for cup framing; other keys are ignored)
+and prints the frame as hex. Because decode masks secrets, its output re-encodes only after the real
+values are filled in.
 
 Bad input exits with status 2 and one line on stderr that names the field and offset.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from gateway.iso.codec import Codec
@@ -36,12 +41,16 @@ class InputError(Exception):
 def register(subparsers: argparse._SubParsersAction) -> None:
     dec = subparsers.add_parser("decode", help="decode a message (hex) to JSON, secrets masked")
     _common(dec)
-    dec.add_argument("data", metavar="HEX", help="message bytes as hex (whitespace ignored), or - for stdin")
+    dec.add_argument("data", metavar="HEX", nargs="?",
+                     help="message bytes as hex (whitespace ignored), or - for stdin")
+    dec.add_argument("--file", metavar="PATH", help="read the hex from this file instead")
+    dec.add_argument("--text", action="store_true", help="a table with field names, for people (default JSON)")
     dec.set_defaults(func=decode_command)
 
     enc = subparsers.add_parser("encode", help="encode a JSON message (as printed by decode) to hex")
     _common(enc)
-    enc.add_argument("data", metavar="JSON", help='{"mti": ..., "fields": {...}}, or - for stdin')
+    enc.add_argument("data", metavar="JSON", nargs="?", help='{"mti": ..., "fields": {...}}, or - for stdin')
+    enc.add_argument("--file", metavar="PATH", help="read the JSON from this file instead")
     enc.set_defaults(func=encode_command)
 
 
@@ -57,7 +66,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(data: str) -> str:
+def _read(data: str | None, file: str | None = None) -> str:
+    if file is not None:
+        if data is not None:
+            raise InputError("give the input or --file, not both")
+        try:
+            return Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}") from None
+    if data is None:
+        raise InputError("no input: give it as an argument, - for stdin, or --file PATH")
     return sys.stdin.read() if data == "-" else data
 
 
@@ -79,12 +97,33 @@ def _parse_hex(text: str) -> bytes:
 def decode_command(args: argparse.Namespace) -> int:
     try:
         dialect = load_dialect(args.dialect)
-        raw = _parse_hex(_read(args.data))
+        raw = _parse_hex(_read(args.data, getattr(args, "file", None)))
         result = decode_to_json(dialect, raw, args.framing)
     except (InputError, IsoError) as exc:
         return _fail("decode", str(exc))
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    if getattr(args, "text", False):
+        print(render_text(result))
+    else:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    """`decode --text`: one line per field (number, name, value) and its sub-fields indented below."""
+    lines = [f"{doc['dialect']} {doc['mti']}"]
+    envelope = doc.get("envelope")
+    if envelope:
+        lines.append("  envelope " + "  ".join(f"{k} {v}" for k, v in envelope.items()))
+    names: dict[str, str] = doc.get("names", {})
+    subfields: dict[str, dict[str, str]] = doc.get("subfields", {})
+    width = min(max((len(str(v)) for v in doc["fields"].values()), default=0), 40)
+    for field, value in doc["fields"].items():
+        lines.append(f"  {field:>3}  {value!s:<{width}}  {names.get(field, '')}".rstrip())
+        parts = subfields.get(field, {})
+        part_width = max((len(name) for name in parts), default=0)
+        for name, part in parts.items():
+            lines.append(f"         {name:<{part_width}}  {part}")
+    return "\n".join(lines)
 
 
 def decode_to_json(dialect: Dialect, raw: bytes, framing: str) -> dict[str, Any]:
@@ -117,6 +156,7 @@ def decode_to_json(dialect: Dialect, raw: bytes, framing: str) -> dict[str, Any]
         "envelope": envelope.as_dict() if envelope is not None else None,
         "mti": msg.mti,
         "fields": masked,
+        "names": {f: str(dialect.spec.get(f, {}).get("desc", "")) for f in masked},
     }
     subfields = _subfields(dialect, msg)
     if subfields is not None:
@@ -136,7 +176,7 @@ def _subfields(dialect: Dialect, msg: Message) -> dict[str, dict[str, str]] | No
 def encode_command(args: argparse.Namespace) -> int:
     try:
         dialect = load_dialect(args.dialect)
-        frame = encode_from_json(dialect, _read(args.data), args.framing)
+        frame = encode_from_json(dialect, _read(args.data, getattr(args, "file", None)), args.framing)
     except (InputError, IsoError) as exc:
         return _fail("encode", str(exc))
     print(frame.hex().upper())

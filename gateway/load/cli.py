@@ -6,9 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from gateway.load.config import LoadConfig, parse_mix
+from gateway.load.config import DEFAULT_OPEN_LOOP_SESSIONS, LoadConfig, parse_mix
 from gateway.load.driver import LoadError, driver_names
 from gateway.load.processes import run_load_processes
+from gateway.sim.keyfile import KeyFileError, LabKeys, read_test_keys
 
 DEFAULT_DURATION = 10.0
 
@@ -44,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--seed", type=int, help="seed for the kind mix (repeatable runs)")
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
                    help="event loop of the load processes (asyncio uses uvloop)")
+    p.add_argument("--keys", metavar="FILE",
+                   help="cup driver: the TEST KEYS file of `gateway init` (registered terminals and their "
+                        "TMKs); open-loop sessions default to its terminals (at most 64)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="driver option, repeatable (echo: size=BYTES)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
@@ -67,6 +71,9 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     duration = args.duration
     if duration is None and args.count is None:
         duration = DEFAULT_DURATION
+    sessions = args.sessions
+    if sessions is None and args.concurrency is None and getattr(args, "keys", None):
+        sessions = min(DEFAULT_OPEN_LOOP_SESSIONS, len(_test_keys(args.keys).terminals)) or None
     return LoadConfig(
         rate=args.rate,
         concurrency=args.concurrency,
@@ -74,10 +81,17 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         count=args.count,
         warmup=args.warmup,
         mix=parse_mix(args.mix),
-        sessions=args.sessions,
+        sessions=sessions,
         request_timeout=args.timeout,
         seed=args.seed,
     )
+
+
+def _test_keys(path: str) -> LabKeys:
+    try:
+        return read_test_keys(path)
+    except KeyFileError as exc:
+        raise LoadError(str(exc)) from None
 
 
 def driver_options(args: argparse.Namespace) -> dict[str, Any]:

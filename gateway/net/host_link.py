@@ -49,6 +49,8 @@ from gateway.iso.stan import StanAllocator
 from gateway.metrics import CounterLike, Metrics
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
+from gateway.trace.format import Direction, EventKind, Leg, format_match_key
+from gateway.trace.tap import Tap
 
 log = logging.getLogger("gateway.host")
 
@@ -178,6 +180,7 @@ class HostLink:
         self._last_rx = 0.0
         self._signed_on = anyio.Event()
         self.reconnects = 0
+        self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
         #: field 7 of the current second (formatting it costs more than everything else in `allocate`)
 
     # --- public API --------------------------------------------------------------------------------
@@ -261,6 +264,8 @@ class HostLink:
             try:
                 async with anyio.create_task_group() as tg:
                     conn = self._conn = _Connection(stream, tg.cancel_scope)
+                    if self.tap is not None:
+                        self.tap.opened(Leg.HOST, conn, str(self.config.address))
                     self._last_rx = anyio.current_time()
                     self._set_state(LinkState.UP)
                     tg.start_soon(self._read_loop, stream, tg.cancel_scope)
@@ -272,6 +277,8 @@ class HostLink:
                     log.info("host link signed on to %s", self.config.address)
                     tg.start_soon(self._echo_loop, tg.cancel_scope)
             finally:
+                if self.tap is not None and self._conn is not None:
+                    self.tap.closed(Leg.HOST, self._conn)
                 # its writer is gone: nothing more may be queued on it (run() settles what is pending)
                 self._conn = None
 
@@ -353,13 +360,16 @@ class HostLink:
         if key in pending:
             raise HostNotSent("duplicate match key in flight")  # STAN space exhausted within one timeout
         try:
-            frame = self.framer.encode(self._encode(msg))
+            body = self._encode(msg)
+            frame = self.framer.encode(body)
         except (IsoError, SecurityError) as exc:
             raise HostNotSent(f"request cannot be encoded: {exc}") from None
         slot = _Pending(key, frame, self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")), timeout)
         pending[key] = slot
         self._add_deadline(conn, slot, anyio.current_time() + timeout)
         conn.submit(slot)
+        if self.tap is not None:
+            self.tap.frame(Leg.HOST, Direction.OUT, conn, body)
         try:
             await slot.event.wait()
         finally:
@@ -416,6 +426,10 @@ class HostLink:
         slot.done = True
         if self._pending.get(slot.key) is slot:
             del self._pending[slot.key]  # from now on its answer is unmatched
+        if self.tap is not None:
+            parts = {"class" if p is None else p: v for p, v in zip(self._key_parts, slot.key, strict=False)}
+            sent = "" if slot.state != _QUEUED else " sent=no"
+            self.tap.event(Leg.HOST, self._conn, EventKind.TIMEOUT, format_match_key(parts) + sent)
         stalled = False
         if slot.state == _QUEUED:
             slot.state = _WITHDRAWN  # the writer skips it: never written
@@ -458,10 +472,13 @@ class HostLink:
 
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         decoder = self.framer.decoder()
+        conn = self._conn
         try:
             async for chunk in stream:
                 self._last_rx = anyio.current_time()
                 for frame in decoder.feed(chunk):
+                    if self.tap is not None:
+                        self.tap.frame(Leg.HOST, Direction.IN, conn, frame.body, frame.envelope)
                     unmatched = self._on_frame(frame.body)
                     if unmatched is not None and self._late_answers is not None:
                         try:
@@ -531,10 +548,13 @@ class HostLink:
         if conn is None:
             return
         try:
-            frame = self.framer.encode(self.codec.encode(answer))
+            body = self.codec.encode(answer)
+            frame = self.framer.encode(body)
         except IsoError as exc:
             log.warning("cannot answer host request %s: %s", msg.mti, exc)
             return
+        if self.tap is not None:
+            self.tap.frame(Leg.HOST, Direction.OUT, conn, body)
         conn.submit(frame)  # through the writer like every other write, so frames never interleave
 
 

@@ -35,6 +35,8 @@ from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
 from gateway.metrics import Metrics
+from gateway.trace.format import Direction, EventKind, Leg
+from gateway.trace.tap import Tap
 
 log = logging.getLogger("gateway.terminal")
 
@@ -324,6 +326,7 @@ class TerminalServer:
         self.active = 0
         self.port: int | None = None
         self._watched: set[_Watched] = set()
+        self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
@@ -386,10 +389,14 @@ class TerminalServer:
         conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer)
         watched = _Watched(conn)
         self._watched.add(watched)
+        if self.tap is not None:
+            self.tap.opened(Leg.TERMINAL, conn, peer)
         try:
             async with stream:
                 await self._serve_connection(stream, watched)
         finally:
+            if self.tap is not None:
+                self.tap.closed(Leg.TERMINAL, conn)
             self._watched.discard(watched)
             self.active -= 1
             self.metrics.terminal_connections.dec()
@@ -430,10 +437,14 @@ class TerminalServer:
             try:
                 frames = decoder.feed(chunk)
             except FramingError as exc:
+                if self.tap is not None:
+                    self.tap.event(Leg.TERMINAL, conn, EventKind.UNDECODABLE, str(exc))
                 self.metrics.decode_error(exc.kind).inc()
                 log.warning("bad frame from %s (%s): closing the connection", conn.peer, exc)
                 return
             for frame in frames:
+                if self.tap is not None:
+                    self.tap.frame(Leg.TERMINAL, Direction.IN, conn, frame.body, frame.envelope)
                 if workers.full:
                     await workers.wait_for_a_free_worker()
                 workers.dispatch(frame if admit is None else admit(frame))

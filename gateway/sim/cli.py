@@ -1,13 +1,18 @@
 """`gateway sim-host` and `gateway sim-terminal`: the simulators from the command line.
 
-    gateway sim-host --listen 127.0.0.1:6000 [--config rules.toml] [--zmk HEX]
+    gateway sim-host --listen 127.0.0.1:6000 [--config rules.toml] [--keys test-keys.toml | --zmk HEX]
+    gateway sim-terminal --target 127.0.0.1:5000 --keys test-keys.toml [--terminal-id ID] [--count N]
     gateway sim-terminal --target 127.0.0.1:5000 --terminal-id T0000001 --tmk HEX [--count N]
+
+`--keys` reads the TEST KEYS file `gateway init` writes (gateway.sim.keyfile): the host simulator's
+ZMK, the terminal's id, merchant id and TMK, so they match what the gateway has registered.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 import sys
 from typing import Any
 
@@ -19,9 +24,11 @@ from gateway.security.algorithms import parse_hex_key
 from gateway.security.errors import SecurityError
 from gateway.sim.host import HostSimConfig, HostSimulator, parse_zmk
 from gateway.sim.host_rules import SimConfigError
+from gateway.sim.keyfile import KeyFileError, read_test_keys
 from gateway.sim.terminal import Card, TerminalError, TerminalSimulator
 
 DEFAULT_TMK = "0123456789ABCDEFFEDCBA9876543210"
+DEFAULT_MERCHANT = "123456789012345"
 DEFAULT_PAN = "6222020000000015"
 
 
@@ -29,17 +36,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     host = subparsers.add_parser("sim-host", help="run the host simulator (ISO 8583:1987 acquirer host)")
     host.add_argument("--listen", default="127.0.0.1:6000", help="HOST:PORT to listen on (port 0: any)")
     host.add_argument("--config", help="TOML file: rules, card ranges, balances, PINs, faults, dialect")
-    host.add_argument("--zmk", help="zone master key shared with the gateway, 32 hex characters")
+    zmk = host.add_mutually_exclusive_group()
+    zmk.add_argument("--keys", metavar="FILE", help="the TEST KEYS file of `gateway init` (its ZMK)")
+    zmk.add_argument("--zmk", help="zone master key shared with the gateway, 32 hex characters")
     host.add_argument("--dialect", help="host dialect (default iso87-ascii)")
     host.add_argument("--framing", choices=("len2", "ascii4", "cup"), help="length framing (default len2)")
     host.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     host.set_defaults(func=run_host)
 
     term = subparsers.add_parser("sim-terminal", help="sign a simulated CUP terminal in and run purchases")
-    term.add_argument("--target", required=True, help="the gateway's terminal port, HOST:PORT")
-    term.add_argument("--terminal-id", required=True, help="field 41, 8 characters")
-    term.add_argument("--merchant-id", default="123456789012345", help="field 42, 15 characters")
-    term.add_argument("--tmk", default=DEFAULT_TMK, help="the terminal's master key, hex (default: demo key)")
+    term.add_argument("--target", default="127.0.0.1:5000",
+                      help="the gateway's terminal port, HOST:PORT (default %(default)s)")
+    term.add_argument("--keys", metavar="FILE",
+                      help="the TEST KEYS file of `gateway init`: terminal id, merchant id and TMK from it")
+    term.add_argument("--terminal-id", help="field 41, 8 characters (with --keys: default its first terminal)")
+    term.add_argument("--merchant-id", help="field 42, 15 characters (default: from --keys, else 123456789012345)")
+    term.add_argument("--tmk", help="the terminal's master key, hex (default: from --keys, else the demo key)")
+    term.add_argument("--batch", help="batch number (60.2) to start in, 6 digits (default: random, so a "
+                                      "rerun's STANs are not duplicates of the last run's)")
     term.add_argument("--count", type=int, default=3, help="purchases to run (default 3)")
     term.add_argument("--amount", type=int, default=100, help="amount in minor units (default 100)")
     term.add_argument("--pan", default=DEFAULT_PAN, help="test card number")
@@ -64,6 +78,8 @@ def run_host(args: argparse.Namespace) -> int:
         listen = Endpoint.parse(args.listen, "--listen")
         config = HostSimConfig.from_toml(args.config) if args.config else HostSimConfig()
         changes: dict[str, Any] = {}
+        if args.keys:
+            changes["zmk"] = read_test_keys(args.keys).zmk
         if args.zmk:
             changes["zmk"] = parse_zmk(args.zmk)
         if args.dialect:
@@ -73,7 +89,7 @@ def run_host(args: argparse.Namespace) -> int:
         if changes:
             config = HostSimConfig(**{**_fields(config), **changes})
         sim = HostSimulator(config)
-    except (ConfigError, SimConfigError) as exc:
+    except (ConfigError, SimConfigError, KeyFileError) as exc:
         return _fail(str(exc))
 
     async def main() -> None:
@@ -91,29 +107,45 @@ def _fields(config: HostSimConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in HostSimConfig.__dataclass_fields__}
 
 
+def _terminal_identity(args: argparse.Namespace) -> tuple[str, str, bytes]:
+    """Terminal id, merchant id and TMK: from the options, else the test-keys file, else the demo's."""
+    terminal_id, merchant_id, tmk_text = args.terminal_id, args.merchant_id, args.tmk
+    tmk = parse_hex_key(tmk_text, "TMK") if tmk_text else None
+    if args.keys:
+        entry = read_test_keys(args.keys).terminal(terminal_id)
+        terminal_id, merchant_id = entry.terminal_id, merchant_id or entry.merchant_id
+        tmk = tmk or entry.tmk
+    if terminal_id is None:
+        raise KeyFileError("--terminal-id is needed without --keys")
+    return terminal_id, merchant_id or DEFAULT_MERCHANT, tmk or parse_hex_key(DEFAULT_TMK, "TMK")
+
+
 def run_terminal(args: argparse.Namespace) -> int:
     try:
         target = Endpoint.parse(args.target, "--target")
-        tmk = parse_hex_key(args.tmk, "TMK")
-    except (ConfigError, SecurityError) as exc:
+        terminal_id, merchant_id, tmk = _terminal_identity(args)
+    except (ConfigError, SecurityError, KeyFileError) as exc:
         return _fail(str(exc))
-    if len(args.terminal_id) != 8:
+    if len(terminal_id) != 8:
         return _fail("--terminal-id: expected 8 characters")
-    if len(args.merchant_id) != 15:
+    if len(merchant_id) != 15:
         return _fail("--merchant-id: expected 15 characters")
     if args.count < 0:
         return _fail("--count: must not be negative")
+    batch = args.batch or f"{secrets.randbelow(999_999) + 1:06d}"
+    if len(batch) != 6 or not batch.isdigit():
+        return _fail("--batch: expected 6 digits")
     card = Card(args.pan, pin=args.pin)
 
     async def main() -> int:
         terminal = TerminalSimulator(
-            target.host, target.port, args.terminal_id, args.merchant_id, tmk,
-            timeout=args.timeout, key_mode=args.key_mode,
+            target.host, target.port, terminal_id, merchant_id, tmk,
+            timeout=args.timeout, key_mode=args.key_mode, batch=batch,
         )
         failures = 0
         async with terminal:
             signed = await terminal.sign_in()
-            print(f"signed in {args.terminal_id} batch {terminal.batch} rc {signed.rc}", flush=True)
+            print(f"signed in {terminal_id} batch {terminal.batch} rc {signed.rc}", flush=True)
             for _ in range(args.count):
                 result = await terminal.purchase(args.amount, card)
                 rc = result.rc or "--"

@@ -5,7 +5,11 @@ keys installed and checked), and `request(kind)` runs one transaction with a fix
 
     purchase · refund · balance · void (a purchase, then its void: the void's code) · echo · settle
 
-Options (`gateway load --driver cup --target HOST:PORT -o KEY=VALUE ...`):
+Options (`gateway load --driver cup --target HOST:PORT [--keys FILE] -o KEY=VALUE ...`):
+    --keys FILE   the TEST KEYS file of `gateway init`: sessions are its terminals (id, merchant id,
+                  TMK), split between worker processes; tmk / terminal_id / merchant_id are then unused.
+                  More sessions than terminals is refused (two sessions of one terminal would undo
+                  each other's sign-in).
     tmk           terminal master key, hex (default: the demo key 0123456789ABCDEFFEDCBA9876543210)
     terminal_id   the first terminal id (8 characters); session n uses the id with its digits + n
                   (default LT000001). A `worker_index` option offsets the numbering by 10000 per worker
@@ -27,12 +31,13 @@ Importing this module registers the driver.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from gateway.load.driver import LoadError, parse_target, register_driver
 from gateway.security.algorithms import parse_hex_key
 from gateway.security.errors import SecurityError
+from gateway.sim.keyfile import KeyFileError, LabTerminal, read_test_keys
 from gateway.sim.terminal import Card, Entry, SignInError, TerminalSimulator, TxnResult
 
 DEMO_TMK: Final = "0123456789ABCDEFFEDCBA9876543210"
@@ -127,11 +132,14 @@ class CupDriver:
         key_mode: str = "004",
         timeout: float = 10.0,
         worker_index: int = 0,
+        terminals: Sequence[LabTerminal] = (),
     ) -> None:
         self.host = host
         self.port = port
         self._tmk = tmk
         self._ids = terminal_ids(first_terminal, worker_index * WORKER_STRIDE)
+        #: registered terminals (from a test-keys file), taken in turn; a replaced session reuses one
+        self._registered = itertools.cycle(terminals) if terminals else None
         self.merchant_id = merchant_id
         self.card = card or Card(DEFAULT_PAN)
         self.amount = amount
@@ -143,12 +151,17 @@ class CupDriver:
         return f"CupDriver({self.host}:{self.port}, card={self.card!r}, amount={self.amount})"
 
     async def connect(self) -> CupSession:
+        if self._registered is not None:
+            entry = next(self._registered)
+            terminal_id, merchant_id, tmk = entry.terminal_id, entry.merchant_id, entry.tmk
+        else:
+            terminal_id, merchant_id, tmk = next(self._ids), self.merchant_id, self._tmk
         terminal = TerminalSimulator(
             self.host,
             self.port,
-            next(self._ids),
-            self.merchant_id,
-            self._tmk,
+            terminal_id,
+            merchant_id,
+            tmk,
             timeout=self.timeout,
             key_mode=self.key_mode,
         )
@@ -194,7 +207,26 @@ def cup_driver_factory(options: Mapping[str, Any]) -> CupDriver:
         key_mode=key_mode,
         timeout=timeout,
         worker_index=_int_option(options, "worker_index", 0),
+        terminals=_registered_terminals(options),
     )
+
+
+def _registered_terminals(options: Mapping[str, Any]) -> tuple[LabTerminal, ...]:
+    """This worker's share of the test-keys file's terminals (worker k of K takes every K-th)."""
+    path = options.get("keys")
+    if not path:
+        return ()
+    try:
+        terminals = read_test_keys(str(path)).terminals
+    except KeyFileError as exc:
+        raise LoadError(str(exc)) from None
+    # unset: `gateway load` has defaulted the sessions to the file's terminals
+    sessions = options.get("concurrency") or options.get("sessions") or 0
+    if int(sessions) > len(terminals):
+        raise LoadError(f"{sessions} sessions but {path} has {len(terminals)} terminals: use --sessions "
+                        f"{len(terminals)} or fewer, or `gateway init --terminals N`")
+    index, count = _int_option(options, "worker_index", 0), _int_option(options, "worker_count", 1)
+    return terminals[index::count]
 
 
 def _int_option(options: Mapping[str, Any], key: str, default: int) -> int:

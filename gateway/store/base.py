@@ -23,9 +23,12 @@ from gateway.store.records import (
     LateAnswer,
     LateRecorded,
     QueuedReversal,
+    Refusal,
+    RefusalRecord,
     ReversalInitiator,
     SafEntry,
     SafState,
+    TxnQuery,
     TxnRecord,
     TxnRequest,
     TxnState,
@@ -143,9 +146,36 @@ class Store(Protocol):
         `reversal_queued`, its `reversal_rc` cleared): the host booked the original after all."""
         ...
 
+    def record_refusal_soon(self, rec: RefusalRecord, *, on_error: Callable[[BaseException], None]) -> None:
+        """Journal a request the gateway refused itself (no money state). Nothing waits for it: it joins
+        the next commit, as `record_outcome_soon` does; a failure goes to `on_error`. The store keeps at
+        most `max_refusals` (the oldest are deleted), so a flood cannot fill the disk."""
+        ...
+
     # --- journal reads -----------------------------------------------------------------------------
 
     async def get(self, txn_id: int) -> TxnRecord | None: ...
+
+    async def search(self, query: TxnQuery, *, limit: int = 100) -> list[TxnRecord]:
+        """Operator lookups (RRN, STAN, amount, card fingerprint, time range, ...), newest first."""
+        ...
+
+    async def refusals(
+        self,
+        *,
+        terminal_id: str | None = None,
+        pan_fingerprint: str | None = None,
+        rc: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[Refusal]:
+        """Journalled refusals, newest first; `since`/`until` bound `refused_at` (`until` exclusive)."""
+        ...
+
+    async def saf_for_txn(self, txn_id: int) -> SafEntry | None:
+        """The reversal queued for a transaction, if any (its history: attempts, errors, outcome)."""
+        ...
 
     async def find_original(self, terminal_id: str, batch: str, stan: str) -> TxnRecord | None:
         """The financial request (not a terminal reversal) with that terminal id, batch and STAN."""

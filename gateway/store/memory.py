@@ -9,6 +9,7 @@ a cancelled call a call that did nothing.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -20,6 +21,7 @@ from gateway.iso.totals import SettlementTotals
 from gateway.store.base import NullObserver, StoreObserver
 from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, NotReversible, StateConflict, StoreError
 from gateway.store.records import (
+    DEFAULT_MAX_REFUSALS,
     MISSING_SAF,
     ONLY_PARKED,
     OPEN_SAF_STATES,
@@ -32,10 +34,13 @@ from gateway.store.records import (
     LateAnswer,
     LateRecorded,
     QueuedReversal,
+    Refusal,
+    RefusalRecord,
     ReversalInitiator,
     SafEntry,
     SafState,
     TxnKind,
+    TxnQuery,
     TxnRecord,
     TxnRequest,
     TxnState,
@@ -63,9 +68,12 @@ class MemoryStore:
         observer: StoreObserver | None = None,
         pan_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
+        max_refusals: int = DEFAULT_MAX_REFUSALS,
     ) -> None:
         if pan_key is not None:
             pan_fingerprint(pan_key, "0000000000000000")  # checks the key's length now
+        self._refusals: deque[Refusal] = deque(maxlen=check_limit(max_refusals))
+        self._refusal_seq = 0
         self._observer: StoreObserver = observer or NullObserver()
         self._pan_key = pan_key
         self._clock = clock
@@ -230,12 +238,46 @@ class MemoryStore:
         ))
         return LateRecorded(late_id, reopened)
 
+    def record_refusal_soon(self, rec: RefusalRecord, *, on_error: Callable[[BaseException], None]) -> None:
+        """Applied at once (memory has no commit to share)."""
+        if not isinstance(rec, RefusalRecord) or isinstance(rec, Refusal):
+            raise InvalidRecord("expected a RefusalRecord", field="record")
+        self._refusal_seq += 1
+        self._refusals.append(Refusal(**{c: getattr(rec, c) for c in rec.__dataclass_fields__},
+                                      refusal_id=self._refusal_seq, refused_at=self._clock()))
+
     # --- journal reads -----------------------------------------------------------------------------
 
     async def get(self, txn_id: int) -> TxnRecord | None:
         check_id(txn_id, "txn_id")
         await anyio.lowlevel.checkpoint()
         return self._txns.get(txn_id)
+
+    async def search(self, query: TxnQuery, *, limit: int = 100) -> list[TxnRecord]:
+        check_limit(limit)
+        await anyio.lowlevel.checkpoint()
+        return [r for r in reversed(self._txns.values()) if query.matches(r)][:limit]
+
+    async def refusals(
+        self, *, terminal_id: str | None = None, pan_fingerprint: str | None = None, rc: str | None = None,
+        since: float | None = None, until: float | None = None, limit: int = 100,
+    ) -> list[Refusal]:
+        check_limit(limit)
+        await anyio.lowlevel.checkpoint()
+        found = [
+            r for r in reversed(self._refusals)
+            if (terminal_id is None or r.terminal_id == terminal_id)
+            and (pan_fingerprint is None or r.pan_fingerprint == pan_fingerprint)
+            and (rc is None or r.rc == rc) and (since is None or r.refused_at >= since)
+            and (until is None or r.refused_at < until)
+        ]
+        return found[:limit]
+
+    async def saf_for_txn(self, txn_id: int) -> SafEntry | None:
+        check_id(txn_id, "txn_id")
+        await anyio.lowlevel.checkpoint()
+        saf_id = self._saf_by_txn.get(txn_id)
+        return None if saf_id is None else self._entry(self._saf[saf_id])
 
     async def find_original(self, terminal_id: str, batch: str, stan: str) -> TxnRecord | None:
         await anyio.lowlevel.checkpoint()

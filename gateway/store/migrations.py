@@ -128,6 +128,32 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         "late approvals that reopen a reversal answered 25",
         ("ALTER TABLE txn ADD COLUMN late_approved_at REAL",),
     ),
+    Migration(
+        4,
+        "refusals the gateway decided itself; lookups by terminal STAN and authorisation code",
+        (
+            """
+            CREATE TABLE refusal (
+                refusal_id INTEGER PRIMARY KEY,
+                terminal_id TEXT NOT NULL,
+                mti TEXT NOT NULL,
+                rc TEXT,
+                reason TEXT NOT NULL,
+                merchant_id TEXT,
+                batch TEXT,
+                stan TEXT,
+                kind TEXT,
+                amount INTEGER,
+                pan_masked TEXT NOT NULL,
+                pan_fingerprint TEXT NOT NULL,
+                refused_at REAL NOT NULL
+            )
+            """,
+            "CREATE INDEX refusal_terminal ON refusal (terminal_id, refusal_id)",
+            "CREATE INDEX refusal_fingerprint ON refusal (pan_fingerprint) WHERE pan_fingerprint <> ''",
+            "CREATE INDEX txn_auth_code ON txn (auth_code) WHERE auth_code IS NOT NULL",
+        ),
+    ),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1].version

@@ -469,6 +469,117 @@ class LateAnswer:
 LATE_COLUMNS: Final = tuple(LateAnswer.__dataclass_fields__)
 
 
+# --- refusals --------------------------------------------------------------------------------------
+
+#: the journal keeps at most this many refusals by default: the oldest go first, so a flood of garbage
+#: from a terminal (or an attacker) cannot fill the disk
+DEFAULT_MAX_REFUSALS: Final = 100_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefusalRecord:
+    """A request the gateway refused itself, before any money moved (A0, 77, 97, 03, 61, 94, 30, 40,
+    91, 96 …): kept so an operator can say why a merchant's refund "shows system error". No money
+    state; the PAN only masked and as a fingerprint. Values that came from the terminal are clipped
+    and checked for shape, never trusted."""
+
+    terminal_id: str  #: field 41 as sent (maybe unregistered), at most 16 printable characters
+    mti: str  #: the request's MTI
+    rc: str  #: the code the terminal got
+    reason: str  #: why, in words (clipped, PAN-like digit runs masked)
+    merchant_id: str | None = None
+    batch: str | None = None
+    stan: str | None = None
+    kind: str | None = None  #: the flow (purchase, refund, ...) when it was identified
+    amount: int | None = None
+    pan_masked: str = ""
+    pan_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        # what the terminal sent is kept as well as it can be shown, never refused: a refusal of garbage
+        # must be recorded too
+        for name, limit in _TERMINAL_TEXT_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, printable(value, limit))
+        check_rc(self.rc)
+        object.__setattr__(self, "reason", clip_text(self.reason, "reason", required=True))
+        _text(self.kind, 0, 20, "kind", optional=True)
+        if self.amount is not None and (
+            isinstance(self.amount, bool) or not isinstance(self.amount, int) or not 0 <= self.amount < 10**12
+        ):
+            raise InvalidRecord("expected a non-negative integer amount", field="amount")
+        check_masked_pan(self.pan_masked)
+        check_fingerprint(self.pan_fingerprint)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal(RefusalRecord):
+    """A journalled refusal."""
+
+    refusal_id: int
+    refused_at: float
+
+    def __post_init__(self) -> None:
+        pass  # validated when it was journalled
+
+
+_TERMINAL_TEXT_LIMITS: Final = {"terminal_id": 16, "mti": 4, "merchant_id": 15, "batch": 6, "stan": 6}
+
+
+def printable(value: object, limit: int) -> str:
+    """A value from the wire as a short printable text: other characters become '?', clipped to
+    `limit`, and a run of 13+ digits (a PAN where it does not belong) masked 6+4."""
+    text = value if isinstance(value, str) else repr(value)
+    shown = "".join(c if c.isprintable() else "?" for c in text[: limit * 4])
+    return _PAN_LIKE.sub(lambda m: mask_pan(m.group()), shown)[:limit]
+
+
+REFUSAL_RECORD_COLUMNS: Final = tuple(RefusalRecord.__dataclass_fields__)
+REFUSAL_COLUMNS: Final = tuple(Refusal.__dataclass_fields__)
+
+
+# --- operator lookups ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TxnQuery:
+    """What an operator looks a transaction up by (`Store.search`); every given filter must match.
+    `since`/`until` bound `created_at` (epoch seconds, `until` exclusive). The card is searched by its
+    fingerprint: the operator types the PAN, the store never sees it."""
+
+    terminal_id: str | None = None
+    batch: str | None = None
+    terminal_stan: str | None = None
+    host_stan: str | None = None
+    rrn: str | None = None
+    auth_code: str | None = None
+    amount: int | None = None
+    kind: TxnKind | None = None
+    state: TxnState | None = None
+    pan_fingerprint: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, rec: TxnRecord) -> bool:
+        """The same filter in Python (the memory backend; a check for the SQL ones)."""
+        for name in _EQUALITY_FILTERS:
+            wanted = getattr(self, name)
+            if wanted is not None and getattr(rec, name) != wanted:
+                return False
+        if self.since is not None and rec.created_at < self.since:
+            return False
+        return self.until is None or rec.created_at < self.until
+
+    def equalities(self) -> dict[str, object]:
+        """column → value for every equality filter that is given (the SQL backends' WHERE)."""
+        return {name: getattr(self, name) for name in _EQUALITY_FILTERS if getattr(self, name) is not None}
+
+
+_EQUALITY_FILTERS: Final = ("terminal_id", "batch", "terminal_stan", "host_stan", "rrn", "auth_code", "amount",
+                            "kind", "state", "pan_fingerprint")
+
+
 # --- settlement ------------------------------------------------------------------------------------
 
 

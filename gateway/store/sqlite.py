@@ -46,12 +46,15 @@ from gateway.store.group_commit import DEFAULT_MAX_BATCH, GroupCommitter, Write
 from gateway.store.records import (
     CREDIT_KINDS,
     DEBIT_KINDS,
+    DEFAULT_MAX_REFUSALS,
     LATE_COLUMNS,
     MISSING_SAF,
     ONLY_PARKED,
     OPEN_SAF_STATES,
     OUTCOME_STATES,
     RC_LATE_APPROVAL,
+    REFUSAL_COLUMNS,
+    REFUSAL_RECORD_COLUMNS,
     REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
     REVERSAL_STATES,
@@ -61,10 +64,13 @@ from gateway.store.records import (
     LateAnswer,
     LateRecorded,
     QueuedReversal,
+    Refusal,
+    RefusalRecord,
     ReversalInitiator,
     SafEntry,
     SafState,
     TxnKind,
+    TxnQuery,
     TxnRecord,
     TxnRequest,
     TxnState,
@@ -109,6 +115,11 @@ _RECORD_OUTCOME: Final = {
     f" WHERE txn_id = ? AND state IN ({', '.join(repr(str(s)) for s in outcome_sources(state))})"
     for state in OUTCOME_STATES
 }
+_INSERT_REFUSAL: Final = (
+    f"INSERT INTO refusal ({', '.join(REFUSAL_RECORD_COLUMNS)}, refused_at)"
+    f" VALUES ({', '.join('?' * (len(REFUSAL_RECORD_COLUMNS) + 1))})"
+)
+_refusal_values: Final = operator.attrgetter(*REFUSAL_RECORD_COLUMNS)
 _OPEN_SAF: Final = f"state IN ({', '.join(repr(str(s)) for s in OPEN_SAF_STATES)})"
 _SETTLED_KINDS: Final = ", ".join(repr(str(k)) for k in sorted(DEBIT_KINDS | CREDIT_KINDS))
 
@@ -379,6 +390,13 @@ def _count_open_saf(conn: sqlite3.Connection) -> int:
     return int(conn.execute(f"SELECT count(*) FROM saf WHERE {_OPEN_SAF}").fetchone()[0])
 
 
+def _op_record_refusal(conn: sqlite3.Connection, values: tuple[object, ...], keep: int) -> None:
+    refusal_id = conn.execute(_INSERT_REFUSAL, values).lastrowid
+    if refusal_id is not None and refusal_id > keep:
+        # the primary key grows by one per refusal: everything older than the newest `keep` goes
+        conn.execute("DELETE FROM refusal WHERE refusal_id <= ?", (refusal_id - keep,))
+
+
 #: writes that change the SAF queue: the depth is re-counted after their commit
 _SAF_OPS: Final[frozenset[Callable[..., object]]] = frozenset(
     {_op_queue_reversal, _op_mark_attempt, _op_ack, _op_park, _op_retry, _op_drop, _op_record_late_answer}
@@ -409,6 +427,7 @@ class SqliteStore:
         max_batch: int = DEFAULT_MAX_BATCH,
         commit_delay: float = 0.0,
         clock: Callable[[], float] = time.time,
+        max_refusals: int = DEFAULT_MAX_REFUSALS,
     ) -> None:
         mode = str(synchronous).upper()
         if mode not in SYNC_MODES:
@@ -421,6 +440,7 @@ class SqliteStore:
         self._pan_key = pan_key
         self._busy_timeout = busy_timeout
         self._clock = clock
+        self._max_refusals = check_limit(max_refusals)
         self._committer: GroupCommitter[sqlite3.Connection] = GroupCommitter(
             self._apply_batch, observer=self._observer, max_batch=max_batch, after_batch=self._after_batch,
             commit_delay=commit_delay,
@@ -641,11 +661,45 @@ class SqliteStore:
             amount, self._clock(),
         )
 
+    def record_refusal_soon(self, rec: RefusalRecord, *, on_error: Callable[[BaseException], None]) -> None:
+        if not isinstance(rec, RefusalRecord) or isinstance(rec, Refusal):
+            raise InvalidRecord("expected a RefusalRecord", field="record")
+        self._committer.submit_soon(_op_record_refusal, (*_refusal_values(rec), self._clock()),
+                                    self._max_refusals, on_error=on_error)
+
     # --- journal reads -----------------------------------------------------------------------------
 
     async def get(self, txn_id: int) -> TxnRecord | None:
         check_id(txn_id, "txn_id")
         return await self._read(lambda c: _one_txn(c, "txn_id = ?", (txn_id,)))
+
+    async def search(self, query: TxnQuery, *, limit: int = 100) -> list[TxnRecord]:
+        check_limit(limit)
+        where, params = _and("1 = 1", [], **query.equalities())
+        where, params = _between(where, params, "created_at", query.since, query.until)
+        return await self._read(lambda c: _txns(c, f"{where} ORDER BY txn_id DESC LIMIT ?", (*params, limit)))
+
+    async def refusals(
+        self, *, terminal_id: str | None = None, pan_fingerprint: str | None = None, rc: str | None = None,
+        since: float | None = None, until: float | None = None, limit: int = 100,
+    ) -> list[Refusal]:
+        check_limit(limit)
+        where, params = _and("1 = 1", [], terminal_id=terminal_id, pan_fingerprint=pan_fingerprint, rc=rc)
+        where, params = _between(where, params, "refused_at", since, until)
+
+        def query(conn: sqlite3.Connection) -> list[Refusal]:
+            rows = conn.execute(
+                f"SELECT {', '.join(REFUSAL_COLUMNS)} FROM refusal WHERE {where} ORDER BY refusal_id DESC LIMIT ?",
+                (*params, limit),
+            )
+            return [Refusal(**dict(zip(REFUSAL_COLUMNS, r, strict=True))) for r in rows]
+
+        return await self._read(query)
+
+    async def saf_for_txn(self, txn_id: int) -> SafEntry | None:
+        check_id(txn_id, "txn_id")
+        found = await self._read(lambda c: _safs(c, "s.txn_id = ?", (txn_id,)))
+        return found[0] if found else None
 
     async def find_original(self, terminal_id: str, batch: str, stan: str) -> TxnRecord | None:
         return await self._read(lambda c: _one_txn(
@@ -785,6 +839,18 @@ def _and(base: str, params: list[object], **optional: object) -> tuple[str, list
         if value is not None:
             where += f" AND {column} = ?"
             params.append(value)
+    return where, params
+
+
+def _between(where: str, params: list[object], column: str, since: float | None,
+             until: float | None) -> tuple[str, list[object]]:
+    """`where` plus a half-open time range on `column` (`since` ≤ column < `until`), either end optional."""
+    if since is not None:
+        where += f" AND {column} >= ?"
+        params.append(since)
+    if until is not None:
+        where += f" AND {column} < ?"
+        params.append(until)
     return where, params
 
 

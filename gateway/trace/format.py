@@ -56,8 +56,29 @@ class SecretKind(StrEnum):
 class EventKind(StrEnum):
     CONNECT = "connect"
     CLOSE = "close"  #: `detail` says who closed and why, when known
-    TIMEOUT = "timeout"  #: the SUT gave up waiting for an answer (detail: the request's match key)
+    #: the SUT gave up waiting for an answer; detail: the request's match key as `format_match_key`
+    #: writes it ("class=020 11=000123 41=10000001"), plus " sent=no" when it was never written
+    TIMEOUT = "timeout"
     UNDECODABLE = "undecodable"  #: a frame that did not decode (detail: the error; wire kept only if safe)
+    #: the SUT decided an answer but could not write it (terminal gone, write timeout); detail: MTI,
+    #: STAN, terminal and response code as `format_match_key` writes them (plus "39=..")
+    UNDELIVERED = "undelivered"
+
+
+def format_match_key(parts: dict[str, str]) -> str:
+    """An event's `detail` naming a message: "class=020 11=000123 41=10000001" (class = MTI class, as
+    `gateway.iso.mti.match_class`; field numbers for the rest). Values never hold spaces or secrets."""
+    return " ".join(f"{k}={v.replace(' ', '_')}" for k, v in parts.items())
+
+
+def parse_match_key(detail: str) -> dict[str, str]:
+    """The parts `format_match_key` wrote (unknown words are ignored, so details may carry more)."""
+    out: dict[str, str] = {}
+    for word in detail.split():
+        key, sep, value = word.partition("=")
+        if sep:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +107,9 @@ class FrameRecord:
     wire: str = ""  #: hex of the framed bytes, re-encoded from the surrogate fields
     envelope: dict[str, str] | None = None  #: CUP framing: {"tpdu": hex, "header": hex}
     secrets: dict[str, SecretKind] = field(default_factory=dict)  #: field → how it was replaced
+    #: fields the source had masked or wiped (imports of masked logs): the value is a placeholder of a
+    #: valid form that stands for a value nobody kept; compare such fields as `present`, never `same`
+    masked: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": "frame", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg.value,
@@ -94,6 +118,8 @@ class FrameRecord:
             out["envelope"] = self.envelope
         if self.secrets:
             out["secrets"] = {k: v.value for k, v in self.secrets.items()}
+        if self.masked:
+            out["masked"] = list(self.masked)
         if self.wire:
             out["wire"] = self.wire
         return out
@@ -140,7 +166,8 @@ def parse_line(line: str, lineno: int) -> TraceHeader | Record:
                                dir=Direction(obj["dir"]), conn=str(obj["conn"]), mti=str(obj["mti"]),
                                fields={str(k): v for k, v in fields.items()},
                                wire=str(obj.get("wire", "")), envelope=dict(env) if env is not None else None,
-                               secrets={str(k): SecretKind(v) for k, v in obj.get("secrets", {}).items()})
+                               secrets={str(k): SecretKind(v) for k, v in obj.get("secrets", {}).items()},
+                               masked=tuple(str(k) for k in obj.get("masked", ())))
         if kind == "event":
             return EventRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]), conn=str(obj["conn"]),
                                event=EventKind(obj["event"]), detail=str(obj.get("detail", "")))
