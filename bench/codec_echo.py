@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in results.items():
         summary[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         s = summary[name]
-        print(f"{name:<22} {s['rate']:>9.0f} {s['server_us']:>18.1f} {s['server_busy']:>11.0%} {s['client_busy']:>11.0%}")
+        print(f"{name:<22} {s['rate']:>9.0f} {s['server_us']:>18.1f} {s['server_busy']:>11.0%} "
+              f"{s['client_busy']:>11.0%}")
     floor = summary["raw echo (anyio)"]["server_us"]
     lean = summary["lean echo"]["server_us"]
     codec = summary["codec echo compiled"]["server_us"]

@@ -60,6 +60,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    int ready;               /* set as the last step of a successful __init__: nothing runs before */
     PyObject *pure;          /* the PureCodec with the same dialect and options (delegate, oracle) */
     PyObject *message_type;  /* gateway.iso.message.Message */
     PyObject *error_type;    /* gateway.iso.errors.CodecError */
@@ -1414,7 +1415,7 @@ Codec_init(CodecObject *self, PyObject *args, PyObject *kwargs)
     Py_ssize_t i, pos = 0;
     PyObject *wire, *mti;
 
-    if (self->pure != NULL) {
+    if (self->pure != NULL) { /* once, successful or not: a half-built table is never used */
         PyErr_SetString(PyExc_TypeError, "CompiledCodec is initialised once");
         return -1;
     }
@@ -1500,6 +1501,7 @@ Codec_init(CodecObject *self, PyObject *args, PyObject *kwargs)
         if (!self->fields[f].defined)
             self->bad_secondary |= 1ULL << (128 - f);
     }
+    self->ready = 1;
     return 0;
 }
 
@@ -1525,6 +1527,7 @@ static int
 Codec_clear(CodecObject *self)
 {
     int f;
+    self->ready = 0;
     Py_CLEAR(self->pure);
     Py_CLEAR(self->message_type);
     Py_CLEAR(self->error_type);
@@ -1565,7 +1568,7 @@ Codec_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static PyObject *
 checked(CodecObject *self)
 {
-    if (self->pure == NULL) {
+    if (!self->ready) {
         PyErr_SetString(PyExc_TypeError, "CompiledCodec is not initialised");
         return NULL;
     }
