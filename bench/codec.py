@@ -1,6 +1,6 @@
 """Codec benchmark: the compiled codec, the pure codec and bare pyiso8583 side by side, same run.
 
-    python bench/codec.py [--rounds 31] [--number 200] [--check] [--target 10]
+    python bench/codec.py [--rounds 61] [--turn-ms 15] [--check] [--target 10]
     python bench/codec.py --rss 1000000        # reference-count check: RSS over 1e6 decode+encode
 
 The work measured is one **decode + encode per message**, as a relay or an echo does it: the body is
@@ -12,9 +12,9 @@ worked CUP vectors as hex and a handful of realistic messages (purchase with ICC
 reversal, sign-in, settlement; ISO 8583:1987 with a secondary bitmap) written as pyiso8583 dicts and
 encoded by bare pyiso8583. Figures are µs per message averaged over the set.
 
-The three codecs take turns in every round (the order rotates between rounds), so a burst of load
-from other processes on this shared machine hits all of them alike; the medians over the rounds are
-printed, and the ratios are medians of the per-round ratios.
+The three codecs take turns in every round (the order rotates between rounds; each turn lasts about
+`--turn-ms`), so a burst of load from other processes on this shared machine hits all of them alike;
+the medians over the rounds are printed, and the ratios are medians of the per-round ratios.
 `--check` exits 1 unless the compiled codec is at least `--target` times faster than bare pyiso8583
 for every dialect (the issue 13 target is 10).
 """
@@ -129,7 +129,7 @@ def per_message_us(fn: Callable[[bytes], object], bodies: list[bytes], number: i
     return (time.perf_counter_ns() - start) / (number * len(bodies)) / 1000
 
 
-def bench_dialect(name: str, rounds: int, number: int) -> dict[str, Any]:
+def bench_dialect(name: str, rounds: int, turn_ms: float) -> dict[str, Any]:
     dialect = load_dialect(name)
     compiled = Codec(dialect, implementation="compiled")
     pure = Codec(dialect, implementation="pure")
@@ -150,10 +150,13 @@ def bench_dialect(name: str, rounds: int, number: int) -> dict[str, Any]:
         return iso8583.encode(iso8583.decode(body, spec)[0], spec)
 
     sides: dict[str, Callable[[bytes], object]] = {"compiled": ours(compiled), "pure": ours(pure), "bare": bare}
-    # the pure and bare sides are ~20x slower: fewer repetitions, so each side's turn lasts about as long
-    counts = {"compiled": number, "pure": max(1, number // 15), "bare": max(1, number // 15)}
-    for side, fn in sides.items():  # warm-up
-        per_message_us(fn, bodies, counts[side])
+    # every side's turn lasts about `turn_ms` (a preemption by another process then costs each side
+    # alike): passes over the set per turn from a warm-up measurement
+    counts = {}
+    for side, fn in sides.items():
+        per_message_us(fn, bodies, 3)
+        us = per_message_us(fn, bodies, 5)
+        counts[side] = max(1, round(turn_ms * 1000 / (us * len(bodies))))
     times: dict[str, list[float]] = {side: [] for side in sides}
     order = list(sides)
     for i in range(rounds):
@@ -202,8 +205,8 @@ def _rss_kib() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--number", type=int, default=300, help="passes over the set per compiled turn")
+    parser.add_argument("--rounds", type=int, default=61)
+    parser.add_argument("--turn-ms", type=float, default=15.0, help="length of one side's turn in a round")
     parser.add_argument("--target", type=float, default=10.0, help="min speed-up over bare pyiso8583 for --check")
     parser.add_argument("--check", action="store_true", help="exit 1 if the compiled codec misses the target")
     parser.add_argument("--rss", type=int, metavar="N", help="instead: RSS over N decode+encode (leak check)")
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()  # a collection landing in one side's turn would skew that turn only
     try:
         for name in ("cup-pos", "iso87-ascii"):
-            rows.append(bench_dialect(name, args.rounds, args.number))
+            rows.append(bench_dialect(name, args.rounds, args.turn_ms))
     finally:
         if gc_was_enabled:
             gc.enable()
