@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
+
+from gateway import logs
 
 #: modules that add sub-commands, in help order
 COMMAND_MODULES = (
@@ -40,21 +41,39 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _add_log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-v and --log-format, accepted before and after the sub-command (`gateway serve -vv`). On the
+    sub-commands they default to SUPPRESS, so an option given before the sub-command is not undone."""
+    verbose: dict[str, object] = {"default": 0} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-v", "--verbose", action="count", **verbose,  # type: ignore[arg-type]
+                        help="more logging (serve: INFO by default, -v debug; other commands: -v info, "
+                             "-vv debug). Debug includes a masked trace of every message; -vv adds other "
+                             f"libraries' debug lines. Default from ${logs.LEVEL_ENV} (debug, info, warning, error)")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=None if top else argparse.SUPPRESS,
+                        help=f"log lines as text or as one JSON object per line (default: ${logs.FORMAT_ENV} "
+                             "or text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="ISO 8583 acquirer gateway")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    _add_log_options(parser, top=True)
     parser.add_argument("--version", action=_VersionAction, help="version, Python, event loops and codec")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for sub in {id(p): p for p in subparsers.choices.values()}.values():  # aliases share a parser
+        _add_log_options(sub, top=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure(args.verbose, args.log_format, command=args.command)
+    except logs.LogConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

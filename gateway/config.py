@@ -36,10 +36,20 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from gateway.store.group_commit import MAX_COMMIT_DELAY
+from gateway.store.records import DEFAULT_MAX_REFUSALS
 
 T = TypeVar("T")
 
@@ -120,6 +130,44 @@ _STRICT_KEYS = ConfigDict(extra="forbid")
 # --- sections ---------------------------------------------------------------------------------------
 
 
+TlsVersion = Literal["1.2", "1.3"]
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TlsServerConfig:
+    """`[terminal_side.tls]`: TLS on the terminal port (absent: plain TCP, what most CUP terminals speak)."""
+
+    cert: Path  #: PEM certificate (chain) the gateway presents
+    key: Path  #: its PEM private key
+    ca: _OptionalPath = None  #: PEM CA bundle client certificates must chain to
+    #: "none", "optional" (checked when presented) or "required" (mTLS)
+    client_certs: Literal["none", "optional", "required"] = "none"
+    min_version: TlsVersion = "1.2"
+
+    @model_validator(mode="after")
+    def _ca_checks_client_certificates(self) -> TlsServerConfig:
+        if self.client_certs != "none" and self.ca is None:
+            raise ValueError(f"ca is required to check client certificates (client_certs = {self.client_certs!r})")
+        return self
+
+
+@dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
+class TlsClientConfig:
+    """`[host.tls]`: TLS on the host link (absent: plain TCP)."""
+
+    ca: _OptionalPath = None  #: PEM CA bundle the host's certificate must chain to (None: the system's)
+    cert: _OptionalPath = None  #: PEM client certificate, for a host that asks for one (mTLS)
+    key: _OptionalPath = None  #: its PEM private key
+    server_name: _OptionalText = None  #: name the host's certificate must carry (None: host.address's host)
+    min_version: TlsVersion = "1.2"
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsClientConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        return self
+
+
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
 class TerminalSideConfig:
     listen: _EndpointField = Endpoint("127.0.0.1", 5000)
@@ -131,6 +179,10 @@ class TerminalSideConfig:
     idle_timeout: Seconds = 300.0
     write_timeout: Seconds = 5.0
     max_in_flight_per_connection: Count = 64
+    #: a frame must arrive whole within this many seconds of its first byte (and a TLS handshake within
+    #: this many of the connect): the idle timeout alone restarts on every byte, so a trickle never ends
+    frame_timeout: Seconds = 10.0
+    tls: Annotated[TlsServerConfig | None, BeforeValidator(_empty_is_none)] = None
 
 
 MatchKeyPart = Literal["mti_class", "stan", "terminal"]
@@ -152,6 +204,7 @@ class HostConfig:
     #: request/response pairing, like jPOS QMUX's key: "stan" plus any of "mti_class", "terminal"
     match_key: tuple[MatchKeyPart, ...] = ("mti_class", "stan", "terminal")
     key_exchange: Flag = True
+    tls: Annotated[TlsClientConfig | None, BeforeValidator(_empty_is_none)] = None
 
     @field_validator("match_key")
     @classmethod
@@ -179,6 +232,8 @@ class StoreConfig:
     commit_delay: Annotated[float, Strict(), Field(ge=0, le=MAX_COMMIT_DELAY, allow_inf_nan=False)] = 0.002
     #: key of the PAN fingerprint (HMAC); GATEWAY_PAN_HASH_KEY overrides
     pan_hash_key_hex: _OptionalText = field(default=None, metadata=SECRET)
+    #: refusals kept on record at most (the oldest go first): a flood of garbage cannot fill the disk
+    max_refusals: Count = DEFAULT_MAX_REFUSALS
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
@@ -250,10 +305,13 @@ class GatewayConfig:
 
 
 def duplicate_terminals(terminal_ids: Sequence[object]) -> list[str]:
-    """One line per repeated terminal id: two entries would share (and fight over) one TMK."""
+    """One line per repeated terminal id: two entries would share (and fight over) one TMK. Ids that
+    are not text are reported by the type check, not here."""
     first: dict[object, int] = {}
     duplicates = []
     for i, tid in enumerate(terminal_ids):
+        if not isinstance(tid, str):
+            continue
         if tid in first:
             duplicates.append(f"duplicate terminal_id {tid}: terminals[{i}] repeats terminals[{first[tid]}]")
         first.setdefault(tid, i)
@@ -285,14 +343,28 @@ def _key(loc: tuple[int | str, ...]) -> str:
     return text
 
 
+def _secret_names() -> frozenset[str]:
+    """Names of the fields marked SECRET in any section: their values never appear in a problem."""
+    names = set()
+    for section in (*typing.get_type_hints(GatewayConfig).values(), TerminalEntry):
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
+            names |= {f.name for f in dataclasses.fields(section) if f.metadata.get("secret")}
+    return frozenset(names)
+
+
+_SECRET_NAMES: frozenset[str] = _secret_names()
+
+
 def _problem(error: Any, sources: Mapping[str, str]) -> str:
-    key = _key(tuple(error["loc"]))
+    loc = tuple(error["loc"])
+    key = _key(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "unexpected_keyword_argument":
         message = "unknown key" if "." in key or "[" in key else "unknown section"
-    elif error["type"] not in ("missing", "value_error") and "input" in error:
+    elif error["type"] not in ("missing", "value_error") and "input" in error and _SECRET_NAMES.isdisjoint(loc):
         message += f" [got {error['input']!r}]"
-    source = sources.get(key)
+    # a list item (host.match_key[1]) came from the variable that set the whole key
+    source = sources.get(key) or sources.get(_key(tuple(p for p in loc if not isinstance(p, int))))
     return f"{key}: {message}" + (f" (from {source})" if source else "")
 
 

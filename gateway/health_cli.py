@@ -22,12 +22,14 @@ from gateway.config import ConfigError, Endpoint, load_config
 
 DEFAULT_ADMIN = "127.0.0.1:9100"
 RETRY_EVERY = 0.25
+#: no proxy, whatever HTTP(S)_PROXY says: the probe goes to the admin endpoint it names and nowhere else
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def probe(url: str, timeout: float) -> tuple[int | None, str]:
     """HTTP status and body of one GET (None and the reason when there was no answer)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # http to our own admin endpoint
+        with _DIRECT.open(url, timeout=timeout) as response:  # http to our own admin endpoint
             return response.status, response.read(4096).decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(4096).decode("utf-8", "replace")

@@ -6,6 +6,8 @@ the same real sockets, real journal file and real cryptography.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -99,16 +101,17 @@ def lab_config(tmp_dir: Path, host_port: int, tmks: Mapping[str, bytes], zmk: by
 async def open_lab(tmp_dir: Path, *, terminals: int = 3, host_timeout: float = 2.0,
                    faults: Iterable[Fault] = (), durable: bool = True, metrics: Metrics | None = None,
                    host_limit: int = 2_000_000, host_options: Mapping[str, Any] | None = None,
+                   host_ssl_context: ssl.SSLContext | None = None,
                    **config_overrides: Any) -> AsyncIterator[Lab]:
     """Host simulator and gateway running on loopback until the block ends. `host_options` replace
-    fields of the gateway's HostConfig (echo interval, match key, ...); `config_overrides` replace
-    whole sections of the GatewayConfig."""
+    fields of the gateway's HostConfig (echo interval, match key, TLS, ...); `host_ssl_context` makes
+    the host simulator speak TLS; `config_overrides` replace whole sections of the GatewayConfig."""
     zmk = generate_key(16)
     tmks = {tid: generate_key(16) for tid in terminal_ids(terminals)}
     host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=host_limit,
                                                                       faults=tuple(faults))))
     async with anyio.create_task_group() as tg:
-        host_port = await tg.start(host.serve, LOOPBACK, 0)
+        host_port = await tg.start(functools.partial(host.serve, LOOPBACK, 0, ssl_context=host_ssl_context))
         config = lab_config(tmp_dir, host_port, tmks, zmk, host_timeout=host_timeout, host_options=host_options)
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)

@@ -27,10 +27,13 @@ from gateway.metrics import Metrics, NullMetrics
 from gateway.net.admin import serve_admin
 from gateway.net.host_link import HostLink
 from gateway.net.saf_sender import SafSender
+from gateway.net.saf_watch import watch_saf
 from gateway.net.terminal_server import TerminalServer
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule, SoftwareSecurityModule
+from gateway.security.startup import require_zone_master_key, warn_missing_terminal_master_keys
 from gateway.service import GatewayService
+from gateway.shutdown import drain
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.records import TxnRecord
@@ -67,6 +70,7 @@ class RunningGateway:
     terminal_port: int
     admin_port: int | None
     recovered: int  #: reversals queued at start for requests whose outcome was unknown
+    server: TerminalServer | None = None  #: the terminal listener (a graceful shutdown stops it accepting)
 
 
 def pan_hash_key(config: GatewayConfig, *, create: bool = True) -> bytes:
@@ -97,10 +101,12 @@ def pan_hash_key(config: GatewayConfig, *, create: bool = True) -> bytes:
 def open_store(config: GatewayConfig, metrics: Metrics, *, durable: bool = True) -> AbstractAsyncContextManager[Store]:
     key = pan_hash_key(config) if durable else secrets.token_bytes(32)
     if not durable:
-        return MemoryStore.open(observer=metrics.journal, pan_key=key)  # type: ignore[return-value]
+        return MemoryStore.open(observer=metrics.journal, pan_key=key,  # type: ignore[return-value]
+                                max_refusals=config.store.max_refusals)
     config.store.path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore.open(config.store.path, synchronous=config.store.synchronous,  # type: ignore[return-value]
-                            commit_delay=config.store.commit_delay, observer=metrics.journal, pan_key=key)
+                            commit_delay=config.store.commit_delay, observer=metrics.journal, pan_key=key,
+                            max_refusals=config.store.max_refusals)
 
 
 async def run_gateway(
@@ -116,6 +122,10 @@ async def run_gateway(
     metrics = metrics if metrics is not None else (Metrics() if config.admin.metrics else NullMetrics())
     security = security if security is not None else SoftwareSecurityModule.from_config(
         config.security, config.terminals)
+    # refuse to start without the keys the configuration needs (rather than failing every sign-on)
+    require_zone_master_key(security, keystore=config.security.keystore, lmk_file=config.security.lmk_file,
+                            key_exchange=config.host.key_exchange)
+    warn_missing_terminal_master_keys(security, (t.terminal_id for t in config.terminals))
     async with open_store(config, metrics, durable=durable) as store, anyio.create_task_group() as tg:
         link = HostLink(config.host, security, metrics)
         saf = SafSender(config.reversal, store, link, metrics, config.host.acquirer_id, config.host.forwarding_id)
@@ -129,36 +139,55 @@ async def run_gateway(
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
         await tg.start(link.run)
         await tg.start(saf.run)
+        await tg.start(watch_saf, store, metrics)
+        await tg.start(service.journal_retry.run)
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         server.tap = recorder
         terminal_port = await tg.start(server.serve)
+        committer = getattr(store, "committer", None)
+
+        def journal_ready() -> bool:
+            return service.journal_healthy and (committer is None or committer.running)
+
+        metrics.signed_in_terminals.set_function(lambda: len(service.sessions))
+        metrics.journal_ready.set_function(lambda: 1.0 if journal_ready() else 0.0)
         admin_port = None
         if config.admin.listen is not None:
-            committer = getattr(store, "committer", None)
-
-            def journal_ready() -> bool:
-                return service.journal_healthy and (committer is None or committer.running)
-
-            readiness = {"host_link": lambda: link.ready, "journal": journal_ready}
+            readiness = {"host_link": lambda: link.ready, "journal": journal_ready,
+                         "not_draining": lambda: not service.draining}
             admin_port = await tg.start(serve_admin, config.admin.listen.host, config.admin.listen.port,
                                         metrics, readiness)
         log.info("gateway up: terminals on port %s, admin on port %s, host %s", terminal_port, admin_port,
                  config.host.address)
         task_status.started(RunningGateway(service, link, saf, store, metrics, terminal_port, admin_port,
-                                           recovered))
+                                           recovered, server))
 
 
 # --- `gateway serve` ---------------------------------------------------------------------------------
 
 
 async def _serve_until_signalled(config: GatewayConfig) -> None:
+    """Serve until SIGTERM/SIGINT; the first one drains (see `gateway.shutdown`), a second one stops at
+    once (start-up recovery settles whatever is left)."""
     async with anyio.create_task_group() as tg:
-        await tg.start(run_gateway, config)
+        gateway = await tg.start(run_gateway, config)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            draining = False
             async for signum in signals:
-                log.warning("signal %s: stopping (in-flight work is drained by the journal)", signum)
-                tg.cancel_scope.cancel()
-                return
+                if draining:
+                    log.warning("signal %s again: stopping at once; start-up recovery settles the rest", signum)
+                    break
+                draining = True
+                log.warning("signal %s: draining the requests in flight (a second signal stops at once)", signum)
+                tg.start_soon(_drain_then_stop, gateway, tg.cancel_scope)
+        tg.cancel_scope.cancel()
+
+
+async def _drain_then_stop(gateway: RunningGateway, scope: anyio.CancelScope) -> None:
+    try:
+        await drain(gateway)
+    finally:
+        scope.cancel()
 
 
 def _serve_command(args: argparse.Namespace) -> int:
@@ -168,7 +197,6 @@ def _serve_command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"gateway: bad configuration: {problem}", flush=True)
         return 2
-    logging.getLogger("gateway").setLevel(logging.INFO)
     try:
         anyio.run(_serve_until_signalled, config, backend=args.backend,
                   backend_options={"use_uvloop": True} if args.backend == "asyncio" else {})

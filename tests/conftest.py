@@ -13,3 +13,10 @@ import pytest
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _private_terminal_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated terminals keep their batch in $XDG_STATE_HOME (gateway.sim.terminal_state): tests keep
+    theirs in a directory of their own, never in the user's home."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

@@ -93,7 +93,7 @@ def test_cup_purchase_swipe_with_pin() -> None:
     assert msg["35"] == PAN + "D2412101123456"  # BCD track data: '=' travels as nibble D
     assert (msg["26"], msg["52"], msg["53"]) == ("12", PIN.upper(), "2600000000000000")
     assert (msg["49"], msg["60"]) == ("156", "2200012300050")
-    assert msg["64"] == "00000000"
+    assert msg["64"] == "0" * 16
 
 
 def test_cup_purchase_without_pin_has_no_pin_fields() -> None:
@@ -158,7 +158,7 @@ def test_cup_void() -> None:
     )
     assert (msg.mti, msg["3"], msg["60"][:2]) == ("0200", "200000", "23")
     assert (msg["37"], msg["38"], msg["61"]) == ("123456789012", "AB12  ", "000123000101")
-    assert msg["64"] == "00000000"
+    assert msg["64"] == "0" * 16
 
 
 def test_cup_refund() -> None:
@@ -189,7 +189,7 @@ def test_cup_balance_inquiry() -> None:
         CUP, cup.balance_inquiry(T, "000108", "000123", track2=TRACK2, pin_block=PIN), "balance_inquiry"
     )
     assert (msg["3"], msg["60"][:2]) == ("310000", "01")
-    assert "4" not in msg and msg["64"] == "00000000"
+    assert "4" not in msg and msg["64"] == "0" * 16
 
 
 def _full_purchase() -> Message:
@@ -221,7 +221,7 @@ def test_cup_reversal_copies_and_drops_exactly_the_reference_fields() -> None:
     assert set(rev.fields) == kept | {"39", "64"}
     for k in kept:
         assert rev[k] == original[k]
-    assert (rev["39"], rev["64"]) == ("98", "00000000")
+    assert (rev["39"], rev["64"]) == ("98", "0" * 16)
     with_auth = cup.reversal(original, "96", auth_code="123456", icc="9F2701")
     assert (with_auth["38"], with_auth["55"]) == ("123456", "9F2701")
 
@@ -381,7 +381,7 @@ def test_cup_purchase_responses_and_mac_rule() -> None:
     for k in ("2", "3", "4", "11", "14", "25", "41", "42", "49", "60"):
         assert ok[k] == req[k]
     assert not {"22", "26", "52", "53"} & set(ok.fields)  # request-only fields are not echoed
-    assert ok["64"] == "00000000"
+    assert ok["64"] == "0" * 16
     declined = response(req, "51", CUP)
     assert "64" not in declined and validate(CUP, declined) == []
     mac_failure = response(req, "A0", CUP)
@@ -423,7 +423,7 @@ def test_response_to_an_unsupported_request_uses_the_default_echo() -> None:
             "41": T.terminal_id,
             "42": T.merchant_id,
             "60": "9900012300050",
-            "64": "00000000",
+            "64": "0" * 16,
             "52": PIN.upper(),
         },
     )

@@ -100,7 +100,7 @@ def test_balance_inquiry_vector_decodes_to_reference_values() -> None:
     assert msg["60"] == "0100000100050"
     sub = msg["60"]
     assert (sub[0:2], sub[2:8], sub[8:11], sub[11], sub[12]) == ("01", "000001", "000", "5", "0")
-    assert msg["64"] == "8456B1CD"
+    assert msg["64"] == "3834353642314344"  # the 8 bytes "8456B1CD", as hex
     assert msg["52"] == "A1B2C3D4E5F60718"
     assert CUP.encode(msg) == bytes.fromhex(BALANCE_HEX)
 
@@ -173,7 +173,7 @@ CUP_MESSAGES = [
             "53": "2600000000000000",
             "55": "9F2608" + "AB" * 8 + "9F2701809F1007" + "00" * 7,
             "60": "22000001000500",
-            "64": "0A1B2C3D",
+            "64": "3041314232433344",  # field 64 is binary: the bytes of "0A1B2C3D"
         },
     ),
     Message(
@@ -198,7 +198,7 @@ CUP_MESSAGES = [
             "54": "1002156C000000010000",
             "60": "22000001",
             "63": "CUP" + "交易成功".ljust(10),  # 63.2 carries GBK text
-            "64": "FFFFFFFF",
+            "64": "4646464646464646",
         },
     ),
     Message("0400", {"3": "000000", "4": "000000010000", "11": "000002", "39": "98", "61": "000001000002"}),
@@ -283,7 +283,7 @@ def test_iso87_secondary_bitmap_on_the_wire() -> None:
 
 
 def test_cup_wire_details() -> None:
-    body = CUP.encode(Message("0200", {"2": "1234567890123", "22": "021", "23": "001", "64": "0A1B2C3D"}))
+    body = CUP.encode(Message("0200", {"2": "1234567890123", "22": "021", "23": "001", "64": "3041314232433344"}))
     # PAN: LL = 13 digits, left-justified with a trailing pad nibble
     assert body[10:18].hex() == "13" + "12345678901230"
     assert body[18:20].hex() == "0210"  # 22 left-justified
@@ -464,8 +464,8 @@ def test_xn_amount_is_checked() -> None:
         (CUP, "0200", {"2": "1" * 20}, "2"),  # over max
         (CUP, "0200", {"35": "6225X1234"}, "35"),
         (CUP, "0200", {"52": "0123456789ABCDEG"}, "52"),
-        (CUP, "0200", {"64": "0A1B2C3"}, "64"),
-        (CUP, "0200", {"64": "0A1B2C3Z"}, "64"),
+        (CUP, "0200", {"64": "0A1B2C3D"}, "64"),  # 4 bytes: field 64 is 8
+        (CUP, "0200", {"64": "303132333435363Z"}, "64"),  # not hex
         (ISO87, "0200", {"52": "0123456789ABCDEG"}, "52"),
         (ISO87, "0200", {"41": "1234567é"}, "41"),  # not ASCII
         (ISO87, "0200", {"28": "100000000"}, "28"),

@@ -96,11 +96,18 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"store": {"commit_delay": 0.5}}, "store.commit_delay"),
         ({"store": {"commit_delay": -0.001}}, "store.commit_delay"),
         ({"store": {"commit_delay": float("nan")}}, "store.commit_delay"),
+        ({"store": {"max_refusals": 0}}, "store.max_refusals"),
+        ({"store": {"max_refusals": "many"}}, "store.max_refusals"),
         ({"terminals": [{"terminal_id": "123", "merchant_id": "898100012340001"}]}, "terminals[0].terminal_id"),
         ({"hots": {}}, "hots"),
         ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),
         ({"host": {"dialect": "cup-pos"}}, "host.dialect"),
         ({"host": {"timout": 1}}, "host.timout"),
+        ({"terminal_side": {"frame_timeout": 0}}, "terminal_side.frame_timeout"),
+        ({"terminal_side": {"tls": {"key": "k.pem"}}}, "terminal_side.tls.cert"),
+        ({"terminal_side": {"tls": {"cert": "c", "key": "k", "client_certs": "required"}}}, "terminal_side.tls"),
+        ({"host": {"tls": {"min_version": "1.0"}}}, "host.tls.min_version"),
+        ({"host": {"tls": {"cert": "c.pem"}}}, "host.tls"),
     ],
 )
 def test_bad_values_name_the_key(doc: dict, named: str) -> None:

@@ -227,6 +227,13 @@ async def test_refusal_codes(tmp_path: Path) -> None:
         assert await raw.send_bytes(b"\xff\xff" + b"\x60" * 32)
         assert metric(lab, "gateway_decode_errors_total", kind="framing") == framing_errors + 1
 
+        # issue 11 item 13: every refusal the gateway decided itself is on record with its reason; the
+        # host's own declines (51, 55) are journalled as transactions, not as refusals
+        refusals = await lab.gateway.store.refusals(limit=1000)
+        assert {r.rc for r in refusals} == {"97", "77", "40", "61", "A0", "99", "30", "12", "25"}, refusals
+        assert all(r.reason for r in refusals)
+        assert {r.terminal_id for r in refusals if r.rc == "97"} == {"99999999"}
+
 
 async def test_host_down_then_up_and_reconnect(tmp_path: Path) -> None:
     zmk = generate_key(16)

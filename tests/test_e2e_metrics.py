@@ -45,6 +45,10 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def whole_milliseconds(seconds: float) -> bool:
+    return abs(seconds * 1000 - round(seconds * 1000)) < 1e-6
+
+
 async def test_counters_move_with_traffic_and_readiness_follows_the_host(tmp_path: Path) -> None:
     async with open_lab(tmp_path) as lab:
         port = lab.gateway.admin_port
@@ -69,8 +73,25 @@ async def test_counters_move_with_traffic_and_readiness_follows_the_host(tmp_pat
             before, out_ok, direction="terminal_out", mti="0210", rc="00") == 3
         assert sample(after, out_ok, direction="terminal_out", mti="0210", rc="55") == 1
         assert sample(after, out_ok, direction="host_out", mti="0200") >= 4
-        assert sample(after, "gateway_end_to_end_latency_seconds_count") >= 5
+        e2e = "gateway_end_to_end_latency_seconds_count"
+        assert sample(after, e2e, flow="purchase", outcome="approved") == 3
+        assert sample(after, e2e, flow="purchase", outcome="declined") == 1  # the wrong PIN's 55
+        assert sample(after, e2e, flow="sign_in", outcome="approved") == 1
         assert sample(after, "gateway_upstream_latency_seconds_count") >= 4
+        # every stage of the money path measured, with a clock that resolves less than a millisecond
+        for stage, at_least in (("decode", 5), ("security", 8), ("journal", 4), ("host", 4),
+                                ("terminal_write", 5)):
+            assert sample(after, "gateway_stage_seconds_count", stage=stage) >= at_least, stage
+        decode_sum = sample(after, "gateway_stage_seconds_sum", stage="decode")
+        assert 0 < decode_sum < 0.5 and not whole_milliseconds(decode_sum)
+        # uvloop's loop clock would have made this a sum of whole milliseconds
+        assert not whole_milliseconds(sample(after, "gateway_end_to_end_latency_seconds_sum", flow="purchase",
+                                             outcome="approved"))
+        assert sample(after, "gateway_stage_seconds_bucket", stage="decode", le="0.001") >= 1
+        assert sample(after, "gateway_signed_in_terminals") == 1
+        assert sample(after, "gateway_build_info") == 1
+        assert sample(after, "gateway_saf_parked") == 0
+        assert sample(after, "gateway_journal_ready") == 1
         assert sample(after, "gateway_journal_commit_batch_size_count") >= 1
         assert sample(after, "gateway_host_link_state") == 3
         assert sample(after, "gateway_terminal_connections") == 1

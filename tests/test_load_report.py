@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from hdrh.histogram import HdrHistogram
 from gateway.load.config import LoadConfig, parse_mix
 from gateway.load.driver import LoadError
 from gateway.load.hdr import SecondStats, run_histogram, summary_ms, to_us
-from gateway.load.plot import plot_report
+from gateway.load.plot import build_figure, percentile_points, plot_report, plot_title
 from gateway.load.report import merge, partial_from
 
 CONFIG = LoadConfig(rate=100, duration=3, warmup=1, mix=(("purchase", 8.0), ("refund", 2.0)))
@@ -28,9 +30,10 @@ def make_partial(latencies_ms: list[float], errors: dict[str, int], *, seconds: 
         stats = per_second.setdefault(i % seconds, SecondStats())
         stats.count += 1
         stats.hist.record_value(us)
-    for i, n in enumerate(errors.values()):
+    for i, (code, n) in enumerate(errors.items()):
         per_second.setdefault(i % seconds, SecondStats()).errors += n
         per_second[i % seconds].count += n
+        per_second[i % seconds].codes[code] += n
     requests = len(latencies_ms) + sum(errors.values())
     return partial_from(requests, len(latencies_ms), Counter(errors), float(seconds), hist, per_second,
                         max_in_flight=3, sessions=sessions, lag_sum=0.01, lag_max=0.004, lag_n=10)
@@ -57,7 +60,10 @@ def test_report_json_has_every_field(tmp_path: Path):
     assert data["send_lag_ms"] == {"mean": 1.0, "max": 4.0}
     assert data["mix"] == {"purchase": 8.0, "refund": 2.0}
     assert [s["second"] for s in data["series"]] == [0, 1, 2]
-    assert set(data["series"][0]) == {"second", "count", "errors", "p50_ms", "p99_ms"}
+    assert set(data["series"][0]) == {"second", "count", "errors", "p50_ms", "p99_ms", "errors_by_code"}
+    assert [s["errors_by_code"] for s in data["series"]] == [{"51": 2}, {"timeout": 1}, {}]
+    assert data["error_rate"] == pytest.approx(3 / 103, abs=1e-6)
+    assert {"target", "driver", "started_at"} <= data.keys()
     assert sum(s["count"] for s in data["series"]) == 103
     assert HdrHistogram.decode(data["hdr"].encode()).get_total_count() == 100
     assert "latency ms p50 1.000" in report.summary_line()
@@ -76,6 +82,11 @@ def test_merge_sums_counts_errors_histograms_and_series():
     assert report.max_in_flight == 6
     assert sum(s.count for s in report.series) == report.requests
     assert sum(s.errors for s in report.series) == 4
+    # errors by code merge per second too
+    assert report.series[0].errors_by_code == {"51": 3}
+    assert report.series[1].errors_by_code == {"exc:ConnectionResetError": 1}
+    assert report.errors_by_code() == [("51", 3), ("exc:ConnectionResetError", 1)]
+    assert report.errors_line() == "errors by code: 51=3 (1.47%), exc:ConnectionResetError=1 (0.49%)"
 
 
 def test_empty_run_reports_no_latency_rather_than_crashing():
@@ -92,16 +103,66 @@ def test_latencies_outside_the_histogram_range_are_clamped():
     assert summary_ms(hist)["max"] == pytest.approx(60_000, rel=0.001)
 
 
+def plotted_report():
+    report = merge([make_partial([1.0, 2.0, 3.0, 50.0] * 30 + [400.0], {"96": 3, "51": 5, "timeout": 1})], CONFIG,
+                   processes=1)
+    report.target, report.driver = "127.0.0.1:5000", "cup"
+    report.started_at = datetime(2026, 11, 23, 17, 45, tzinfo=UTC)
+    return report
+
+
 def test_plot_is_a_valid_png(tmp_path: Path):
-    report = merge([make_partial([1.0, 2.0, 3.0, 50.0] * 30, {"96": 3})], CONFIG, processes=1)
     path = tmp_path / "load.png"
-    plot_report(report, path)
+    plot_report(plotted_report(), path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (1000, 650)
+    assert (width, height) == (1500, 700)
     assert data[-8:-4] == b"IEND"
+
+
+def test_plot_title_says_target_driver_sessions_and_date():
+    report = plotted_report()
+    assert plot_title(report) == "127.0.0.1:5000 · driver cup · 4 sessions · open loop 100/s · 1 process · " \
+                                 "2026-11-23 17:45 UTC"
+    fig = build_figure(report)
+    assert fig._suptitle.get_text() == plot_title(report)
+    report.target = report.driver = report.started_at = None  # e.g. bench/gateway.py's own reports
+    assert plot_title(report) == "4 sessions · open loop 100/s · 1 process"
+
+
+def test_plot_shows_errors_by_code_and_the_percentile_distribution():
+    report = plotted_report()
+    fig = build_figure(report)
+    _latency_ax, rate_ax, dist_ax = fig.axes
+    legend = [t.get_text() for t in rate_ax.get_legend().get_texts()]
+    assert {"errors 51", "errors 96", "errors timeout"} <= set(legend)
+    # the stacked areas: one polygon collection per code
+    assert len(rate_ax.collections) == 3
+    assert dist_ax.get_xscale() == "log" and dist_ax.get_yscale() == "log"
+    labels = [t.get_text() for t in dist_ax.get_xticklabels()]
+    assert {"90%", "99%", "99.9%"} <= set(labels)
+    [line] = [ln for ln in dist_ax.get_lines() if ln.get_label() == "latency at percentile"]
+    _xs, ys = line.get_data()
+    assert list(ys) == sorted(ys)  # latency grows with the percentile
+    assert ys[0] == pytest.approx(1.0, rel=0.01) and max(ys) == pytest.approx(400.0, rel=0.01)
+    assert "121 successful requests" in dist_ax.get_title()
+
+
+def test_percentile_points_follow_the_histogram():
+    report = plotted_report()
+    xs, ys = percentile_points(report)
+    assert xs[0] == pytest.approx(1.0) and all(b > a for a, b in itertools.pairwise(xs))
+    # x = 1/(1-p): at x = 2 (p50) the latency is the run's p50
+    p50 = min(zip(xs, ys, strict=True), key=lambda point: abs(point[0] - 2.0))[1]
+    assert p50 == pytest.approx(report.latency_ms["p50"], rel=0.02)
+
+
+def test_an_empty_run_still_plots(tmp_path: Path):
+    report = merge([make_partial([], {"connect:OSError": 5})], CONFIG, processes=1)
+    plot_report(report, tmp_path / "empty.png")
+    assert percentile_points(report) == ([], [])
 
 
 def test_parse_mix():

@@ -64,6 +64,7 @@ def test_prometheus_scrapes_our_counters(tmp_path: Path):
     metrics = Metrics()
     metrics.reversals_parked.inc(3)
     metrics.message("terminal_in", "0200", "").inc(5)
+    metrics.stages.decode.observe(0.00004)  # a lock-free histogram child (gateway.fastmetrics)
     with anyio.from_thread.start_blocking_portal("asyncio") as portal:
         admin_task, admin_port = portal.start_task(serve_admin, "127.0.0.1", 0, metrics, {})
         prom_port = free_port()
@@ -88,6 +89,9 @@ def test_prometheus_scrapes_our_counters(tmp_path: Path):
             assert wait_for_value(prom_port, "gateway_reversals_parked_total", 4.0, deadline) == 4.0
             series = 'gateway_messages_total{direction="terminal_in",mti="0200",rc="none"}'
             assert wait_for_value(prom_port, series, 5.0, deadline) == 5.0
+            bucket = 'gateway_stage_seconds_bucket{stage="decode",le="5e-05"}'
+            assert wait_for_value(prom_port, bucket, 1.0, deadline) == 1.0
+            assert wait_for_value(prom_port, "gateway_build_info", 1.0, deadline) == 1.0
         finally:
             proc.terminate()
             try:

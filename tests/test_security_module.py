@@ -15,6 +15,7 @@ from gateway.security.errors import (
     KeyBlockError,
     KeyFormatError,
     KeyNotFoundError,
+    KeyStoreError,
     KeyUsageError,
     MacError,
     PinFormatError,
@@ -280,6 +281,9 @@ def test_from_config_in_memory_and_with_a_store(tmp_path, monkeypatch, tmk, host
     lmk = LocalMasterKey.generate()
     monkeypatch.setenv(LMK_ENV, lmk.to_hex())
     config = SecurityConfig(keystore=tmp_path / "k.store", terminal_mac="x919")
+    with pytest.raises(KeyStoreError, match=r"k.store does not exist: create it with `gateway keys init --store"):
+        SoftwareSecurityModule.from_config(config, terminals)  # a missing store is never made up
+    KeyStore.create(Path(config.keystore), lmk)
     filed = SoftwareSecurityModule.from_config(config, terminals)
     assert filed.terminal_mac_algorithm == "x919"
     assert KeyStore.open(Path(config.keystore), lmk).get(KeyUsage.TMK, TID).kcv == alg.kcv(tmk)
@@ -341,6 +345,7 @@ def test_sign_ins_from_worker_threads_with_a_store_file(tmp_path):
 
 def test_terminal_mac_accepts_the_field_64_string(hsm, terminal):
     mab = os.urandom(64)
-    hsm.verify_terminal_mac(TID, mab, terminal.mac(mab).decode())
-    with pytest.raises(MacError):
-        hsm.verify_terminal_mac(TID, mab, "ÄÄÄÄÄÄÄÄ")
+    hsm.verify_terminal_mac(TID, mab, terminal.mac(mab).hex())  # the Message value: the 8 bytes in hex
+    for bad in ("ÄÄÄÄÄÄÄÄ", "FF" * 8, terminal.mac(mab).decode()):
+        with pytest.raises(MacError):
+            hsm.verify_terminal_mac(TID, mab, bad)

@@ -46,7 +46,7 @@ def test_cup_dialect_rules() -> None:
     for key in ("44", "54", "55", "62", "63"):
         assert s[key]["len_enc"] == "bcd" and s[key].get("len_count", "bytes") == "bytes"
     assert d.formats["35"] == d.formats["36"] == "z"
-    assert s["64"] == {**s["64"], "data_enc": "ascii", "max_len": 8, "len_type": 0}
+    assert s["64"] == {**s["64"], "data_enc": "b", "max_len": 8, "len_type": 0}  # 8 binary bytes
     assert (d.mac_field, d.mac_fields, d.mac_wire_len) == ("64", ("64",), 8)
     assert d.binary_fields == {"52", "55", "62", "64"}
     # reference §7 item 3: the parser accepts the larger maximum

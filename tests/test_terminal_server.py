@@ -66,19 +66,55 @@ async def test_answers_frames_split_and_batched() -> None:
         tg.cancel_scope.cancel()
 
 
-async def test_connection_limit_refuses_the_extra_connection() -> None:
+async def test_connection_limit_refuses_the_extra_connection_when_all_have_work_in_flight() -> None:
+    release = anyio.Event()
+
+    async def slow_handler(f: Frame, conn: TerminalConnection) -> None:
+        await release.wait()
+        await conn.send(f.body)
+
+    metrics = Metrics(process_metrics=False)
+    server = TerminalServer(config(max_connections=2), slow_handler, metrics)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.serve)
+        a = await anyio.connect_tcp("127.0.0.1", port)
+        b = await anyio.connect_tcp("127.0.0.1", port)
+        for s in (a, b):
+            await s.send(frame(b"busy"))  # a request in flight on each: neither may be shed
+        with anyio.fail_after(3):
+            while server.active < 2:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)
+        c = await anyio.connect_tcp("127.0.0.1", port)
+        assert await closed_by_peer(c)
+        assert metrics.registry.get_sample_value("gateway_terminal_connections_refused_total") == 1
+        release.set()
+        for s in (a, b):
+            assert await read_frames(s, 1) == [b"busy"]  # their answers were still delivered
+        for s in (a, b, c):
+            await s.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_connection_limit_sheds_the_longest_idle_connection_for_a_new_one() -> None:
     metrics = Metrics(process_metrics=False)
     server = TerminalServer(config(max_connections=2), echo_handler, metrics)
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.serve)
         a = await anyio.connect_tcp("127.0.0.1", port)
+        await anyio.sleep(0.05)
         b = await anyio.connect_tcp("127.0.0.1", port)
         with anyio.fail_after(3):
             while server.active < 2:
                 await anyio.sleep(0.01)
         c = await anyio.connect_tcp("127.0.0.1", port)
-        assert await closed_by_peer(c)
-        assert metrics.registry.get_sample_value("gateway_terminal_connections_refused_total") == 1
+        await c.send(frame(b"new"))
+        assert await read_frames(c, 1) == [b"new"]  # the newcomer is served...
+        assert await closed_by_peer(a)  # ...in place of the connection idle longest
+        await b.send(frame(b"still here"))
+        assert await read_frames(b, 1) == [b"still here"]
+        assert metrics.registry.get_sample_value("gateway_terminal_connections_shed_total") == 1
+        assert metrics.registry.get_sample_value("gateway_terminal_connections_refused_total") == 0
         for s in (a, b, c):
             await s.aclose()
         tg.cancel_scope.cancel()

@@ -78,10 +78,10 @@ def test_every_secret_field_is_replaced_and_the_message_still_encodes() -> None:
     icc = f"5A08{CARD_CUP.pan[:16]}5F2010{name}9F26080102030405060708"
     msg = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2, pin_block="0123456789ABCDEF",
                        icc=icc)
-    msg.fields["64"] = "1A2B3C4D"
+    msg.fields["64"] = "1A2B3C4D5E6F7081"
     fields, kinds = mask_message(CUP, msg, s)
     assert kinds == {"35": SecretKind.TRACK, "52": SecretKind.PIN, "55": SecretKind.CHIP, "64": SecretKind.MAC}
-    assert fields["52"] != msg.fields["52"] and fields["64"] == "00000000"
+    assert fields["52"] != msg.fields["52"] and fields["64"] == "0" * 16
     assert CARD_CUP.pan not in fields["35"] and len(fields["35"]) == len(msg.fields["35"])
     assert CARD_CUP.pan[:12] not in fields["55"] and "9F26080102030405060708" in fields["55"]  # the ARQC stays
     Codec(CUP).encode(Message(msg.mti, fields))

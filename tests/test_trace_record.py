@@ -103,7 +103,7 @@ async def test_gateway_records_both_legs_passing_check_with_no_secret(tmp_path: 
     # secrets are marked, and the same card is the same surrogate on both legs
     purchase_in = next(r for r in frames if r.leg is Leg.TERMINAL and r.mti == "0200" and "35" in r.fields)
     assert purchase_in.secrets["35"] is SecretKind.TRACK and purchase_in.secrets["52"] is SecretKind.PIN
-    assert purchase_in.secrets["64"] is SecretKind.MAC and purchase_in.fields["64"] == "0" * 8
+    assert purchase_in.secrets["64"] is SecretKind.MAC and purchase_in.fields["64"] == "0" * 16
     upstream = next(r for r in frames if r.leg is Leg.HOST and r.dir.value == "out" and r.mti == "0200")
     assert upstream.fields["35"].replace("=", "D") == purchase_in.fields["35"]
     assert upstream.fields["35"][:6] == CARD_CUP.pan[:6] and upstream.fields["35"][15:19] == CARD_CUP.pan[-4:]

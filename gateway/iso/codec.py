@@ -29,7 +29,7 @@ byte offset but never carries field data:
 * `n` values must be digits: BCD fields are hex-decoded by pyiso8583, so nibbles A-F get through it;
 * `z` (track) values are digits plus the separator ('D' nibble in BCD, '=' in ASCII). Exception:
   when field 53 position 3 is '1' the track is TDK-encrypted (reference §4.4) and any hex is valid;
-* `b` fields carried as hex text (ISO 8583:1987 52/64/96/128, CUP 64) must be hex; lower case is
+* `b` fields carried as hex text (ISO 8583:1987 52/64/96/128) must be hex; lower case is
   accepted and upper-cased, so the Message value is always uppercase hex;
 * `xn` values are 'C'/'D' followed by digits (`lenient`: any sign character).
 

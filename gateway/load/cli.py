@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime
 from typing import Any
 
 from gateway.load.config import DEFAULT_OPEN_LOOP_SESSIONS, LoadConfig, parse_mix
 from gateway.load.driver import LoadError, driver_names
 from gateway.load.processes import run_load_processes
+from gateway.load.thresholds import Thresholds, parse_ms, parse_rate
 from gateway.sim.keyfile import KeyFileError, LabKeys, read_test_keys
 
 DEFAULT_DURATION = 10.0
+#: exit codes: the run could not be done / no request succeeded / a --max-* limit was exceeded
+EXIT_LOAD_ERROR, EXIT_NOTHING_OK, EXIT_LIMIT_EXCEEDED = 1, 3, 4
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,7 +55,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="driver option, repeatable (echo: size=BYTES)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write latency and rate over time as a PNG")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write a PNG: latency, rate and errors by code over time, and the latency percentile "
+                        "distribution")
+    p.add_argument("--max-error-rate", metavar="RATE",
+                   help=f"fail (exit {EXIT_LIMIT_EXCEEDED}) when more than this share of requests does not "
+                        "succeed: 0.01 or 1%%")
+    p.add_argument("--max-p99", metavar="MS",
+                   help=f"fail (exit {EXIT_LIMIT_EXCEEDED}) when the p99 latency exceeds this many milliseconds")
+    p.add_argument("--state", metavar="PATH",
+                   help="where simulated terminals keep their batch number between runs, so a rerun is not "
+                        "refused as a duplicate (cup driver; default $XDG_STATE_HOME/gateway/terminals.json); "
+                        "'none': keep nothing and start from a random batch")
     p.add_argument("--progress", action="store_true",
                    help="a progress line per second on stderr (default: only when stderr is a terminal)")
     p.set_defaults(func=run)
@@ -101,14 +116,24 @@ def driver_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
+    return Thresholds(
+        max_error_rate=parse_rate(args.max_error_rate) if args.max_error_rate is not None else None,
+        max_p99_ms=parse_ms(args.max_p99) if args.max_p99 is not None else None,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        thresholds = thresholds_from_args(args)
+        started = datetime.now().astimezone()
         report = run_load_processes(args.driver, driver_options(args), config, args.processes,
                                     backend=args.backend, progress=args.progress or sys.stderr.isatty())
+        report.target, report.driver, report.started_at = args.target, args.driver, started
         print(report.summary_line())
         if report.errors:
-            print("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(report.errors.items())))
+            print(report.errors_line())
         if args.json:
             report.write_json(args.json)
         if args.plot:
@@ -117,5 +142,11 @@ def run(args: argparse.Namespace) -> int:
             plot_report(report, args.plot)
     except LoadError as exc:
         print(f"gateway load: {exc}", file=sys.stderr)
-        return 1
-    return 0 if report.ok else 3
+        return EXIT_LOAD_ERROR
+    if not report.ok:
+        print("gateway load: FAILED: no request succeeded")
+        return EXIT_NOTHING_OK
+    failures = thresholds.failures(report)
+    for line in failures:
+        print(f"gateway load: FAILED: {line}")
+    return EXIT_LIMIT_EXCEEDED if failures else 0

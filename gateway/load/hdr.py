@@ -7,6 +7,7 @@ between processes in hdrh's compressed base64 encoding and merge by addition.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -73,3 +74,5 @@ class SecondStats:
     count: int = 0
     errors: int = 0
     hist: HdrHistogram = field(default_factory=second_histogram)
+    #: errors of this second by result code or failure kind ("51", "timeout", ...)
+    codes: Counter[str] = field(default_factory=Counter)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ class Partial:
     #: seconds from the start of measurement to the last measured completion
     elapsed: float
     hdr: str
-    #: second → (count, errors, encoded per-second histogram)
-    seconds: dict[int, tuple[int, int, str]]
+    #: second → (count, errors, encoded per-second histogram, errors by result code)
+    seconds: dict[int, tuple[int, int, str, dict[str, int]]]
     max_in_flight: int
     sessions: int
     #: how late requests went out against their intended start (open loop): sum, max, number
@@ -48,7 +49,7 @@ def partial_from(requests: int, ok: int, errors: Counter[str], elapsed: float, h
                  lag_max: float, lag_n: int) -> Partial:
     return Partial(
         requests=requests, ok=ok, errors=dict(errors), elapsed=elapsed, hdr=encode(hist),
-        seconds={s: (st.count, st.errors, encode(st.hist)) for s, st in sorted(seconds.items())},
+        seconds={s: (st.count, st.errors, encode(st.hist), dict(st.codes)) for s, st in sorted(seconds.items())},
         max_in_flight=max_in_flight, sessions=sessions, lag_sum=lag_sum, lag_max=lag_max, lag_n=lag_n,
     )
 
@@ -60,6 +61,8 @@ class SecondSummary:
     errors: int
     p50_ms: float | None
     p99_ms: float | None
+    #: the second's errors by result code or failure kind
+    errors_by_code: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -84,13 +87,36 @@ class LoadReport:
     mix: dict[str, float]
     series: list[SecondSummary]
     histogram: HdrHistogram = field(repr=False)
+    #: what was driven, for the plot's title and the JSON (set by the caller: merge does not know them)
+    target: str | None = None
+    driver: str | None = None
+    started_at: datetime | None = None
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
 
+    @property
+    def error_rate(self) -> float:
+        """Share of measured requests that did not succeed (0 when there were none)."""
+        return self.error_count / self.requests if self.requests else 0.0
+
+    def errors_by_code(self) -> list[tuple[str, int]]:
+        """(result code or failure kind, count), most frequent first."""
+        return sorted(self.errors.items(), key=lambda item: (-item[1], item[0]))
+
+    def errors_line(self) -> str:
+        """"errors by code: 51=120 (1.20%), timeout=3 (0.03%)", or "" without errors."""
+        if not self.errors:
+            return ""
+        total = self.requests or 1
+        return "errors by code: " + ", ".join(f"{code}={n} ({n / total:.2%})" for code, n in self.errors_by_code())
+
     def to_dict(self) -> dict[str, Any]:
         return {
+            "target": self.target,
+            "driver": self.driver,
+            "started_at": self.started_at.isoformat(timespec="seconds") if self.started_at else None,
             "mode": self.mode,
             "target_rate": self.target_rate,
             "concurrency": self.concurrency,
@@ -103,6 +129,7 @@ class LoadReport:
             "requests": self.requests,
             "ok": self.ok,
             "errors": dict(sorted(self.errors.items())),
+            "error_rate": round(self.error_rate, 6),
             "achieved_rate": round(self.achieved_rate, 3),
             "ok_rate": round(self.ok_rate, 3),
             "latency_ms": self.latency_ms,
@@ -126,7 +153,8 @@ class LoadReport:
 
         target = f"target {self.target_rate:g}/s" if self.target_rate else f"concurrency {self.concurrency}"
         return (f"{self.mode} loop, {target}: {self.requests} requests in {self.elapsed_s:.2f}s = "
-                f"{self.achieved_rate:.1f}/s, errors {self.error_count}; latency ms p50 {ms('p50')} "
+                f"{self.achieved_rate:.1f}/s, errors {self.error_count} ({self.error_rate:.2%}); latency ms "
+                f"p50 {ms('p50')} "
                 f"p90 {ms('p90')} p99 {ms('p99')} p99.9 {ms('p99.9')} max {ms('max')}")
 
 
@@ -140,18 +168,19 @@ def merge(partials: list[Partial], config: LoadConfig, *, processes: int, rate: 
     for p in partials:
         decode_into(hist, p.hdr)
         errors.update(p.errors)
-        for second, (n, errs, encoded) in p.seconds.items():
-            slot = per_second.setdefault(second, [0, 0, second_histogram()])
+        for second, (n, errs, encoded, codes) in p.seconds.items():
+            slot = per_second.setdefault(second, [0, 0, second_histogram(), Counter()])
             slot[0] += n
             slot[1] += errs
             decode_into(slot[2], encoded)
+            slot[3].update(codes)
     requests = sum(p.requests for p in partials)
     ok = sum(p.ok for p in partials)
     elapsed = max((p.elapsed for p in partials), default=0.0)
     lag_n = sum(p.lag_n for p in partials)
     series = [
-        SecondSummary(second, n, errs, percentile_ms(h, 50), percentile_ms(h, 99))
-        for second, (n, errs, h) in sorted(per_second.items())
+        SecondSummary(second, n, errs, percentile_ms(h, 50), percentile_ms(h, 99), dict(sorted(codes.items())))
+        for second, (n, errs, h, codes) in sorted(per_second.items())
     ]
     return LoadReport(
         mode=config.mode,

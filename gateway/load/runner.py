@@ -302,7 +302,9 @@ class LoadRunner:
             self.ok += 1
         else:
             stats.errors += 1
-            self.errors[failure if failure is not None else str(code)] += 1
+            key = failure if failure is not None else str(code)
+            self.errors[key] += 1
+            stats.codes[key] += 1
         if latency is not None and failure is None:
             us = to_us(latency)
             self.hist.record_value(us)

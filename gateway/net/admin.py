@@ -5,7 +5,17 @@ request head bounded in size and time, `Connection: close` after every response.
 and a Prometheus scraper on a private port, not the public: no keep-alive, no bodies, no chunking, so
 there is nothing for a slow or malicious client to hold open beyond the read timeout.
 
+The connection cap must not make the liveness probe failable by slow clients (40 of them, each
+trickling its request, used to hold all 32 slots for the whole read timeout: /healthz answered 503).
+At the cap a new connection takes the place of the one that has been reading its request longest (a
+probe or a scraper sends its request at once), or else of one lingering after its response; only when
+every connection is being answered is the new one refused with 503. Each shed connection is counted
+(`gateway_admin_connections_shed_total`) and logged (one line per second at most).
+
 - `GET /metrics`  → 200, `prometheus_client.generate_latest(registry)` as `CONTENT_TYPE_LATEST`
+- `GET /metrics`  → 200, the registry in the Prometheus text format, or in OpenMetrics when the
+                    scraper's `Accept` header asks for `application/openmetrics-text` (Prometheus does;
+                    prometheus-client's `choose_encoder` reads the header, as its own servers do)
 - `GET /healthz`  → 200 while the process runs (liveness)
 - `GET /readyz`   → 200 when every readiness callback returns True, else 503; JSON body either way,
                     naming the checks that are not ready (a callback that raises counts as not ready)
@@ -23,8 +33,10 @@ from typing import Final
 import anyio
 import anyio.abc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from gateway.metrics import Metrics
+from gateway.net.counted_log import CountedLog
 
 log = logging.getLogger("gateway.admin")
 
@@ -72,6 +84,18 @@ def render_response(status: int, content_type: str, body: bytes, *, head_only: b
     return head if head_only else head + body
 
 
+def header_value(head: bytes, name: str) -> str:
+    """The value of header `name` (case-insensitive) in a request head, "" when absent. Repeated
+    headers are joined with commas, as RFC 9110 allows for list-valued ones such as Accept."""
+    wanted = name.lower().encode("ascii")
+    values = []
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == wanted:
+            values.append(value.strip().decode("latin-1"))
+    return ",".join(values)
+
+
 def parse_request_line(head: bytes) -> tuple[str, str]:
     """Method and path (query string dropped) of a request head; `_BadRequest` when it is not HTTP/1.x."""
     line, _, _ = head.partition(b"\r\n")
@@ -88,6 +112,21 @@ def parse_request_line(head: bytes) -> tuple[str, str]:
     return method, target.split("?", 1)[0]
 
 
+#: what a connection is doing, for choosing which one makes room at the cap
+_READING, _ANSWERING, _LINGERING = range(3)
+
+
+class _Slot:
+    """One connection holding a place under the cap."""
+
+    __slots__ = ("phase", "scope")
+
+    def __init__(self) -> None:
+        self.phase = _READING
+        #: cancelled when the connection is shed
+        self.scope = anyio.CancelScope()
+
+
 class AdminHandler:
     """Answers one request per connection. Separate from the listener so tests can drive it directly."""
 
@@ -99,38 +138,63 @@ class AdminHandler:
         self.read_timeout = read_timeout
         self.max_request_bytes = max_request_bytes
         self.max_connections = max_connections
-        self.active = 0
+        #: the connections under the cap, oldest first (a dict is an ordered set)
+        self._slots: dict[_Slot, None] = {}
+        self._shed_log = CountedLog(log)
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
 
     async def handle(self, stream: anyio.abc.ByteStream) -> None:
         async with stream:
-            if self.active >= self.max_connections:
+            if len(self._slots) >= self.max_connections and not self._make_room():
                 await self._send(stream, render_response(503, _TEXT, b"too many admin connections\n"))
                 return
-            self.active += 1
+            slot = _Slot()
+            self._slots[slot] = None
             try:
-                await self._serve_one(stream)
+                with slot.scope:
+                    await self._serve_one(stream, slot)
             finally:
-                self.active -= 1
+                self._slots.pop(slot, None)
 
-    async def _serve_one(self, stream: anyio.abc.ByteStream) -> None:
+    def _make_room(self) -> bool:
+        """Shed the connection that has been reading its request longest, else the oldest lingering
+        one; False when every connection is being answered."""
+        for phase in (_READING, _LINGERING):
+            victim = next((slot for slot in self._slots if slot.phase == phase), None)
+            if victim is not None:
+                del self._slots[victim]
+                victim.scope.cancel()  # its task closes the connection without answering
+                self.metrics.admin_connections_shed.inc()
+                self._shed_log.note("admin connection limit (%d) reached: closed the oldest connection %s to "
+                                    "make room", self.max_connections,
+                                    "still reading its request" if phase == _READING else "lingering")
+                return True
+        return False
+
+    async def _serve_one(self, stream: anyio.abc.ByteStream, slot: _Slot) -> None:
         head: bytes | None = None
         with anyio.move_on_after(self.read_timeout):
             try:
                 head = await self._read_head(stream)
             except _BadRequest as exc:
-                await self._send(stream, render_response(exc.status, _TEXT, f"{exc}\n".encode()))
+                slot.phase = _ANSWERING
+                await self._send(stream, render_response(exc.status, _TEXT, f"{exc}\n".encode()), slot)
                 return
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 return  # client went away before finishing its request
+        slot.phase = _ANSWERING
         if head is None:
-            await self._send(stream, render_response(408, _TEXT, b"request not received in time\n"))
+            await self._send(stream, render_response(408, _TEXT, b"request not received in time\n"), slot)
             return
         try:
             response = self.respond(head)
         except Exception:  # a bug (or a failing collector) must not take the admin listener down
             log.exception("admin request failed")
             response = render_response(500, _TEXT, b"internal error\n")
-        await self._send(stream, response)
+        await self._send(stream, response, slot)
 
     async def _read_head(self, stream: anyio.abc.ByteStream) -> bytes:
         buf = bytearray()
@@ -157,8 +221,13 @@ class AdminHandler:
                                    extra_headers={"Allow": "GET, HEAD"})
         head_only = method == "HEAD"
         if path == "/metrics":
-            body = generate_latest(self.metrics.registry)
-            return render_response(200, CONTENT_TYPE_LATEST, body, head_only=head_only)
+            accept = header_value(head, "Accept")
+            if "application/openmetrics-text" in accept:
+                encoder, content_type = choose_encoder(accept)
+                body = encoder(self.metrics.registry)
+            else:  # the text format, as before (choose_encoder would fall back to its older 0.0.4)
+                body, content_type = generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+            return render_response(200, content_type, body, head_only=head_only)
         if path == "/healthz":
             return render_response(200, _TEXT, b"ok\n", head_only=head_only)
         if path == "/readyz":
@@ -178,7 +247,7 @@ class AdminHandler:
         body = {"ready": not not_ready, "not_ready": not_ready, "checks": checks}
         return (503 if not_ready else 200), (json.dumps(body, sort_keys=True) + "\n").encode()
 
-    async def _send(self, stream: anyio.abc.ByteStream, data: bytes) -> None:
+    async def _send(self, stream: anyio.abc.ByteStream, data: bytes, slot: _Slot | None = None) -> None:
         """Write the response, then close gently: half-close and discard what the client still sends
         (bounded), so unread request bytes do not turn our close into a reset that eats the response."""
         with anyio.move_on_after(self.read_timeout), contextlib.suppress(
@@ -186,6 +255,8 @@ class AdminHandler:
         ):
             await stream.send(data)
             await stream.send_eof()
+            if slot is not None:
+                slot.phase = _LINGERING  # answered: this connection may now make room for another
             with anyio.move_on_after(_LINGER_SECONDS):
                 drained = 0
                 while drained < self.max_request_bytes:

@@ -5,7 +5,9 @@
 - The link has its own STAN space and stamps field 7 (transmission date-time) and 11 on every request
   *before* the caller journals it: field 90 of a later reversal needs both.
 - Every (re)connect signs on (0800/001) and, when configured, exchanges zone keys (0800/101) before any
-  financial traffic; reconnects back off exponentially with jitter.
+  financial traffic; reconnects back off exponentially with jitter, and the back-off starts afresh
+  only after a connection that signed on (a host that accepts and closes at once is not hammered).
+  Each connection's end is one log line: why it ended, and the delay really waited before the next.
 - Echo tests (0800/301) are sent on idle, from this side only; a host that does not answer one is
   treated as dead and the connection is recycled.
 - One writer task per connection does every write: a request appends its frame to the connection's
@@ -28,14 +30,16 @@ import itertools
 import logging
 import math
 import random
+import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectSendStream
 
+from gateway import logs
 from gateway.config import HostConfig
 from gateway.core.clock import utc_mmddhhmmss
 from gateway.iso.build import iso87
@@ -46,7 +50,9 @@ from gateway.iso.message import Message
 from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
-from gateway.metrics import CounterLike, Metrics
+from gateway.metrics import CounterLike, Metrics, clock
+from gateway.net.counted_log import CountedLog
+from gateway.net.tls import TlsHandshakeError, client_context, failure_kind, handshake
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
@@ -101,7 +107,7 @@ _QUEUED, _SENDING, _SENT, _WITHDRAWN = range(4)
 class _Pending:
     """One request waiting for its answer."""
 
-    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "state", "timeout")
+    __slots__ = ("counter", "done", "error", "event", "frame", "key", "reply", "sent_at", "state", "timeout")
 
     def __init__(self, key: tuple[str, ...], frame: bytes, counter: CounterLike, timeout: float) -> None:
         self.key = key
@@ -115,6 +121,8 @@ class _Pending:
         self.event = anyio.Event()
         self.reply: HostReply | None = None
         self.error: HostError | None = None
+        #: `metrics.clock()` when the writer took the frame (the host stage runs from here to the answer)
+        self.sent_at = 0.0
 
 
 class _Connection:
@@ -146,8 +154,58 @@ class _Connection:
 #: receives each answer nobody waits for, with whether its MAC verified
 UnmatchedHandler = Callable[[HostReply], Awaitable[None]]
 
-#: late answers waiting for the journal before the host reader waits too
+#: late answers waiting for the journal; past that they are dropped (counted, logged), never waited for
 LATE_ANSWER_BACKLOG = 1000
+#: late answers journalled at once: their writes share group commits instead of one commit each
+LATE_ANSWER_BATCH = 64
+
+
+class _LateAnswers:
+    """The bounded backlog between the host reader and the task that journals late answers.
+
+    `put` never waits: an answer storm must not stall the answers behind it in the stream (they would
+    time out into 98s and reversals). When the backlog is full one answer is dropped: an approval whose
+    MAC verified is kept over anything else (it may reopen a reversal the host answered 25 too early:
+    money), so the oldest other answer makes way for it; otherwise the new answer is dropped."""
+
+    __slots__ = ("_items", "_limit", "_wakeup")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[HostReply] = deque()
+        self._limit = limit
+        self._wakeup: anyio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, answer: HostReply) -> HostReply | None:
+        """Queue `answer`; returns the answer dropped to keep the bound (None when nothing was)."""
+        items = self._items
+        dropped: HostReply | None = None
+        if len(items) >= self._limit:
+            if not _precious(answer):
+                return answer
+            dropped = next((a for a in items if not _precious(a)), None)
+            if dropped is None:
+                return answer
+            items.remove(dropped)
+        items.append(answer)
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+        return dropped
+
+    async def take(self, most: int) -> list[HostReply]:
+        """Wait for at least one answer; then take up to `most`, oldest first."""
+        while not self._items:
+            self._wakeup = wakeup = anyio.Event()
+            await wakeup.wait()
+        items = self._items
+        return [items.popleft() for _ in range(min(most, len(items)))]
+
+
+def _precious(answer: HostReply) -> bool:
+    return answer.mac_ok and answer.message.fields.get("39") == "00"
 
 
 class HostLink:
@@ -162,8 +220,13 @@ class HostLink:
         self.security = security
         self.metrics = metrics
         self.on_unmatched = on_unmatched
-        #: to the task that journals late answers (set while `run` runs)
-        self._late_answers: MemoryObjectSendStream[HostReply] | None = None
+        #: late answers waiting for `_journal_late_answers`
+        self._late_answers = _LateAnswers(LATE_ANSWER_BACKLOG)
+        self._drop_log = CountedLog(log)
+        #: one line per late answer, but a storm of them becomes one line a second with a count
+        self._late_log = CountedLog(log, level=logging.INFO)
+        #: TLS on the host link ([host.tls]); None: plain TCP
+        self._ssl_context = client_context(config.tls) if config.tls is not None else None
         self.dialect = load_dialect(config.dialect)
         self.codec = Codec(self.dialect)
         self.framer = make_framer(config.framing, config.max_frame)
@@ -181,6 +244,8 @@ class HostLink:
         self._signed_on = anyio.Event()
         self.reconnects = 0
         self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
+        #: why the current connection ended, for the one log line about it (None: it has not)
+        self._ended_because: str | None = None
         #: field 7 of the current second (formatting it costs more than everything else in `allocate`)
 
     # --- public API --------------------------------------------------------------------------------
@@ -215,49 +280,97 @@ class HostLink:
         """Keep the link up forever: connect, sign on, serve, and reconnect with backoff on failure.
         Late answers are journalled by a task of their own, so the reader never waits for the journal
         (a burst of late answers would otherwise stall every answer behind it, into more timeouts)."""
-        send, receive = anyio.create_memory_object_stream[HostReply](LATE_ANSWER_BACKLOG)
-        self._late_answers = send
-        async with anyio.create_task_group() as tg, send, receive:
-            tg.start_soon(self._journal_late_answers, receive)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._journal_late_answers)
             await self._keep_connected(task_status)
 
-    async def _journal_late_answers(self, answers: anyio.abc.ObjectReceiveStream[HostReply]) -> None:
-        async for answer in answers:
+    async def _journal_late_answers(self) -> None:
+        """Journal late answers a batch at a time, the batch's answers concurrently: their journal writes
+        join the same group commits, so a storm of thousands costs tens of commits, not thousands."""
+        while True:
+            batch = await self._late_answers.take(LATE_ANSWER_BATCH)
             if self.on_unmatched is None:
                 continue
-            try:
-                await self.on_unmatched(answer)
-            except Exception:  # journalling a late answer must never take the link down
-                log.exception("could not journal a late host answer")
+            async with anyio.create_task_group() as tg:
+                for answer in batch:
+                    tg.start_soon(self._journal_late_answer, self.on_unmatched, answer)
+
+    @staticmethod
+    async def _journal_late_answer(handler: UnmatchedHandler, answer: HostReply) -> None:
+        try:
+            await handler(answer)
+        except Exception:  # journalling a late answer must never take the link down
+            log.exception("could not journal a late host answer")
+
+    def _queue_late_answer(self, answer: HostReply) -> None:
+        dropped = self._late_answers.put(answer)
+        if dropped is None:
+            return
+        self.metrics.late_answers_dropped.inc()
+        msg = dropped.message
+        self._drop_log.note("late-answer backlog full (%d waiting for the journal): dropped host answer %s stan %s "
+                            "rc %s unjournalled", len(self._late_answers), msg.mti, msg.get("11"), msg.get("39"))
 
     async def _keep_connected(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
         backoff = self.config.reconnect_min
         while True:
             self._set_state(LinkState.CONNECTING)
+            self._ended_because = None
+            signed_on = False
             try:
                 with anyio.fail_after(self.config.connect_timeout):
                     stream = await self._connect()
             except (OSError, TimeoutError) as exc:
                 self._set_state(LinkState.DOWN)
-                log.warning("host %s unreachable: %s; retry in %.1fs", self.config.address, exc, backoff)
+                why = f"host {self.config.address} unreachable: {_describe(exc)}"
             else:
                 try:
                     await self._serve_connection(stream)
-                    backoff = self.config.reconnect_min  # it was up: start the backoff afresh
+                    why = self._ended_because or "connection ended"
                 except Exception as exc:  # any failure of one connection: log, recycle, reconnect
-                    log.warning("host link lost: %s", _describe(exc))
+                    why = self._ended_because or _describe(exc)
                 finally:
+                    signed_on = self.state is LinkState.SIGNED_ON
                     self._drop_connection()
+                why = f"host link to {self.config.address} ended {'after' if signed_on else 'before'} sign-on: {why}"
+            if signed_on:
+                # only a connection that signed on proves the host healthy: one that ends before (a host
+                # that accepts and closes at once, refuses the sign-on, ...) keeps the back-off growing
+                backoff = self.config.reconnect_min
+            # full jitter: spread reconnect storms of many gateways over the whole interval
+            delay = backoff * (0.5 + random.random() / 2)
+            log.warning("%s; retry in %.2fs", why, delay)
             self.reconnects += 1
             self.metrics.host_reconnects.inc()
-            # full jitter: spread reconnect storms of many gateways over the whole interval
-            await anyio.sleep(backoff * (0.5 + random.random() / 2))
+            await anyio.sleep(delay)
             backoff = min(backoff * 2, self.config.reconnect_max)
 
+    def _end_connection(self, scope: anyio.CancelScope, why: str) -> None:
+        """Recycle the connection, noting why (the first reason wins: later ones are its echoes)."""
+        if self._ended_because is None:
+            self._ended_because = why
+        scope.cancel()
+
     async def _connect(self) -> anyio.abc.ByteStream:
-        """Open a connection to the host (a seam: tests wrap the stream to stall or count writes)."""
-        return await anyio.connect_tcp(self.config.address.host, self.config.address.port)
+        """Open a connection to the host, with TLS when configured (a seam: tests wrap the stream to
+        stall or count writes). A failed TLS handshake raises TlsHandshakeError (an OSError), counted."""
+        address = self.config.address
+        stream = await anyio.connect_tcp(address.host, address.port)
+        if self._ssl_context is None:
+            return stream
+        tls = self.config.tls
+        assert tls is not None
+        try:
+            return await handshake(stream, self._ssl_context, server_side=False,
+                                   hostname=tls.server_name or address.host)
+        except TlsHandshakeError as exc:
+            self.metrics.tls_failure("host", exc.kind).inc()
+            await anyio.aclose_forcefully(stream)
+            raise
+        except BaseException:  # cancelled (connect_timeout): do not leak the socket
+            await anyio.aclose_forcefully(stream)
+            raise
 
     async def _serve_connection(self, stream: anyio.abc.ByteStream) -> None:
         async with stream:
@@ -330,8 +443,7 @@ class HostLink:
                 echo = iso87.echo(*self.allocate(), self.config.acquirer_id)
                 await self._exchange(echo, self.config.timeout)
             except HostError:
-                log.warning("host did not answer an echo test: recycling the connection")
-                scope.cancel()
+                self._end_connection(scope, "the host did not answer an echo test")
                 return
 
     # --- wire --------------------------------------------------------------------------------------
@@ -364,6 +476,7 @@ class HostLink:
             frame = self.framer.encode(body)
         except (IsoError, SecurityError) as exc:
             raise HostNotSent(f"request cannot be encoded: {exc}") from None
+        logs.trace("host_out", msg)
         slot = _Pending(key, frame, self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")), timeout)
         pending[key] = slot
         self._add_deadline(conn, slot, anyio.current_time() + timeout)
@@ -415,8 +528,7 @@ class HostLink:
             if stalled:
                 # cancelling the write is the only way out, and it may leave part of a frame on the wire
                 # (every later frame would be read out of step): recycle the connection
-                log.warning("a write to the host stayed stuck past a request's deadline: recycling the connection")
-                conn.scope.cancel()
+                self._end_connection(conn.scope, "a write to the host stayed stuck past a request's deadline")
                 return
             with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf) as conn.expiry:
                 await anyio.sleep_forever()
@@ -453,11 +565,13 @@ class HostLink:
             batch, conn.outgoing = conn.outgoing, []
             chunks: list[bytes] = []
             taken: list[_Pending] = []
+            writing_at = clock()  # before the send: an answer can be read before `send` returns here
             for item in batch:
                 if isinstance(item, bytes):
                     chunks.append(item)
                 elif item.state == _QUEUED:  # not withdrawn meanwhile
                     item.state = _SENDING
+                    item.sent_at = writing_at
                     chunks.append(item.frame)
                     taken.append(item)
             if not chunks:
@@ -473,25 +587,40 @@ class HostLink:
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         decoder = self.framer.decoder()
         conn = self._conn
+        received = False
         try:
             async for chunk in stream:
+                received = True
                 self._last_rx = anyio.current_time()
                 for frame in decoder.feed(chunk):
                     if self.tap is not None:
                         self.tap.frame(Leg.HOST, Direction.IN, conn, frame.body, frame.envelope)
                     unmatched = self._on_frame(frame.body)
-                    if unmatched is not None and self._late_answers is not None:
-                        try:
-                            self._late_answers.send_nowait(unmatched)
-                        except anyio.WouldBlock:  # a backlog that large: let the journal set the pace
-                            await self._late_answers.send(unmatched)
+                    if unmatched is not None:
+                        self._queue_late_answer(unmatched)  # never waits: see _LateAnswers
         except IsoError as exc:
             self.metrics.decode_error(exc.kind).inc()
-            log.warning("host sent an undecodable stream (%s): closing the link", exc)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        log.info("host connection closed")
-        scope.cancel()
+            self._end_connection(scope, f"the host sent an undecodable stream ({exc})")
+        except ssl.SSLError as exc:  # e.g. TLS 1.3: the host refuses our certificate after the handshake
+            self.metrics.tls_failure("host", failure_kind(exc)).inc()
+            self._end_connection(scope, f"TLS failure ({_describe(exc)})")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ssl.SSLError):
+                self.metrics.tls_failure("host", failure_kind(cause)).inc()
+                self._end_connection(scope, f"TLS failure ({_describe(cause)})")
+            self._refused_tls_session(scope, received)
+            self._end_connection(scope, f"the connection broke ({_describe(exc)})")
+        self._refused_tls_session(scope, received)
+        self._end_connection(scope, "the host closed the connection")
+
+    def _refused_tls_session(self, scope: anyio.CancelScope, received: bool) -> None:
+        """Under TLS 1.3 the client's handshake is over before the host has checked our certificate: a
+        host that refuses it just closes the session, before sending anything. Say so, and count it."""
+        if self._ssl_context is not None and not received and self._ended_because is None:
+            self.metrics.tls_failure("host", "closed").inc()
+            self._end_connection(scope, "the host closed the TLS session before sending anything (a host that "
+                                        "refuses our client certificate does that under TLS 1.3)")
 
     def _on_frame(self, body: bytes) -> HostReply | None:
         """Hand an answer to its request; returns an answer no request waits for (late or unmatched)."""
@@ -503,6 +632,7 @@ class HostLink:
             log.warning("undecodable message from host: %s", exc)
             return None
         self.metrics.message("host_in", msg.mti, msg.fields.get("39", "")).inc()
+        logs.trace("host_in", msg)
         if is_request(msg.mti):
             self._answer_host_request(msg)
             return None
@@ -514,9 +644,10 @@ class HostLink:
         if slot is None or slot.state == _QUEUED:
             # nobody waits for it, or its request was never written (so it cannot be the answer to it)
             self.metrics.late_answers.inc()
-            log.info("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
+            self._late_log.note("unmatched/late host answer %s stan=%s rc=%s", msg.mti, msg.get("11"), msg.get("39"))
             return HostReply(msg, mac_ok)
         del self._pending[key]
+        self.metrics.stages.host.observe(clock() - slot.sent_at)
         slot.done = True
         slot.reply = HostReply(msg, mac_ok)
         slot.event.set()

@@ -24,7 +24,9 @@ from gateway.config import ReversalConfig
 from gateway.core.reversal import build_host_reversal
 from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostNotSent, HostTimeout
+from gateway.ratelog import RateLimitedLog
 from gateway.store.base import Store
+from gateway.store.errors import StoreError
 from gateway.store.records import RC_ORIGINAL_NOT_FOUND, SafEntry
 
 log = logging.getLogger("gateway.saf")
@@ -50,6 +52,7 @@ class SafSender:
         #: an entry queued before this process started may have reached the host just before the old
         #: process died: its next attempt is a repeat (0401) even though no attempt was recorded
         self._started_at = time.time()
+        self.faults = RateLimitedLog(log)
 
     def wake(self) -> None:
         """Something was queued: look at the queue now instead of at the next poll."""
@@ -68,7 +71,8 @@ class SafSender:
                 try:
                     due = await self.store.due_reversals(time.time(), 64)
                 except Exception:
-                    log.exception("could not read the reversal queue; trying again at the next poll")
+                    self.faults.error("reversal queue unreadable",
+                                      "could not read the reversal queue; trying again at the next poll", exc_info=True)
                     continue
                 for entry in due:
                     if entry.saf_id in self._busy:
@@ -81,10 +85,13 @@ class SafSender:
     async def _attempt(self, entry: SafEntry) -> None:
         try:
             await self._send(entry)
-        except Exception:
+        except Exception as exc:
             # an operator may have dropped the entry meanwhile, or the journal hiccupped: log it and
-            # let the next poll look again; the sender (and with it the gateway) must keep running
-            log.exception("reversal attempt for txn %s failed inside the gateway", entry.txn_id)
+            # let the next poll look again; the sender (and with it the gateway) must keep running.
+            # A failing journal fails every attempt: one traceback per episode, then counts.
+            key = "reversal journal write" if isinstance(exc, StoreError) else f"reversal attempt {entry.saf_id}"
+            self.faults.error(key, "reversal attempt for txn %s failed inside the gateway", entry.txn_id,
+                              exc_info=True)
         finally:
             self._busy.discard(entry.saf_id)
             self._ended_during_read.add(entry.saf_id)

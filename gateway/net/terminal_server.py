@@ -20,21 +20,35 @@ read, a semaphore checkpoint and a new task per frame, a timeout scope + lock + 
   stops reading (idle) or writing (write timeout);
 * frames are processed by worker tasks that are reused: an idle worker takes the next frame, and a new
   worker is spawned only when all are busy, up to `max_in_flight_per_connection`.
+
+Slow clients (slowloris): the idle timeout restarts on every byte, so on its own it never ends a
+connection that trickles a byte a second into a declared 8,000-byte frame. Two more rules:
+
+* a frame must arrive whole within `frame_timeout` of its first byte (the sweeper enforces it with
+  the idle timeout; time spent held back by our own back-pressure does not count);
+* at `max_connections` a new terminal is not refused while some connection is merely holding a slot:
+  the one that has been idle, or trickling its frame, longest is closed to make room. A connection
+  with requests in flight is never chosen (its answers would become undeliverable, into reversals);
+  only when every connection has work in flight is the new one refused.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
 from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
-from gateway.metrics import Metrics
+from gateway.metrics import NOOP, HistogramLike, Metrics, clock
+from gateway.net.counted_log import CountedLog
+from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
 from gateway.trace.format import Direction, EventKind, Leg
 from gateway.trace.tap import Tap
 
@@ -81,6 +95,8 @@ class TerminalConnection:
     def __init__(self, stream: anyio.abc.ByteStream, encode: Callable[[bytes, CupEnvelope | None], bytes],
                  write_timeout: float, peer: str) -> None:
         self._stream = stream
+        #: times each write (`metrics.stages.terminal_write`); the server sets it, NOOP by default
+        self.write_stage: HistogramLike = NOOP
         self._encode = encode
         self._write_timeout = write_timeout
         self.peer = peer
@@ -117,6 +133,11 @@ class TerminalConnection:
         await batch.done.wait()
         if batch.failure is not None:
             raise Undeliverable(batch.failure)
+
+    @property
+    def writing(self) -> bool:
+        """Answers are waiting to be written or being written."""
+        return self._queued is not None or self._writing is not None
 
     def _wake_writer(self) -> None:
         wakeup = self._writer_wakeup
@@ -179,7 +200,9 @@ class TerminalConnection:
                 parts = batch.parts
                 self._writing = batch
                 try:
+                    started = clock()
                     await stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
+                    self.write_stage.observe(clock() - started)
                 except Exception as exc:
                     if not isinstance(exc, _WRITE_ERRORS):  # a bug guard: contained to this connection
                         log.exception("unexpected error writing to terminal %s", self.peer)
@@ -230,6 +253,11 @@ class _Workers:
     @property
     def full(self) -> bool:
         return not self._idle and self._count >= self._limit
+
+    @property
+    def busy(self) -> bool:
+        """Some frame of this connection is being processed."""
+        return self._count > len(self._idle)
 
     def dispatch(self, item: Any) -> None:
         """Start processing `item` now (the caller checked `full`)."""
@@ -298,18 +326,45 @@ class _Workers:
             log.exception("unhandled error while processing a frame from %s", self._conn.peer)
 
 
+#: why the server stopped reading a connection (`_Watched.stopped`)
+_IDLE, _FRAME_TIMEOUT, _SHED = "idle", "frame timeout", "shed"
+
+
 class _Watched:
-    """A connection as the server's sweeper sees it: its reader's idleness and its writer's deadline."""
+    """A connection as the server's sweeper sees it: its reader's idleness, the deadline of the frame it
+    is receiving, and its writer's deadline."""
 
-    __slots__ = ("conn", "reading", "waiting_since")
+    __slots__ = ("conn", "frame_started", "peer", "reading", "stopped", "waiting_since", "workers")
 
-    def __init__(self, conn: TerminalConnection) -> None:
-        self.conn = conn
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        #: None until the connection is ready for frames (during a TLS handshake)
+        self.conn: TerminalConnection | None = None
         #: cancelled by the sweeper to stop reading; None once the reader has stopped
         self.reading: anyio.CancelScope | None = None
         #: when the reader's current `receive` began; None while it is not waiting for bytes (it is
         #: processing a chunk or held back by back-pressure, neither of which is the terminal's idleness)
         self.waiting_since: float | None = None
+        #: when the first byte of the frame still incomplete arrived; None between frames
+        self.frame_started: float | None = None
+        self.workers: _Workers | None = None
+        #: why the server stopped reading (_IDLE, _FRAME_TIMEOUT, _SHED); None: it has not
+        self.stopped: str | None = None
+
+    def stop_reading(self, why: str) -> None:
+        reading, self.reading = self.reading, None
+        if reading is not None:
+            self.stopped = why
+            reading.cancel()
+
+    def stalled_since(self) -> float | None:
+        """Since when this connection has only held its slot (idle, or trickling a frame); None when it
+        may not be shed: it has requests in flight or answers to write, or is not reading."""
+        if self.reading is None or self.waiting_since is None:
+            return None
+        if (self.workers is not None and self.workers.busy) or (self.conn is not None and self.conn.writing):
+            return None
+        return self.frame_started if self.frame_started is not None else self.waiting_since
 
 
 class TerminalServer:
@@ -327,12 +382,25 @@ class TerminalServer:
         self.port: int | None = None
         self._watched: set[_Watched] = set()
         self.tap: Tap | None = None  #: records the traffic when set (gateway.trace)
+        #: connections shed to make room that have not finished closing yet (they still count in `active`)
+        self._shedding = 0
+        self._shed_log = CountedLog(log)
+        #: TLS on the terminal port ([terminal_side.tls]); None: plain TCP
+        self.ssl_context = server_context(config.tls) if config.tls is not None else None
+        #: around the accept loop only: `stop_accepting` ends it, the open connections go on
+        self._accepting = anyio.CancelScope()
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: close the listening socket (new terminals are refused) and keep serving
+        the connections already open, so the answers in flight are still delivered."""
+        self._accepting.cancel()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
         listener = await anyio.create_tcp_listener(local_host=listen.host, local_port=listen.port, reuse_port=False)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        log.info("accepting terminals on %s:%s", listen.host, self.port)
+        log.info("accepting terminals on %s:%s (%s)", listen.host, self.port,
+                 "plain TCP" if self.config.tls is None else f"TLS, client certificates {self.config.tls.client_certs}")
         task_status.started(self.port)
         # shielded: during a shutdown the answers still being written stay bounded by write_timeout; it
         # ends once every connection has (listener.serve returns only after all its handlers)
@@ -340,7 +408,11 @@ class TerminalServer:
         async with listener, anyio.create_task_group() as tg:
             tg.start_soon(self._sweep, sweeping)
             try:
-                await listener.serve(self._handle_connection)
+                async with anyio.create_task_group() as connections:
+                    with self._accepting:
+                        await listener.serve(self._handle_connection, task_group=connections)
+                    await listener.aclose()  # stopped accepting: refuse new connections from now on
+                    log.info("no longer accepting terminals; %d connections stay open", self.active)
             finally:
                 sweeping.cancel()
 
@@ -351,7 +423,8 @@ class TerminalServer:
         sooner than that: a reader starting to wait now is due at now + idle_timeout, a batch queued now
         at now + write_timeout, and the sleep never reaches past either."""
         idle_timeout, write_timeout = self.config.idle_timeout, self.config.write_timeout
-        horizon = min(idle_timeout, write_timeout)
+        frame_timeout = self.config.frame_timeout
+        horizon = min(idle_timeout, write_timeout, frame_timeout)
         # bounds the wake-ups (each looks at every connection) when many are due one after the other;
         # a timeout may fire up to this late
         min_gap = max(horizon / 64, 0.001)
@@ -360,15 +433,18 @@ class TerminalServer:
                 now = anyio.current_time()
                 wake = now + horizon
                 for watched in self._watched:
-                    since, reading = watched.waiting_since, watched.reading
-                    if since is not None and reading is not None:
+                    since = watched.waiting_since
+                    if since is not None and watched.reading is not None:
                         due = since + idle_timeout
+                        started = watched.frame_started
+                        frame_due = started + frame_timeout if started is not None else due
                         if now >= due:
-                            watched.reading = None
-                            reading.cancel()
-                        elif due < wake:
-                            wake = due
-                    write_due = watched.conn._check_write(now)
+                            watched.stop_reading(_IDLE)
+                        elif now >= frame_due:
+                            watched.stop_reading(_FRAME_TIMEOUT)
+                        elif min(due, frame_due) < wake:
+                            wake = min(due, frame_due)
+                    write_due = watched.conn._check_write(now) if watched.conn is not None else None
                     if write_due is not None and write_due < wake:
                         wake = write_due
                 await anyio.sleep_until(max(wake, now + min_gap))
@@ -378,38 +454,88 @@ class TerminalServer:
             peer = "{}:{}".format(*stream.extra(anyio.abc.SocketAttribute.remote_address)[:2])
         except (OSError, TypeError, ValueError):
             peer = "?"
-        if self.active >= self.config.max_connections:
+        if self.active - self._shedding >= self.config.max_connections and not self._make_room(peer):
             self.metrics.connections_refused.inc()
-            log.warning("refusing terminal %s: %d connections already", peer, self.active)
+            log.warning("refusing terminal %s: %d connections already, each with work in flight", peer, self.active)
             await anyio.aclose_forcefully(stream)
             return
         self.active += 1
         self.metrics.connections_accepted.inc()
         self.metrics.terminal_connections.inc()
-        conn = TerminalConnection(stream, self.framer.encode, self.config.write_timeout, peer)
-        watched = _Watched(conn)
+        watched = _Watched(peer)
         self._watched.add(watched)
-        if self.tap is not None:
-            self.tap.opened(Leg.TERMINAL, conn, peer)
         try:
             async with stream:
-                await self._serve_connection(stream, watched)
+                framed: anyio.abc.ByteStream | None = stream
+                if self.ssl_context is not None:
+                    framed = await self._tls_handshake(stream, watched)
+                if framed is not None:
+                    watched.conn = TerminalConnection(framed, self.framer.encode, self.config.write_timeout, peer)
+                    watched.conn.write_stage = self.metrics.stages.terminal_write
+                    if self.tap is not None:  # the connection the tap names is the one frames flow on
+                        self.tap.opened(Leg.TERMINAL, watched.conn, peer)
+                    await self._serve_connection(framed, watched)
         finally:
-            if self.tap is not None:
-                self.tap.closed(Leg.TERMINAL, conn)
+            if self.tap is not None and watched.conn is not None:
+                self.tap.closed(Leg.TERMINAL, watched.conn)
             self._watched.discard(watched)
+            if watched.stopped == _SHED:
+                self._shedding -= 1
             self.active -= 1
             self.metrics.terminal_connections.dec()
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream, watched: _Watched) -> None:
+    def _make_room(self, newcomer: str) -> bool:
+        """At max_connections: close the connection that has been idle or trickling longest, so that a
+        slot held by a slow or silent client never keeps a terminal out. False when none qualifies."""
+        victim, since = None, math.inf
+        for watched in self._watched:
+            stalled = watched.stalled_since()
+            if stalled is not None and stalled < since:
+                victim, since = watched, stalled
+        if victim is None:
+            return False
+        how = "trickling a frame" if victim.frame_started is not None else "idle"
+        victim.stop_reading(_SHED)
+        self._shedding += 1
+        self.metrics.connections_shed.inc()
+        self._shed_log.note("max_connections (%d) reached: closed terminal connection %s (%s for %.1fs) to make "
+                            "room for %s", self.config.max_connections, victim.peer, how,
+                            anyio.current_time() - since, newcomer)
+        return True
+
+    async def _tls_handshake(self, stream: anyio.abc.SocketStream, watched: _Watched) -> TLSStream | None:
+        """The TLS handshake, bounded like a frame (frame_timeout from the connect) and sheddable like
+        one; None when it failed (logged, counted) or was cut short."""
+        with anyio.CancelScope() as handshaking:
+            watched.reading = handshaking
+            watched.waiting_since = watched.frame_started = anyio.current_time()
+            try:
+                tls = await handshake(stream, self.ssl_context, server_side=True)  # type: ignore[arg-type]
+            except TlsHandshakeError as exc:
+                self.metrics.tls_failure("terminal", exc.kind).inc()
+                log.warning("refusing terminal %s: %s", watched.peer, exc)
+                return None
+            finally:
+                watched.reading = watched.waiting_since = watched.frame_started = None
+        if handshaking.cancelled_caught:
+            if watched.stopped == _FRAME_TIMEOUT:
+                self.metrics.tls_failure("terminal", "timeout").inc()
+                log.warning("refusing terminal %s: TLS handshake not complete %.1fs after the connect",
+                            watched.peer, self.config.frame_timeout)
+            return None
+        log.info("terminal %s: TLS established (%s)", watched.peer, peer_summary(tls))
+        return tls
+
+    async def _serve_connection(self, stream: anyio.abc.ByteStream, watched: _Watched) -> None:
         # In-flight frames finish even after reading stops: their host exchange is under way, and an
         # answer that cannot be delivered must still be reversed by the handler. When the terminal hung
         # up, answers are refused at once (`closed`); when *we* stop reading (idle, bad framing), the
         # answers already owed are still written, then the connection closes.
         conn = watched.conn
+        assert conn is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(conn._write_batches)  # ends when the last worker is done after reading stopped
-            workers = _Workers(tg, self.handler, conn, self.config.max_in_flight_per_connection)
+            workers = watched.workers = _Workers(tg, self.handler, conn, self.config.max_in_flight_per_connection)
             with anyio.CancelScope() as reading:
                 watched.reading = reading
                 try:
@@ -418,9 +544,14 @@ class TerminalServer:
                     watched.reading = watched.waiting_since = None
                     workers.close()
             if reading.cancelled_caught:
-                log.info("closing idle terminal connection %s", conn.peer)
+                if watched.stopped == _FRAME_TIMEOUT:
+                    self.metrics.frame_timeouts.inc()
+                    log.warning("closing terminal connection %s: a frame was not complete %.1fs after its first "
+                                "byte", conn.peer, self.config.frame_timeout)
+                elif watched.stopped == _IDLE:
+                    log.info("closing idle terminal connection %s", conn.peer)
 
-    async def _read_frames(self, stream: anyio.abc.SocketStream, conn: TerminalConnection, workers: _Workers,
+    async def _read_frames(self, stream: anyio.abc.ByteStream, conn: TerminalConnection, workers: _Workers,
                            watched: _Watched) -> None:
         decoder = self.framer.decoder()
         admit = self.admit
@@ -442,11 +573,17 @@ class TerminalServer:
                 self.metrics.decode_error(exc.kind).inc()
                 log.warning("bad frame from %s (%s): closing the connection", conn.peer, exc)
                 return
+            if not decoder.buffered:
+                watched.frame_started = None
+            elif frames or watched.frame_started is None:
+                watched.frame_started = clock()  # the first byte of the frame now incomplete came in this chunk
             for frame in frames:
                 if self.tap is not None:
                     self.tap.frame(Leg.TERMINAL, Direction.IN, conn, frame.body, frame.envelope)
                 if workers.full:
                     await workers.wait_for_a_free_worker()
+                    if watched.frame_started is not None:
+                        watched.frame_started = clock()  # our back-pressure held its bytes back, not the terminal
                 workers.dispatch(frame if admit is None else admit(frame))
             if decoder.failed:
                 self.metrics.decode_error("framing").inc()

@@ -17,7 +17,7 @@ from gateway.security.errors import KeyFormatError, MacError
 
 #: terminal MAC algorithms a module can be configured with
 TERMINAL_MAC_ALGORITHMS: Final = ("cup-ecb", "x919")
-#: field 64 in the CUP POS dialect: 8 ASCII hex characters
+#: field 64 in the CUP POS dialect: 8 bytes on the wire, the MAC as 8 ASCII hex characters
 CUP_MAC_LENGTH: Final = 8
 
 

@@ -21,7 +21,14 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from gateway.security.des import ZERO_BLOCK, DesKey, generate_key, is_weak, parse_hex_key
-from gateway.security.errors import KeyFormatError, KeyNotFoundError, KeyUsageError, MacError, SecurityError
+from gateway.security.errors import (
+    KeyFormatError,
+    KeyNotFoundError,
+    KeyStoreError,
+    KeyUsageError,
+    MacError,
+    SecurityError,
+)
 from gateway.security.keyblock import KeyBlockLayout, build_key_block, get_layout, unwrap_zone_key
 from gateway.security.keys import WORKING_USAGES, KeyUsage
 from gateway.security.keystore import KeyStore, load_lmk, make_key
@@ -58,11 +65,12 @@ class SecurityModule(Protocol):
     def has_terminal_master_key(self, terminal_id: str) -> bool: ...
 
     def verify_terminal_mac(self, terminal_id: str, mab: bytes, mac: bytes) -> None:
-        """Raises MacError when `mac` (field 64, 8 ASCII hex bytes) does not authenticate `mab`."""
+        """Raises MacError when `mac` (field 64's 8 wire bytes: normally ASCII hex characters, but any
+        byte may arrive) does not authenticate `mab`."""
         ...
 
     def generate_terminal_mac(self, terminal_id: str, mab: bytes) -> bytes:
-        """Field 64 for a message to the terminal: 8 ASCII hex bytes."""
+        """Field 64's 8 wire bytes for a message to the terminal (ASCII hex characters)."""
         ...
 
     def translate_pin_to_host(self, terminal_id: str, pin_block: bytes, pan: str | None) -> bytes:
@@ -110,9 +118,14 @@ class SoftwareSecurityModule:
     def from_config(cls, config: SecurityConfig,
                     terminals: Iterable[TerminalEntry] = ()) -> SoftwareSecurityModule:
         """Open the configured key store (or an in-memory one) and import the demo/test keys the
-        config may carry in hex (ZMK, per-terminal TMKs). Production keys come from `gateway keys`."""
+        config may carry in hex (ZMK, per-terminal TMKs). Production keys come from `gateway keys`.
+        A configured key store that does not exist is an error (a mistyped path must not quietly
+        become a new, empty store): `gateway keys init` creates it."""
         if config.keystore is not None:
-            store = KeyStore.open_or_create(config.keystore, load_lmk(config.lmk_file))
+            if not config.keystore.exists():  # said before any LMK problem: it is the first thing to fix
+                raise KeyStoreError(f"key store {config.keystore} does not exist: create it with "
+                                    f"`gateway keys init --store {config.keystore}`")
+            store = KeyStore.open(config.keystore, load_lmk(config.lmk_file))
         else:
             store = KeyStore.in_memory()
         module = cls(store, terminal_mac=config.terminal_mac)
@@ -200,11 +213,14 @@ class SoftwareSecurityModule:
 
     def verify_terminal_mac(self, terminal_id: str, mab: bytes, mac: bytes | str, *,
                             expected_length: int | None = None) -> None:
-        """`mac` is field 64 as bytes (or its str value from `Message`). `expected_length`, when
-        given, is the MAB length the caller's framing implies; a MAB of another length (a truncated
-        message) fails as a MAC error."""
+        """`mac` is field 64 as its 8 wire bytes, or as its `Message` value (those bytes in hex: field
+        64 is binary, reference §2). `expected_length`, when given, is the MAB length the caller's
+        framing implies; a MAB of another length (a truncated message) fails as a MAC error."""
         if isinstance(mac, str):
-            mac = mac.encode("ascii", "replace")
+            try:
+                mac = bytes.fromhex(mac)
+            except ValueError:
+                raise MacError("terminal MAC value is not hex") from None
         if len(mac) != CUP_MAC_LENGTH:
             raise MacError(f"terminal MAC must be {CUP_MAC_LENGTH} bytes, got {len(mac)}")
         if expected_length is not None and len(mab) != expected_length:

@@ -1,25 +1,32 @@
 """`gateway sim-host` and `gateway sim-terminal`: the simulators from the command line.
 
     gateway sim-host --listen 127.0.0.1:6000 [--config rules.toml] [--keys test-keys.toml | --zmk HEX]
+                     [--tls-cert PEM --tls-key PEM [--tls-ca PEM --tls-client-certs required]]
     gateway sim-terminal --target 127.0.0.1:5000 --keys test-keys.toml [--terminal-id ID] [--count N]
     gateway sim-terminal --target 127.0.0.1:5000 --terminal-id T0000001 --tmk HEX [--count N]
+                     [--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--tls-server-name NAME]]
 
 `--keys` reads the TEST KEYS file `gateway init` writes (gateway.sim.keyfile): the host simulator's
 ZMK, the terminal's id, merchant id and TMK, so they match what the gateway has registered.
+The `--tls-*` options speak TLS to (or as) a gateway configured with [terminal_side.tls] / [host.tls].
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import secrets
+import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from gateway.config import ConfigError, Endpoint
+from gateway.config import ConfigError, Endpoint, TlsClientConfig, TlsServerConfig
 from gateway.iso.message import mask_pan
+from gateway.net.tls import client_context, server_context
 from gateway.security.algorithms import parse_hex_key
 from gateway.security.errors import SecurityError
 from gateway.sim.host import HostSimConfig, HostSimulator, parse_zmk
@@ -42,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     host.add_argument("--dialect", help="host dialect (default iso87-ascii)")
     host.add_argument("--framing", choices=("len2", "ascii4", "cup"), help="length framing (default len2)")
     host.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    host.add_argument("--tls-cert", help="speak TLS: the host's PEM certificate (with --tls-key)")
+    host.add_argument("--tls-key", help="the PEM private key of --tls-cert")
+    host.add_argument("--tls-ca", help="PEM CA bundle client certificates must chain to")
+    host.add_argument("--tls-client-certs", choices=("none", "optional", "required"), default="none",
+                      help="ask the gateway for a client certificate (needs --tls-ca)")
     host.set_defaults(func=run_host)
 
     term = subparsers.add_parser("sim-terminal", help="sign a simulated CUP terminal in and run purchases")
@@ -61,7 +73,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     term.add_argument("--key-mode", choices=("001", "003", "004"), default="004")
     term.add_argument("--timeout", type=float, default=10.0)
     term.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    term.add_argument("--tls", action="store_true", help="speak TLS (implied by any --tls-* option)")
+    term.add_argument("--tls-ca", help="PEM CA bundle the gateway's certificate must chain to (default: system)")
+    term.add_argument("--tls-cert", help="the terminal's PEM client certificate (with --tls-key), for mTLS")
+    term.add_argument("--tls-key", help="the PEM private key of --tls-cert")
+    term.add_argument("--tls-server-name", help="name the gateway's certificate must carry (default: the target host)")
     term.set_defaults(func=run_terminal)
+
+
+def _host_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_certs != "none" and not args.tls_ca:
+        raise ConfigError("--tls-client-certs needs --tls-ca")
+    return server_context(TlsServerConfig(cert=Path(args.tls_cert), key=Path(args.tls_key),
+                                          ca=Path(args.tls_ca) if args.tls_ca else None,
+                                          client_certs=args.tls_client_certs), "--tls")
+
+
+def _terminal_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return client_context(TlsClientConfig(ca=Path(args.tls_ca) if args.tls_ca else None,
+                                          cert=Path(args.tls_cert) if args.tls_cert else None,
+                                          key=Path(args.tls_key) if args.tls_key else None), "--tls")
 
 
 def _backend_options(backend: str) -> dict[str, Any]:
@@ -89,14 +128,15 @@ def run_host(args: argparse.Namespace) -> int:
         if changes:
             config = HostSimConfig(**{**_fields(config), **changes})
         sim = HostSimulator(config)
+        tls = _host_tls(args)
     except (ConfigError, SimConfigError, KeyFileError) as exc:
         return _fail(str(exc))
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            port = await tg.start(sim.serve, listen.host, listen.port)
-            print(f"host simulator listening on {listen.host}:{port} ({config.dialect}, {config.framing})",
-                  flush=True)
+            port = await tg.start(functools.partial(sim.serve, listen.host, listen.port, ssl_context=tls))
+            print(f"host simulator listening on {listen.host}:{port} ({config.dialect}, {config.framing}"
+                  f"{', TLS' if tls is not None else ''})", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(main, backend=args.backend, backend_options=_backend_options(args.backend))
@@ -124,6 +164,7 @@ def run_terminal(args: argparse.Namespace) -> int:
     try:
         target = Endpoint.parse(args.target, "--target")
         terminal_id, merchant_id, tmk = _terminal_identity(args)
+        tls = _terminal_tls(args)
     except (ConfigError, SecurityError, KeyFileError) as exc:
         return _fail(str(exc))
     if len(terminal_id) != 8:
@@ -140,7 +181,8 @@ def run_terminal(args: argparse.Namespace) -> int:
     async def main() -> int:
         terminal = TerminalSimulator(
             target.host, target.port, terminal_id, merchant_id, tmk,
-            timeout=args.timeout, key_mode=args.key_mode, batch=batch,
+            timeout=args.timeout, key_mode=args.key_mode, batch=batch, ssl_context=tls,
+            tls_hostname=args.tls_server_name,
         )
         failures = 0
         async with terminal:

@@ -19,6 +19,9 @@ Options (`gateway load --driver cup --target HOST:PORT [--keys FILE] -o KEY=VALU
     amount        minor units (default 100)
     key_mode      001 / 003 / 004 (default 004)
     timeout       seconds a terminal waits for an answer (default 10)
+    batch         the batch (1..999999) every terminal starts in; default: the next batch recorded in the
+                  state file (`gateway load --state PATH`, see gateway.sim.terminal_state), so a rerun is
+                  never refused as a duplicate (94); `--state none`: a random batch, nothing recorded
 
 Result codes: the host's 39, or "timeout" (no answer: the terminal has reversed on its own),
 "bad_mac" (approval with a MAC that does not verify) or "bad_answer" (echoed fields differ).
@@ -31,7 +34,8 @@ Importing this module registers the driver.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from gateway.load.driver import LoadError, parse_target, register_driver
@@ -39,6 +43,17 @@ from gateway.security.algorithms import parse_hex_key
 from gateway.security.errors import SecurityError
 from gateway.sim.keyfile import KeyFileError, LabTerminal, read_test_keys
 from gateway.sim.terminal import Card, Entry, SignInError, TerminalSimulator, TxnResult
+from gateway.sim.terminal_state import (
+    BATCH_MAX,
+    BATCH_MIN,
+    TerminalStateError,
+    TerminalStateFile,
+    default_state_path,
+    format_batch,
+    random_batch,
+)
+
+log = logging.getLogger("gateway.load")
 
 DEMO_TMK: Final = "0123456789ABCDEFFEDCBA9876543210"
 DEFAULT_TERMINAL: Final = "LT000001"
@@ -48,6 +63,8 @@ KINDS: Final = frozenset({"purchase", "refund", "balance", "void", "echo", "sett
 #: answers after which a terminal must sign in again
 RESIGN_CODES: Final = frozenset({"77", "A0", "99"})
 WORKER_STRIDE: Final = 10_000
+#: `--state none`: keep no state file, start from a random batch
+NO_STATE: Final = "none"
 
 
 def terminal_ids(first: str, offset: int = 0) -> Iterator[str]:
@@ -133,13 +150,23 @@ class CupDriver:
         timeout: float = 10.0,
         worker_index: int = 0,
         terminals: Sequence[LabTerminal] = (),
+        batch: Callable[[str], int] = lambda _key: random_batch(),
     ) -> None:
+        """`batch(key)` opens the batch the terminals start in, once, at the first connect (so building
+        a driver to check its options costs no batch); `key` names this group of terminals."""
         self.host = host
         self.port = port
         self._tmk = tmk
+        first_id = next(terminal_ids(first_terminal, worker_index * WORKER_STRIDE))
         self._ids = terminal_ids(first_terminal, worker_index * WORKER_STRIDE)
         #: registered terminals (from a test-keys file), taken in turn; a replaced session reuses one
         self._registered = itertools.cycle(terminals) if terminals else None
+        if terminals:
+            first_id = terminals[0].terminal_id
+        #: names this group of terminals in the state file: the target and its first terminal id
+        self.state_key = f"{host}:{port} {first_id}"
+        self._open_batch = batch
+        self.batch: str | None = None
         self.merchant_id = merchant_id
         self.card = card or Card(DEFAULT_PAN)
         self.amount = amount
@@ -151,6 +178,9 @@ class CupDriver:
         return f"CupDriver({self.host}:{self.port}, card={self.card!r}, amount={self.amount})"
 
     async def connect(self) -> CupSession:
+        if self.batch is None:  # no await before this is set: sessions connect concurrently
+            self.batch = format_batch(self._open_batch(self.state_key))
+            log.info("cup driver: terminals %s... in batch %s", self.state_key.split()[-1], self.batch)
         if self._registered is not None:
             entry = next(self._registered)
             terminal_id, merchant_id, tmk = entry.terminal_id, entry.merchant_id, entry.tmk
@@ -164,6 +194,7 @@ class CupDriver:
             tmk,
             timeout=self.timeout,
             key_mode=self.key_mode,
+            batch=self.batch,
         )
         await terminal.connect()
         return CupSession(terminal, self.card, self.amount, self.entry)
@@ -208,7 +239,30 @@ def cup_driver_factory(options: Mapping[str, Any]) -> CupDriver:
         timeout=timeout,
         worker_index=_int_option(options, "worker_index", 0),
         terminals=_registered_terminals(options),
+        batch=_batch_source(options, extra),
     )
+
+
+def _batch_source(options: Mapping[str, Any], extra: Mapping[str, Any]) -> Callable[[str], int]:
+    """-o batch=N (fixed), else the state file of `--state` (default path when not given), else, with
+    `--state none`, a random batch."""
+    if "batch" in extra:
+        fixed = _int_option(extra, "batch", 1)
+        if not BATCH_MIN <= fixed <= BATCH_MAX:
+            raise LoadError(f"cup driver option batch must be {BATCH_MIN}..{BATCH_MAX}")
+        return lambda _key: fixed
+    where = options.get("state")
+    if where == NO_STATE:
+        return lambda _key: random_batch()
+    state = TerminalStateFile(where or default_state_path())
+
+    def from_state(key: str) -> int:
+        try:
+            return state.next_batch(key)
+        except TerminalStateError as exc:
+            raise LoadError(str(exc)) from None
+
+    return from_state
 
 
 def _registered_terminals(options: Mapping[str, Any]) -> tuple[LabTerminal, ...]:

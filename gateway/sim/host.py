@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from gateway.iso.message import Message, mask_pan
 from gateway.iso.mti import is_request, is_reversal
 from gateway.iso.spec import load_dialect
 from gateway.iso.validate import identify
+from gateway.net.tls import TlsHandshakeError, handshake
 from gateway.security.algorithms import (
     DesKey,
     decrypt_pin_block,
@@ -68,6 +70,8 @@ log = logging.getLogger("gateway.sim.host")
 
 #: the well-known test key (0123456789ABCDEF FEDCBA9876543210); demos and tests only
 DEFAULT_ZMK: Final = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+#: seconds a client has to complete its TLS handshake
+TLS_HANDSHAKE_TIMEOUT: Final = 10.0
 #: check value length the key-exchange answer carries (layout iso87.48.key: 8 hex characters)
 KCV_LENGTH: Final = 4
 
@@ -170,6 +174,7 @@ class HostStats:
     disconnects: int = 0
     garbage_sent: int = 0
     closes_after_n: int = 0
+    tls_failures: int = 0  #: connections refused because their TLS handshake failed
 
     @property
     def connections_open(self) -> int:
@@ -196,6 +201,8 @@ class HostSimulator:
         # "ZPK"/"ZAK" → the key with its cipher contexts (built once, not per MAC or PIN block),
         # shared by all connections
         self._zone_keys: dict[str, DesKey] = {}
+        self._open: set[_Connection] = set()
+        self._ssl_context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"HostSimulator({self.config!r}, port={self.port})"
@@ -223,6 +230,15 @@ class HostSimulator:
 
     def has_zone_key(self, usage: str) -> bool:
         return usage in self._zone_keys
+
+    async def send_unsolicited(self, messages: Iterable[Message]) -> int:
+        """Write messages nobody asked for (stray, replayed or very late answers: an answer storm) to
+        every open connection, all in one write per connection. Returns how many connections got them."""
+        data = b"".join(self.framer.encode(self.codec.encode(m)) for m in messages)
+        connections = list(self._open)
+        for conn in connections:
+            await conn._send(data)
+        return len(connections)
 
     # --- the sans-I/O step -------------------------------------------------------------------------
 
@@ -394,24 +410,44 @@ class HostSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen and serve until cancelled. `port = await tg.start(sim.serve)` gives the bound port."""
+        """Listen and serve until cancelled. `port = await tg.start(sim.serve)` gives the bound port.
+        With `ssl_context` (e.g. `gateway.net.tls.server_context(...)`) every connection speaks TLS;
+        a failed handshake is logged and counted in `stats.tls_failures`."""
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        log.info("host simulator listening on %s:%s (%s, %s)", host, self.port, self.dialect.name,
-                 self.config.framing)
+        self._ssl_context = ssl_context
+        log.info("host simulator listening on %s:%s (%s, %s%s)", host, self.port, self.dialect.name,
+                 self.config.framing, ", TLS" if ssl_context is not None else "")
         task_status.started(self.port)
         async with listener:
             await listener.serve(self._connection)
 
-    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+    async def _connection(self, raw: anyio.abc.SocketStream) -> None:
+        stream: anyio.abc.ByteStream = raw
+        if self._ssl_context is not None:
+            try:
+                with anyio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    stream = await handshake(raw, self._ssl_context, server_side=True)
+            except (TlsHandshakeError, TimeoutError) as exc:
+                self.stats.tls_failures += 1
+                log.warning("host simulator: refusing a connection: %s", exc or "TLS handshake timed out")
+                await anyio.aclose_forcefully(raw)
+                return
+            except BaseException:  # cancelled mid-handshake (shutdown): the socket is still ours to close
+                await anyio.aclose_forcefully(raw)
+                raise
         self.stats.connections_opened += 1
+        conn = _Connection(self, stream)
+        self._open.add(conn)
         try:
-            await _Connection(self, stream).run()
+            await conn.run()
         except Exception:  # one broken connection must never stop the listener
             log.exception("host simulator: connection failed")
         finally:
+            self._open.discard(conn)
             self.stats.connections_closed += 1
             await anyio.aclose_forcefully(stream)
 
@@ -433,7 +469,7 @@ class _Connection:
     """One client connection: read frames in order; answer at once from the reader, or from a task of
     its own when the answer is delayed or the fault is a disconnect."""
 
-    def __init__(self, sim: HostSimulator, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, sim: HostSimulator, stream: anyio.abc.ByteStream) -> None:
         self.sim = sim
         self.stream = stream
         # the reader and delayed-answer tasks write to one stream, which refuses concurrent sends;

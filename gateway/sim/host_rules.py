@@ -157,9 +157,14 @@ class Fault:
 
 DEFAULT_LIMIT: Final = 9_999_999
 
+#: opening balance of the default accounts: 1,000,000,000.00, a billion purchases of the load tool's 1.00
+#: (the old 10,000.00 ran dry after 10,000 and answered 51 from then on), and still inside field 54's
+#: 12 digits. A configuration that wants declines for lack of funds gives an account a small balance.
+DEFAULT_BALANCE: Final = 100_000_000_000
+
 DEFAULT_ACCOUNTS: Final[tuple[Account, ...]] = (
-    Account("cup-debit", 1_000_000, ("622202", "621700"), pin="123456"),
-    Account("visa-credit", 500_000, ("4",), pin="1234"),
+    Account("cup-debit", DEFAULT_BALANCE, ("622202", "621700"), pin="123456"),
+    Account("visa-credit", DEFAULT_BALANCE, ("4",), pin="1234"),
 )
 
 

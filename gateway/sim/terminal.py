@@ -20,6 +20,7 @@ connects, uses and closes a session from different tasks), with no task group to
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -45,6 +46,7 @@ from gateway.iso.totals import (
     SettlementTotals,
 )
 from gateway.iso.validate import echo_mismatches
+from gateway.net.tls import handshake
 from gateway.security.algorithms import (
     encrypt_pin_block,
     encrypt_track,
@@ -216,9 +218,15 @@ class TerminalSimulator:
         header: str = "603100310000",
         max_frame: int = 8192,
         auto_reverse: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        tls_hostname: str | None = None,
     ) -> None:
+        """With `ssl_context` (e.g. `gateway.net.tls.client_context(...)`) the terminal speaks TLS; the
+        gateway's certificate must name `tls_hostname` (default: `host`)."""
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
+        self.tls_hostname = tls_hostname
         self.ident = TerminalIdent(terminal_id, merchant_id)
         self._tmk = bytes(tmk)
         self.cards = {c.pan: c for c in cards}
@@ -269,8 +277,16 @@ class TerminalSimulator:
         await self.aclose()
         try:
             with anyio.fail_after(self.timeout):
-                self._stream = await anyio.connect_tcp(self.host, self.port)
-        except (OSError, TimeoutError) as exc:
+                stream: anyio.abc.ByteStream = await anyio.connect_tcp(self.host, self.port)
+                if self.ssl_context is not None:
+                    try:
+                        stream = await handshake(stream, self.ssl_context, server_side=False,
+                                                 hostname=self.tls_hostname or self.host)
+                    except BaseException:
+                        await anyio.aclose_forcefully(stream)
+                        raise
+                self._stream = stream
+        except (OSError, TimeoutError) as exc:  # TlsHandshakeError is an OSError
             raise TerminalConnectionError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
         self._decoder = self.framer.decoder()
 
@@ -579,7 +595,7 @@ class TerminalSimulator:
             mab = body[:-8]
             value = terminal_mac(mak, mab, self.mac_algorithm)
             body = mab + value
-            request = Message(request.mti, {**request.fields, "64": value.decode("ascii")})
+            request = Message(request.mti, {**request.fields, "64": value.hex().upper()})  # 8 bytes
         stan = request.fields.get("11", "")
         amount_text = request.fields.get("4")
         base = TxnResult(
@@ -616,15 +632,15 @@ class TerminalSimulator:
         )
 
     def _response_mac_ok(self, answer: _Answer) -> bool:
-        received = answer.message.fields.get("64")
         mak = self._keys.get(KeyUsage.MAK)
-        if received is None or mak is None:
+        if "64" not in answer.message.fields or mak is None:
             return False
         try:
             expected = terminal_mac(mak, answer.body[:-8], self.mac_algorithm)
         except SecurityError:
             return False
-        return macs_equal(expected, received.upper().encode("ascii"))
+        # field 64 is 8 bytes on the wire, normally ASCII hex characters (either case)
+        return macs_equal(expected, answer.body[-8:].upper())
 
     # --- wire: send, and read as the leader while waiting ------------------------------------------
 

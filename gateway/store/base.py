@@ -28,6 +28,7 @@ from gateway.store.records import (
     ReversalInitiator,
     SafEntry,
     SafState,
+    SafSummary,
     TxnQuery,
     TxnRecord,
     TxnRequest,
@@ -267,4 +268,8 @@ class Store(Protocol):
 
     async def saf_depth(self) -> int:
         """Entries still needing action (pending + parked)."""
+        ...
+
+    async def saf_summary(self) -> SafSummary:
+        """Pending and parked counts and the oldest pending entry's queue time (one cheap query)."""
         ...

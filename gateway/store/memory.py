@@ -39,6 +39,7 @@ from gateway.store.records import (
     ReversalInitiator,
     SafEntry,
     SafState,
+    SafSummary,
     TxnKind,
     TxnQuery,
     TxnRecord,
@@ -472,6 +473,12 @@ class MemoryStore:
     async def saf_depth(self) -> int:
         await anyio.lowlevel.checkpoint()
         return sum(1 for row in self._saf.values() if row["state"] in OPEN_SAF_STATES)
+
+    async def saf_summary(self) -> SafSummary:
+        await anyio.lowlevel.checkpoint()
+        pending = [row["queued_at"] for row in self._saf.values() if row["state"] == SafState.PENDING]
+        parked = sum(1 for row in self._saf.values() if row["state"] == SafState.PARKED)
+        return SafSummary(len(pending), parked, min(pending, default=None))
 
 
 def _keep(new: str | None, old: str | None) -> str | None:

@@ -599,3 +599,14 @@ def totals_from_groups(groups: Iterable[tuple[str, str, int, int]]) -> Settlemen
             t = CardTotals(t.debit_amount, t.debit_count, t.credit_amount + amount, t.credit_count + count)
         sides[domestic] = t
     return SettlementTotals(domestic=sides[True], foreign=sides[False])
+
+
+@dataclass(frozen=True, slots=True)
+class SafSummary:
+    """The queue at a glance, for metrics and alerts (`Store.saf_summary`)."""
+
+    pending: int
+    parked: int
+    #: `queued_at` of the oldest pending reversal (epoch seconds); None when none is pending
+    oldest_pending_queued_at: float | None
+

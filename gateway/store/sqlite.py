@@ -69,6 +69,7 @@ from gateway.store.records import (
     ReversalInitiator,
     SafEntry,
     SafState,
+    SafSummary,
     TxnKind,
     TxnQuery,
     TxnRecord,
@@ -388,6 +389,17 @@ def _op_drop(conn: sqlite3.Connection, saf_id: int, note: str, now: float) -> Sa
 
 def _count_open_saf(conn: sqlite3.Connection) -> int:
     return int(conn.execute(f"SELECT count(*) FROM saf WHERE {_OPEN_SAF}").fetchone()[0])
+
+
+def _saf_summary(conn: sqlite3.Connection) -> SafSummary:
+    counts = {SafState.PENDING: (0, None), SafState.PARKED: (0, None)}
+    for state, n, oldest in conn.execute(
+        "SELECT state, count(*), min(queued_at) FROM saf WHERE state IN (?, ?) GROUP BY state",
+        (SafState.PENDING, SafState.PARKED),
+    ):
+        counts[SafState(state)] = (int(n), oldest)
+    pending, oldest_pending = counts[SafState.PENDING]
+    return SafSummary(pending, counts[SafState.PARKED][0], oldest_pending)
 
 
 def _op_record_refusal(conn: sqlite3.Connection, values: tuple[object, ...], keep: int) -> None:
@@ -830,6 +842,9 @@ class SqliteStore:
 
     async def saf_depth(self) -> int:
         return await self._read(_count_open_saf)
+
+    async def saf_summary(self) -> SafSummary:
+        return await self._read(_saf_summary)
 
 
 def _and(base: str, params: list[object], **optional: object) -> tuple[str, list[object]]:

@@ -76,6 +76,7 @@ class _Link:
     terminal: FrameRecord
     host_key: tuple[str, ...] | None = None  #: the upstream request's field-90 identity
     timed_out: bool = False
+    link_key: tuple[str, ...] | None = None  #: its key in `Checker._links`, dropped once the terminal is answered
 
 
 @dataclass(slots=True)
@@ -84,19 +85,41 @@ class _Approval:
     terminal: str
 
 
-class _Bounded(OrderedDict[tuple[str, ...], object]):
-    """Insertion-ordered, at most `limit` entries (the oldest go first)."""
+class _Bounded(OrderedDict[object, object]):
+    """Insertion-ordered, at most `limit` entries (the oldest go first); `expire` lets go of those
+    older than a horizon of trace time."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
 
-    def put(self, key: tuple[str, ...], value: object) -> object | None:
+    def put(self, key: object, value: object) -> object | None:
         self[key] = value
         self.move_to_end(key)
         if len(self) > self.limit:
             return self.popitem(last=False)[1]
         return None
+
+    def expire(self, horizon: float) -> None:
+        while self:
+            key, value = next(iter(self.items()))
+            if _time_of(value) >= horizon:
+                return
+            del self[key]
+
+
+def _time_of(value: object) -> float:
+    if isinstance(value, _Open):
+        return value.rec.t
+    if isinstance(value, _Link):
+        return value.terminal.t
+    return value if isinstance(value, float) else float("inf")
+
+
+def _seen(identity: tuple[str, ...]) -> int:
+    """What the long-kept sets (originals, reversals) store of a key: its hash, a small int, so the
+    count bound (`max_entries`) is a few MiB rather than tuples of strings."""
+    return hash(identity)
 
 
 @dataclass(slots=True)
@@ -233,6 +256,9 @@ class Checker:
             entry = _Open(rec)
             self._open.setdefault(key, []).append(entry)
             self._open_order[id(entry)] = (key, entry)
+            if len(self._open_order) > self.options.max_entries:
+                self._expire_open(float("inf"), limit=1,  # the oldest goes, reported as unanswered
+                                  why=f"no answer among the next {self.options.max_entries:,} requests")
             self._request(rec, entry)
             return
         waiting = [e for e in self._open.get(key, ()) if e.rec.dir is not rec.dir]
@@ -263,12 +289,12 @@ class Checker:
         if rec.leg is Leg.TERMINAL:
             if mclass in "12":
                 batch = f.get("60", "")[2:8]
-                self._terminal_originals.put((f.get("41", ""), batch, f.get("11", "")), True)
+                self._terminal_originals.put(_seen((f.get("41", ""), batch, f.get("11", ""))), rec.t)
                 link = entry.link = _Link(rec)
                 self._awaiting_upstream.setdefault(f.get("41", ""), []).append(link)
             elif mclass == "4" and not self.options.continued:
                 batch = f.get("60", "")[2:8]
-                if (f.get("41", ""), batch, f.get("11", "")) not in self._terminal_originals:
+                if _seen((f.get("41", ""), batch, f.get("11", ""))) not in self._terminal_originals:
                     self._find("originals", FindingKind.INVARIANT,
                                f"terminal reversal names no original in the trace (batch {batch})", rec)
             return
@@ -276,7 +302,7 @@ class Checker:
             return  # the host's own requests (echo tests) name nothing
         identity = _identity(rec)
         if mclass in "12":
-            self._host_originals.put(identity, True)
+            self._host_originals.put(_seen(identity), rec.t)
             self._link_upstream(rec, identity)
         elif mclass == "4":
             self._host_reversal(rec)
@@ -290,7 +316,8 @@ class Checker:
             if link.terminal.fields.get("4") == amount:
                 del waiting[i]
                 link.host_key = identity
-                self._links.put(self._key(rec), link)
+                link.link_key = self._key(rec)
+                self._links.put(link.link_key, link)
                 return
 
     def _host_reversal(self, rec: FrameRecord) -> None:
@@ -302,12 +329,12 @@ class Checker:
                        got=f90)
             return
         identity = (orig.mti, orig.stan, orig.transmission_dt, orig.acquirer_id.rjust(11, "0"))
-        if identity not in self._host_originals and not self._before_trace(orig.transmission_dt):
+        if _seen(identity) not in self._host_originals and not self._before_trace(orig.transmission_dt):
             self._find("originals", FindingKind.INVARIANT,
                        f"field 90 names no request in the trace ({orig.mti} stan {orig.stan} "
                        f"at {orig.transmission_dt})",
                        rec, field="90", got=f90)
-        self._reversed.put(identity, True)
+        self._reversed.put(_seen(identity), rec.t)
         self._approvals.pop(identity, None)
         if rec.mti[3] == "0":
             self._first_attempts.put((f90,), rec)
@@ -343,7 +370,7 @@ class Checker:
         if rec.leg is Leg.HOST and req.dir is Direction.OUT and req.mti[1] in "12":
             if rc == "00" and req.fields.get("3", "")[:2] in _REVERSIBLE_HOST:
                 identity = _identity(req)
-                if identity not in self._reversed:
+                if _seen(identity) not in self._reversed:
                     self._approvals.put(identity, _Approval(rec, req.fields.get("41", "")))
         elif rec.leg is Leg.TERMINAL and entry.link is not None:
             self._unawait(entry.link)
@@ -365,6 +392,8 @@ class Checker:
                        f"had timed out (request #{link.terminal.seq})", rec, rule="late")
         if delivered and rc == "00" and link.host_key is not None:
             self._approvals.pop(link.host_key, None)  # delivered
+        if link.link_key is not None:
+            self._links.pop(link.link_key, None)  # the terminal has its answer: nothing more to link
 
     def _late_answer(self, entry: _Open, rec: FrameRecord) -> None:
         """An answer after its request's timeout: recorded, and its approval must be reversed."""
@@ -372,7 +401,7 @@ class Checker:
         if (rec.leg is Leg.HOST and rec.fields.get("39") == "00" and req.mti[1] in "12"
                 and req.fields.get("3", "")[:2] in _REVERSIBLE_HOST):
             identity = _identity(req)
-            if identity not in self._reversed:
+            if _seen(identity) not in self._reversed:
                 self._approvals.put(identity, _Approval(rec, req.fields.get("41", "")))
 
     # --- events ------------------------------------------------------------------------------------
@@ -429,14 +458,21 @@ class Checker:
         start = datetime.fromtimestamp(self._first_t, UTC).strftime("%m%d%H%M%S")
         return mmddhhmmss < start
 
-    def _expire(self, horizon: float) -> None:
-        while self._open_order:
+    def _expire_open(self, horizon: float, limit: int | None = None, why: str | None = None) -> None:
+        while self._open_order and (limit is None or limit > 0):
             _, (key, entry) = next(iter(self._open_order.items()))
             if entry.rec.t >= horizon:
                 break
             self._close_open(key, entry)
             self._find("pairing", FindingKind.MISSING_FRAME,
-                       f"no answer within {self.options.window:.0f}s and no timeout recorded", entry.rec)
+                       (why or f"no answer within {self.options.window:.0f}s") + " and no timeout recorded", entry.rec)
+            if limit is not None:
+                limit -= 1
+
+    def _expire(self, horizon: float) -> None:
+        self._expire_open(horizon)
+        self._timed_out.expire(horizon)  # an answer later than a window after its request is not waited for
+        self._links.expire(horizon)
         while self._approvals:
             identity, approval = next(iter(self._approvals.items()))
             assert isinstance(approval, _Approval)
@@ -444,9 +480,10 @@ class Checker:
                 break
             del self._approvals[identity]
             self._unresolved(approval)
-        for terminal in [t for t, links in self._awaiting_upstream.items()
-                         if not links or links[-1].terminal.t < horizon]:
-            del self._awaiting_upstream[terminal]
+        for terminal, links in list(self._awaiting_upstream.items()):
+            links[:] = [link for link in links if link.terminal.t >= horizon]
+            if not links:
+                del self._awaiting_upstream[terminal]
 
     def _unresolved(self, approval: _Approval) -> None:
         self._find("approvals", FindingKind.INVARIANT,

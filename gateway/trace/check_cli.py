@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from gateway.iso.errors import IsoError
 from gateway.trace.check import DEFAULT_WINDOW, Checker, CheckOptions
 from gateway.trace.format import Record, TraceFormatError, read_trace
 from gateway.trace.report import summary_line, write_json, write_junit
@@ -23,8 +24,11 @@ def _stream(paths: list[Path], checker_box: list[Checker], options: CheckOptions
     for i, path in enumerate(paths):
         header, records = read_trace(path)
         if i == 0:
-            options.continued = int(header.notes.get("part", 1)) > 1
-            checker_box.append(Checker(header, options))
+            try:
+                options.continued = int(header.notes.get("part", 1)) > 1
+                checker_box.append(Checker(header, options))
+            except (IsoError, ValueError, TypeError) as exc:  # an unknown dialect or framing in the header
+                raise TraceFormatError(f"{path}: {exc}") from None
         for rec in records:
             count += 1
             if progress and count % 250_000 == 0:

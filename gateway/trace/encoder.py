@@ -46,7 +46,7 @@ class TraceEncoder:
         self.seq = 0
 
     def codec(self, leg: Leg) -> Codec:
-        return self._codec[leg.value]
+        return self._codec[leg]
 
     def header(self, source: str, created: str, **notes: object) -> TraceHeader:
         return TraceHeader(source=source, dialects=dict(self.dialects), framings=dict(self.framings),
@@ -58,14 +58,14 @@ class TraceEncoder:
 
     def frame(self, t: float, leg: Leg, direction: Direction, conn: str, body: bytes,
               envelope: CupEnvelope | None = None) -> Record:
-        codec = self._codec[leg.value]
+        codec = self._codec[leg]
         try:
             msg = codec.decode(body)
         except IsoError as exc:
             return EventRecord(self._next(), t, leg, conn, EventKind.UNDECODABLE, f"{direction.value}: {exc}")
-        fields, kinds = mask_message(self._dialect[leg.value], msg, self.surrogates)
-        framer = self._framer[leg.value]
-        dialect = self._dialect[leg.value]
+        fields, kinds = mask_message(self._dialect[leg], msg, self.surrogates)
+        framer = self._framer[leg]
+        dialect = self._dialect[leg]
         if not kinds or (len(kinds) == 1 and dialect.mac_field_for(fields) in kinds):
             # nothing secret, or only the MAC (the last field, fixed size): the frame as it was, with the
             # MAC's bytes replaced by the placeholder's — what re-encoding would give, for half the cost
@@ -89,10 +89,10 @@ class TraceEncoder:
         """A decoded message (imports that carry fields, not bytes, start here): re-encoded from its
         surrogate fields."""
         if fields is None or kinds is None:
-            fields, kinds = mask_message(self._dialect[leg.value], msg, self.surrogates)
+            fields, kinds = mask_message(self._dialect[leg], msg, self.surrogates)
         try:
-            body = self._codec[leg.value].encode(Message(msg.mti, dict(fields)))
-            wire = self._framer[leg.value].encode(body, envelope)
+            body = self._codec[leg].encode(Message(msg.mti, dict(fields)))
+            wire = self._framer[leg].encode(body, envelope)
         except IsoError as exc:
             return EventRecord(self._next(), t, leg, conn, EventKind.UNDECODABLE,
                                f"{direction.value}: {msg.mti} cannot be encoded ({exc})")

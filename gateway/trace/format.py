@@ -112,12 +112,14 @@ class FrameRecord:
     masked: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": "frame", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg.value,
-                               "dir": self.dir.value, "conn": self.conn, "mti": self.mti, "fields": self.fields}
+        # enum members as they are: json writes a StrEnum as its string, and `.value` costs a property
+        # call per member (the writer process writes every frame of the gateway)
+        out: dict[str, Any] = {"kind": "frame", "seq": self.seq, "t": round(self.t, 6), "leg": self.leg,
+                               "dir": self.dir, "conn": self.conn, "mti": self.mti, "fields": self.fields}
         if self.envelope is not None:
             out["envelope"] = self.envelope
         if self.secrets:
-            out["secrets"] = {k: v.value for k, v in self.secrets.items()}
+            out["secrets"] = self.secrets
         if self.masked:
             out["masked"] = list(self.masked)
         if self.wire:
@@ -183,7 +185,10 @@ def read_trace(path: Path) -> tuple[TraceHeader, Iterator[Record]]:
     The file is closed when the iterator is exhausted or garbage-collected."""
     f = path.open(encoding="utf-8")
     try:
-        first = f.readline()
+        try:
+            first = f.readline()
+        except UnicodeDecodeError:
+            raise TraceFormatError(f"{path}: line 1 is not UTF-8 text, not a trace") from None
         if not first:
             raise TraceFormatError(f"{path}: empty file, not a trace")
         header = parse_line(first, 1)
@@ -197,12 +202,16 @@ def read_trace(path: Path) -> tuple[TraceHeader, Iterator[Record]]:
 
 def _records(f: IO[str]) -> Iterator[Record]:
     with f:
-        for lineno, line in enumerate(f, start=2):
-            if line.strip():
-                rec = parse_line(line, lineno)
-                if isinstance(rec, TraceHeader):
-                    raise TraceFormatError(f"line {lineno}: a second trace header")
-                yield rec
+        lineno = 1
+        try:
+            for lineno, line in enumerate(f, start=2):
+                if line.strip():
+                    rec = parse_line(line, lineno)
+                    if isinstance(rec, TraceHeader):
+                        raise TraceFormatError(f"line {lineno}: a second trace header")
+                    yield rec
+        except UnicodeDecodeError:
+            raise TraceFormatError(f"{f.name}: not UTF-8 text after line {lineno}") from None
 
 
 def write_records(out: IO[str], header: TraceHeader, records: Iterable[Record]) -> int:

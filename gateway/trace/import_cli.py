@@ -46,7 +46,8 @@ def _import_command(args: argparse.Namespace) -> int:
     try:
         with out.open("w", encoding="utf-8") as f:
             n = write_records(f, header, _records(args, encoder, leg))
-    except (OSError, ValueError, EOFError) as exc:  # dpkt raises ValueError on a file that is no capture
+    except (OSError, ValueError, EOFError) as exc:  # ImportFormatError is a ValueError
+        out.unlink(missing_ok=True)  # half a trace would pass for a whole one
         print(f"gateway trace import: cannot read {args.input}: {exc}", file=sys.stderr)
         return 1
     print(f"imported {n} records from {args.input} into {out}")

@@ -18,7 +18,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import re
 import socket
 from collections.abc import Iterable, Iterator
@@ -36,6 +38,13 @@ from gateway.iso.spec import load_dialect, wire_len
 from gateway.trace.codecs import make_trace_framer
 from gateway.trace.encoder import TraceEncoder
 from gateway.trace.format import Direction, EventKind, Leg, Record
+
+log = logging.getLogger("gateway.trace.import")
+
+
+class ImportFormatError(ValueError):
+    """An input that is not what its --format says (malformed XML, a cut capture header, ...)."""
+
 
 #: what an outgoing CUP frame carries when a dump gave only the body
 DEFAULT_ENVELOPE: Final = CupEnvelope.from_hex("6000000000", "603100000000")
@@ -146,25 +155,37 @@ def _jpos_time(text: str, fallback: float) -> float:
 
 def jpos_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg) -> Iterator[Record]:
     """Streams the XML (a jPOS log file is a sequence of <log> elements, so it is parsed inside a
-    synthetic root); each finished <log> is turned into a record and dropped from the tree."""
+    synthetic root); each finished <log> is turned into a record and dropped from the tree.
+
+    A DTD cannot follow the synthetic root's start tag, so a file with one (external entities: XXE;
+    nested entities: billion laughs) is refused as malformed before any entity is declared; expat also
+    limits entity amplification itself. Malformed XML raises `ImportFormatError`."""
     dialect_name = encoder.dialects[leg.value]
     framing = encoder.framings[leg.value]
     conns: dict[str, str] = {}
     prefix = "T" if leg is Leg.TERMINAL else "H"
-    parser: Any = ET.XMLPullParser(events=("end",))
+    parser: Any = ET.XMLPullParser(events=("start", "end"))
+    root: ET.Element | None = None
     parser.feed(b"<jpos-import>")
     count = 0
     fed_all = False
     while not fed_all:
         chunk = stream.read(1 << 16)
-        if chunk:
-            parser.feed(_strip_xml_declaration(chunk) if count == 0 else chunk)
-        else:
-            parser.feed(b"</jpos-import>")
-            fed_all = True
+        try:
+            if chunk:
+                parser.feed(_strip_xml_declaration(chunk) if count == 0 else chunk)
+            else:
+                parser.feed(b"</jpos-import>")
+                fed_all = True
+            events = list(parser.read_events())
+        except ET.ParseError as exc:
+            raise ImportFormatError(f"not well-formed XML ({exc}; DTDs and entities are refused)") from None
         count += 1
-        for event in parser.read_events():
-            found = event[1]
+        for kind, found in events:
+            if kind == "start":
+                if root is None and isinstance(found, ET.Element):
+                    root = found
+                continue
             elem = found if isinstance(found, ET.Element) else None
             if elem is None or elem.tag != "log":
                 continue
@@ -187,6 +208,9 @@ def jpos_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg) -> Iterator
                 envelope = DEFAULT_ENVELOPE if framing == "cup" else None
                 yield encoder.message(t, leg, direction, conn, Message(mti, fields), envelope, tuple(masked))
             elem.clear()
+            if root is not None:
+                with contextlib.suppress(ValueError):  # a <log> nested deeper is not the root's
+                    root.remove(elem)  # finished: the synthetic root would otherwise keep every <log>
 
 
 def _strip_xml_declaration(chunk: bytes) -> bytes:
@@ -230,6 +254,11 @@ def _jpos_fields(isomsg: ET.Element, dialect_name: str) -> tuple[str, dict[str, 
 # --- pcap -------------------------------------------------------------------------------------------
 
 
+#: bytes of out-of-order segments one direction may hold while waiting for a missing one: past this the
+#: missing bytes are taken as lost by the capture (a gap), and the direction is no longer decoded
+MAX_HELD_BYTES: Final = 4 * 1024 * 1024
+
+
 @dataclass(slots=True)
 class _Stream:
     """One direction of one TCP connection: reassembly to in-order bytes, then framing."""
@@ -237,7 +266,9 @@ class _Stream:
     decoder: FrameDecoder
     next_seq: int | None = None
     held: dict[int, bytes] = field(default_factory=dict)  #: out-of-order segments by sequence number
+    held_bytes: int = 0
     failed: bool = False
+    gap: bool = False  #: bytes the capture never had: what follows cannot be framed
 
     def segment(self, seq: int, data: bytes, syn: bool) -> bytes:
         if syn:
@@ -245,9 +276,12 @@ class _Stream:
             return b""
         if self.next_seq is None:  # the capture started mid-connection
             self.next_seq = seq
+        if self.gap:
+            return b""
         out = bytearray()
-        if data:
+        if data and seq not in self.held:
             self.held[seq] = data
+            self.held_bytes += len(data)
         while True:
             nxt = self.next_seq
             hit = next((s for s, chunk in self.held.items()
@@ -255,14 +289,17 @@ class _Stream:
             if hit is None:
                 break
             chunk = self.held.pop(hit)
+            self.held_bytes -= len(chunk)
             skip = (nxt - hit) & 0xFFFFFFFF
             out += chunk[skip:]
             self.next_seq = (hit + len(chunk)) & 0xFFFFFFFF
-        # drop what lies wholly before next_seq (retransmissions); bound what is held
+        # drop what lies wholly before next_seq (retransmissions)
         for s in [s for s in self.held if _seq_le((s + len(self.held[s])) & 0xFFFFFFFF, self.next_seq or 0)]:
-            del self.held[s]
-        if len(self.held) > 1024:
+            self.held_bytes -= len(self.held.pop(s))
+        if self.held_bytes > MAX_HELD_BYTES or len(self.held) > 1024:
             self.held.clear()
+            self.held_bytes = 0
+            self.gap = True
         return bytes(out)
 
 
@@ -302,9 +339,30 @@ def _tcp_of(dpkt: Any, link: int, buf: bytes) -> tuple[Any, Any] | None:
 def _open_capture(dpkt: Any, stream: IO[bytes]) -> Any:
     head = stream.read(4)
     stream.seek(0)
-    if head == b"\x0a\x0d\x0d\x0a":
-        return dpkt.pcapng.Reader(stream)
-    return dpkt.pcap.Reader(stream)
+    try:
+        if head == b"\x0a\x0d\x0d\x0a":
+            return dpkt.pcapng.Reader(stream)
+        return dpkt.pcap.Reader(stream)
+    except (dpkt.UnpackError, ValueError) as exc:
+        raise ImportFormatError(f"not a pcap or pcapng capture ({exc})") from None
+
+
+def _packets(dpkt: Any, reader: Any) -> Iterator[tuple[float, bytes]]:
+    """The capture's packets; a capture cut short (tcpdump killed mid-write) ends at its last whole one."""
+    count = 0
+    packets = iter(reader)
+    while True:
+        try:
+            ts, buf = next(packets)
+        except StopIteration:
+            return
+        except dpkt.NeedData:
+            log.warning("the capture is truncated after %d packets: the rest is not imported", count)
+            return
+        except (dpkt.UnpackError, ValueError) as exc:
+            raise ImportFormatError(f"capture unreadable after {count} packets ({exc})") from None
+        count += 1
+        yield ts, buf
 
 
 def pcap_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg, port: int) -> Iterator[Record]:
@@ -323,7 +381,7 @@ def pcap_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg, port: int) 
     to_server_dir = Direction.IN if leg is Leg.TERMINAL else Direction.OUT
     from_server_dir = Direction.OUT if leg is Leg.TERMINAL else Direction.IN
     closed: set[str] = set()
-    for ts, buf in reader:
+    for ts, buf in _packets(dpkt, reader):
         parsed = _tcp_of(dpkt, link, buf)
         if parsed is None:
             continue
@@ -349,6 +407,11 @@ def pcap_records(stream: IO[bytes], encoder: TraceEncoder, leg: Leg, port: int) 
         if st is None:
             st = streams[key] = _Stream(make_trace_framer(framing).decoder())
         data = st.segment(tcp.seq, bytes(tcp.data), syn)
+        if st.gap and not st.failed:
+            st.failed = True
+            direction = to_server_dir if to_server else from_server_dir
+            yield encoder.event(t, leg, conn, EventKind.UNDECODABLE, f"{direction.value}: a gap in the capture "
+                                "(bytes it never had): the rest of this direction is not decoded")
         if data and not st.failed:
             try:
                 frames = st.decoder.feed(data)
