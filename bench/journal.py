@@ -1,7 +1,9 @@
-"""Journal throughput: durable SQLite (WAL, group commit) against the in-memory store, same run.
+"""Journal throughput: durable SQLite (WAL, group commit) against the in-memory store, same run; and
+PostgreSQL (pipelined group commit) with `--postgres URL`.
 
     python bench/journal.py [--txns 4000] [--writers 1,16,64] [--backend asyncio|trio]
                             [--sync FULL|NORMAL|OFF] [--normal] [--dir DIR]
+                            [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 
 Each of N concurrent writers loops `record_request` (durable before return) then
 `record_outcome(completed)`: the two journal writes of one switched transaction. Reported per store
@@ -9,7 +11,9 @@ and per N: transactions/s, the ratio to the memory store, commits and writes per
 group commit shares each fsync), the latency of `record_request` (p50/p99), which is what a
 terminal's transaction waits for before it may go upstream, and the process CPU per transaction
 (user + system, every thread's: the commit thread's too). `--sync OFF` takes the disk's syncs out of
-the picture and leaves the CPU cost of the write path.
+the picture and leaves the CPU cost of the write path. With `--postgres` the store works in a schema
+of its own, dropped afterwards; its CPU column is the gateway process's only (the server's backends
+work too, in their own processes), and the server's own `synchronous_commit` decides its durability.
 
 The database lives in a fresh directory (default: under the system temp dir; pass --dir to put it on
 the disk the gateway will use: a tmpfs has no real fsync and flatters SQLite).
@@ -98,7 +102,7 @@ def make_request(writer: int, seq: int, fingerprint: str) -> TxnRequest:
 StoreFactory = Callable[[CommitCounter], Any]
 
 
-def stores(directory: Path, synchronous: str) -> dict[str, StoreFactory]:
+def stores(directory: Path, synchronous: str, postgres: str | None = None) -> dict[str, StoreFactory]:
     counter = iter(range(1_000_000))
 
     @asynccontextmanager
@@ -112,7 +116,29 @@ def stores(directory: Path, synchronous: str) -> dict[str, StoreFactory]:
         async with MemoryStore.open(observer=observer) as store:
             yield store
 
-    return {"memory": memory, f"sqlite {synchronous}": sqlite}
+    @asynccontextmanager
+    async def pg(observer: CommitCounter) -> AsyncIterator[Any]:
+        import psycopg
+
+        from gateway.store.postgres import PostgresStore
+
+        assert postgres is not None
+        schema = f"bench_{os.getpid()}_{next(counter)}"
+        with psycopg.connect(postgres, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        try:
+            sep = "&" if "?" in postgres else "?"
+            async with PostgresStore.open(f"{postgres}{sep}options=-csearch_path%3D{schema}", observer=observer,
+                                          instance_id="bench") as store:
+                yield store
+        finally:
+            with psycopg.connect(postgres, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+    found: dict[str, StoreFactory] = {"memory": memory, f"sqlite {synchronous}": sqlite}
+    if postgres:
+        found["postgres"] = pg
+    return found
 
 
 async def run_one(name: str, factory: StoreFactory, writers: int, txns: int) -> Result:
@@ -152,7 +178,7 @@ async def run_one(name: str, factory: StoreFactory, writers: int, txns: int) -> 
 
 async def main_async(args: argparse.Namespace, directory: Path) -> list[Result]:
     results = []
-    factories = stores(directory, "NORMAL" if args.normal else args.sync)
+    factories = stores(directory, "NORMAL" if args.normal else args.sync, args.postgres)
     for writers in args.writers:
         for name, factory in factories.items():
             results.append(await run_one(name, factory, writers, args.txns))
@@ -168,6 +194,7 @@ def main() -> None:
                         help="SQLite synchronous mode (OFF: no fsync, shows the CPU cost alone)")
     parser.add_argument("--normal", action="store_true", help="same as --sync NORMAL")
     parser.add_argument("--dir", type=Path, help="directory for the database files")
+    parser.add_argument("--postgres", metavar="URL", help="also a PostgreSQL store on this server (psycopg)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="journal-bench-") as tmp:

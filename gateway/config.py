@@ -107,6 +107,14 @@ def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
 
+def _postgres_url(value: object) -> object:
+    if value == "":
+        return None
+    if isinstance(value, str) and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql:// URL")
+    return value
+
+
 #: strict: TOML gives real types, so "soon" for a number or true for a count is a mistake, not a hint
 Seconds = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]  #: > 0
 NonNegativeSeconds = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
@@ -119,6 +127,7 @@ _OptionalEndpoint = Annotated[Endpoint | None, BeforeValidator(_endpoint_or_none
 _OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
 _OptionalText = Annotated[str | None, Strict(), BeforeValidator(_empty_is_none)]
 Framing = Literal["len2", "ascii4", "cup"]
+_InstanceId = Annotated[str, Strict(), Field(min_length=1, max_length=64)]
 
 #: field metadata of a secret: `gateway config show` prints it masked
 SECRET: Mapping[str, bool] = {"secret": True}
@@ -234,6 +243,17 @@ class StoreConfig:
     pan_hash_key_hex: _OptionalText = field(default=None, metadata=SECRET)
     #: refusals kept on record at most (the oldest go first): a flood of garbage cannot fill the disk
     max_refusals: Count = DEFAULT_MAX_REFUSALS
+    # --- PostgreSQL: several instances on one journal (README "PostgreSQL store"); `path` and
+    # `synchronous` are SQLite's
+    #: "postgresql://..." selects the PostgreSQL store; unset: SQLite at `path` (secret: it may hold a password)
+    url: Annotated[Text | None, BeforeValidator(_postgres_url)] = field(default=None, metadata=SECRET)
+    #: unique per running instance, stable across its restarts (unset: the host name)
+    instance_id: Annotated[_InstanceId | None, BeforeValidator(_empty_is_none)] = None
+    saf_lease: Seconds = 15.0  #: seconds a claimed SAF entry stays this instance's unless renewed
+    heartbeat_interval: Seconds = 1.0
+    #: a heartbeat older than this: the instance is dead, live ones take over its pending requests
+    orphan_after: Seconds = 10.0
+    pool_size: Count = 4  #: read connections
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
@@ -243,6 +263,11 @@ class ReversalConfig:
     poll_interval: Seconds = 0.5
     unknown_original_rc: Literal["00", "25"] = "25"  #: answer to a terminal reversal whose original we never saw
     original_wait: NonNegativeSeconds = 15.0  #: how long a terminal reversal waits for its in-flight original
+    #: "identical": a repeat is the first attempt's message (same STAN and field 7, kept in the journal)
+    #: with the MTI's last digit 1, as ISO 8583:1987 means it; "fresh": a new STAN and field 7 each attempt
+    repeat: Literal["identical", "fresh"] = "identical"
+    #: "0400": reversals go upstream as 0400/0401; "0420": as acquirer reversal advices 0420/0421
+    upstream_mti: Literal["0400", "0420"] = "0400"
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)
@@ -328,7 +353,17 @@ def _original_wait_covers_host_timeout(config: GatewayConfig) -> str | None:
     return None
 
 
-CROSS_CHECKS: tuple[Callable[[GatewayConfig], str | None], ...] = (_original_wait_covers_host_timeout,)
+def _heartbeat_within_lease(config: GatewayConfig) -> str | None:
+    store = config.store
+    if not store.heartbeat_interval < min(store.saf_lease, store.orphan_after):
+        # a live instance must beat (and renew its leases) well before anyone may take its work over
+        return "store.heartbeat_interval: must be shorter than store.saf_lease and store.orphan_after"
+    return None
+
+
+CROSS_CHECKS: tuple[Callable[[GatewayConfig], str | None], ...] = (
+    _original_wait_covers_host_timeout, _heartbeat_within_lease,
+)
 
 
 # --- reading ----------------------------------------------------------------------------------------

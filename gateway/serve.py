@@ -16,6 +16,7 @@ import signal
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -83,6 +84,10 @@ def pan_hash_key(config: GatewayConfig, *, create: bool = True) -> bytes:
             return bytes.fromhex(text)
         except ValueError:
             raise ConfigError("store.pan_hash_key_hex: expected hex") from None
+    if config.store.url is not None:
+        # instances on one journal must share the key, or their fingerprints of one card differ
+        log.warning("store.url is set but no PAN fingerprint key is: set %s (the same for every instance)",
+                    PAN_KEY_ENV)
     key_file = config.store.path.with_name(config.store.path.name + ".pankey")
     if key_file.exists():
         return bytes.fromhex(key_file.read_text().strip())
@@ -103,10 +108,25 @@ def open_store(config: GatewayConfig, metrics: Metrics, *, durable: bool = True)
     if not durable:
         return MemoryStore.open(observer=metrics.journal, pan_key=key,  # type: ignore[return-value]
                                 max_refusals=config.store.max_refusals)
+    if config.store.url is not None:
+        return _open_postgres(config, metrics, key)
     config.store.path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore.open(config.store.path, synchronous=config.store.synchronous,  # type: ignore[return-value]
                             commit_delay=config.store.commit_delay, observer=metrics.journal, pan_key=key,
                             max_refusals=config.store.max_refusals)
+
+
+def _open_postgres(config: GatewayConfig, metrics: Metrics, key: bytes) -> AbstractAsyncContextManager[Store]:
+    try:
+        from gateway.store.postgres import PostgresStore
+    except ImportError as exc:  # psycopg is the `postgres` extra
+        raise ConfigError(f"store.url: the PostgreSQL store needs psycopg: pip install "
+                          f"'iso8583-gateway[postgres]' ({exc})") from None
+    st = config.store
+    return PostgresStore.open(st.url or "", instance_id=st.instance_id, commit_delay=st.commit_delay,  # type: ignore[return-value]
+                              observer=metrics.journal, pan_key=key, lease=st.saf_lease,
+                              heartbeat_interval=st.heartbeat_interval, pool_size=st.pool_size,
+                              max_refusals=st.max_refusals)
 
 
 async def run_gateway(
@@ -141,6 +161,9 @@ async def run_gateway(
         await tg.start(saf.run)
         await tg.start(watch_saf, store, metrics)
         await tg.start(service.journal_retry.run)
+        # instances sharing a journal settle each other's requests when one stops (a no-op otherwise)
+        await tg.start(partial(service.sweep_orphans, interval=config.store.orphan_after / 2,
+                               stale_after=config.store.orphan_after))
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         server.tap = recorder
         terminal_port = await tg.start(server.serve)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import anyio
+import anyio.abc
 
 from gateway import logs
 from gateway.config import GatewayConfig
@@ -152,6 +153,40 @@ class GatewayService:
                 log.warning("txn %s (terminal %s stan %s) had no known outcome at start: reversal queued",
                             rec.txn_id, rec.terminal_id, rec.terminal_stan)
         return queued
+
+    async def settle_orphans(self, records: list[TxnRecord]) -> int:
+        """Settle requests another instance left `pending` (taken over with `claim_orphaned_pending`), as
+        start-up recovery would; returns the reversals queued. One that got its outcome meanwhile (that
+        instance was alive after all) is left as it is: the state machine refuses a timeout after an
+        outcome."""
+        queued = 0
+        for rec in records:
+            try:
+                await self._settle_unknown_step(rec)
+            except StateConflict as exc:
+                log.info("txn %s of a stopped instance has moved on since (%s): left as it is", rec.txn_id, exc)
+                continue
+            if self._reversible(rec.kind):
+                queued += 1
+                log.warning("txn %s (terminal %s stan %s) was left pending by an instance that stopped:"
+                            " reversal queued", rec.txn_id, rec.terminal_id, rec.terminal_stan)
+        return queued
+
+    async def sweep_orphans(self, *, interval: float, stale_after: float,
+                            task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Several instances on one journal: settle the pending requests of an instance whose heartbeat
+        is older than `stale_after` (it died, or lost the database), without waiting for its restart.
+        The store hands each to exactly one live instance."""
+        task_status.started()
+        while True:
+            await anyio.sleep(interval)
+            try:
+                orphans = await self.store.claim_orphaned_pending(stale_after)
+                if orphans:
+                    await self.settle_orphans(orphans)
+            except Exception:  # a journal hiccup: the next sweep tries again
+                self.faults.error("orphan sweep", "could not settle the pending requests of stopped instances",
+                                  exc_info=True)
 
     async def _settle_unknown_step(self, rec: TxnRecord) -> None:
         """The outcome of a request nobody knows the answer to: reversed when reversible, else timed

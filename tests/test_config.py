@@ -103,6 +103,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"terminal_side": {"dialect": "iso87-ascii"}}, "terminal_side.dialect"),
         ({"host": {"dialect": "cup-pos"}}, "host.dialect"),
         ({"host": {"timout": 1}}, "host.timout"),
+        ({"store": {"url": "mysql://db/x"}}, "store.url"),
+        ({"store": {"saf_lease": 0}}, "store.saf_lease"),
+        ({"store": {"heartbeat_interval": 20}}, "store.heartbeat_interval"),
+        ({"store": {"pool_size": 0}}, "store.pool_size"),
+        ({"reversal": {"repeat": "new"}}, "reversal.repeat"),
+        ({"reversal": {"upstream_mti": "0401"}}, "reversal.upstream_mti"),
         ({"terminal_side": {"frame_timeout": 0}}, "terminal_side.frame_timeout"),
         ({"terminal_side": {"tls": {"key": "k.pem"}}}, "terminal_side.tls.cert"),
         ({"terminal_side": {"tls": {"cert": "c", "key": "k", "client_certs": "required"}}}, "terminal_side.tls"),
@@ -217,3 +223,12 @@ def test_the_document_masks_secrets_and_reads_back() -> None:
     assert shown["security"]["keystore"] == ""
     assert "AB" * 16 not in repr(shown) and "0123456789ABCDEF" not in repr(shown)
     assert parse_config(to_document(cfg, mask_secrets=False)) == cfg
+
+
+def test_postgres_store_and_reversal_options() -> None:
+    cfg = parse_config({"store": {"url": "postgresql://gw@127.0.0.1/gw", "instance_id": "gw-a", "saf_lease": 20},
+                        "reversal": {"repeat": "fresh", "upstream_mti": "0420"}})
+    assert (cfg.store.url, cfg.store.instance_id, cfg.store.saf_lease) == ("postgresql://gw@127.0.0.1/gw", "gw-a", 20.0)
+    assert (cfg.reversal.repeat, cfg.reversal.upstream_mti) == ("fresh", "0420")
+    defaults = parse_config({})
+    assert (defaults.store.url, defaults.reversal.repeat, defaults.reversal.upstream_mti) == (None, "identical", "0400")

@@ -20,17 +20,20 @@ slow paths cost about a second.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import pytest
 
-from gateway.config import ReversalConfig
+from gateway.config import ReversalConfig, StoreConfig
 from gateway.iso.build import TerminalIdent, cup
 from gateway.iso.codec import Codec
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
@@ -65,6 +68,7 @@ from gateway.store import (
     TxnRequest,
     TxnState,
 )
+from gateway.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
 
@@ -85,6 +89,28 @@ FINAL_STATES = frozenset({
 
 #: (terminal id, batch, terminal STAN): a purchase whose approval reached the terminal
 Receipt = tuple[str, str, str]
+
+
+# --- the journal: SQLite (the default) or PostgreSQL (the `journal` fixture) ---------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """`open_lab` overrides that put the gateway's journal on SQLite (none) or on the real PostgreSQL
+    server, in a schema of this test's own (`[store] url`)."""
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("pg_url")
+    return {"store": StoreConfig(path=tmp_path / "journal.db", url=url, instance_id="e2e-gateway",
+                                 pan_hash_key_hex="11" * 32)}
+
+
+def open_journal(config: StoreConfig) -> AbstractAsyncContextManager[Any]:
+    """The gateway's journal opened directly, as that gateway instance (the same instance id)."""
+    pan_key = bytes.fromhex(config.pan_hash_key_hex or "")
+    if config.url is not None:
+        return PostgresStore.open(config.url, instance_id=config.instance_id, pan_key=pan_key)
+    return SqliteStore.open(config.path, pan_key=pan_key)
 
 
 # --- waiting, reading both books -----------------------------------------------------------------
@@ -275,10 +301,10 @@ class RawTerminal:
 # --- 1..5: the host does not answer in time, or the terminal is gone -------------------------------
 
 
-async def test_host_delay_past_the_timeout_gives_98_and_the_charge_is_reversed(tmp_path):
+async def test_host_delay_past_the_timeout_gives_98_and_the_charge_is_reversed(tmp_path, journal):
     """The host books the purchase but answers after the gateway stopped waiting: the terminal gets 98,
     the gateway reverses on its own (reason 98), the late approval is journalled and never forwarded."""
-    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT) as lab:
+    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, **journal) as lab:
         lab.host.add_fault(Fault("delay", seconds=HOST_TIMEOUT + 0.3, pan=CARD_CUP.pan, mti=("0200",), limit=1))
         term = lab.terminal(timeout=5.0)
         await term.connect()
@@ -327,7 +353,7 @@ async def test_host_silence_after_debit_gives_98_and_the_charge_is_reversed(tmp_
         await assert_no_charge_without_receipt(lab)
 
 
-async def test_host_disconnect_mid_transaction_is_reversed_after_reconnect(tmp_path):
+async def test_host_disconnect_mid_transaction_is_reversed_after_reconnect(tmp_path, journal):
     """The host books the purchase and drops the connection instead of answering.
 
     The terminal gets 98, not 91: the request had left on the link, so its outcome is unknown and
@@ -335,7 +361,7 @@ async def test_host_disconnect_mid_transaction_is_reversed_after_reconnect(tmp_p
     was down. The reversal waits for the link to reconnect and sign on again (new zone keys), then
     goes through; afterwards purchases are approved again.
     """
-    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF, **journal) as lab:
         lab.host.add_fault(Fault("disconnect", pan=CARD_CUP.pan, mti=("0200",), limit=1))
         term = lab.terminal(timeout=5.0)
         await term.connect()
@@ -410,12 +436,12 @@ async def test_late_approval_is_journalled_not_forwarded_and_the_reversal_wins(t
         await assert_no_charge_without_receipt(lab)
 
 
-async def test_late_approval_after_a_25_to_the_reversal_is_reversed_again(tmp_path):
+async def test_late_approval_after_a_25_to_the_reversal_is_reversed_again(tmp_path, journal):
     """A slow issuer path: the host books the purchase only after the gateway's timeout. The gateway's
     reversal overtakes it and gets 25 ("original not found", final: nothing booked), then the host
     approves the purchase after all. The late approval reopens the reversal; its repeat (0401) finds
     the original and reverses it: the customer ends up not charged."""
-    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF, **journal) as lab:
         lab.host.add_fault(Fault("booked_late", seconds=HOST_TIMEOUT + 1.5, pan=CARD_CUP.pan, mti=("0200",),
                                  limit=1))
         term = lab.terminal(timeout=5.0)
@@ -494,10 +520,10 @@ async def _approved_then_reversed_by_terminal(lab: Lab, amount: int) -> TxnRecor
     return await only_txn(lab)
 
 
-async def test_rejected_reversal_is_repeated_as_0401_until_acknowledged(tmp_path):
+async def test_rejected_reversal_is_repeated_as_0401_until_acknowledged(tmp_path, journal):
     """The host refuses the first two attempts (96): the SAF repeats as 0401 on its schedule and stops
     at the host's 00."""
-    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF, **journal) as lab:
         lab.host.add_fault(Fault("reject_reversal", count=2))
         txn = await _approved_then_reversed_by_terminal(lab, 6_000)
 
@@ -511,6 +537,17 @@ async def test_rejected_reversal_is_repeated_as_0401_until_acknowledged(tmp_path
         host = host_entry(lab, rec)
         assert host.reversed and lab.host.reversal_count(host.key) == 3
         assert lab.host.stats.messages["0400"] == 1 and lab.host.stats.messages["0401"] == 2
+        # ISO 8583:1987 repeats: the first attempt's message with the MTI's last digit 1 (same STAN, field
+        # 7, original data); only the MAC changes, because it covers the MTI
+        sent = [m for m in lab.host.seen if m.mti in ("0400", "0401")]
+        first, *repeats = sent
+        mac = "128"  # field 90 makes it a two-bitmap message: the MAC is in 128
+        for repeat in repeats:
+            assert {k: v for k, v in repeat.fields.items() if k != mac} == {
+                k: v for k, v in first.fields.items() if k != mac}
+            assert repeat.fields[mac] != first.fields[mac]
+        assert repeats[0].fields[mac] == repeats[1].fields[mac]
+        assert (entry.reversal_stan, entry.reversal_datetime) == (first.fields["11"], first.fields["7"])
         assert counter(lab, "reversals_sent") == 3 and counter(lab, "reversals_acknowledged") == 1
         await assert_no_charge_without_receipt(lab)
 
@@ -527,12 +564,12 @@ async def test_acknowledged_saf_entry_counts_the_attempt_that_succeeded(tmp_path
         assert (entry.attempts, entry.total_attempts) == (3, 3)
 
 
-async def test_reversal_refused_every_time_is_parked_then_operator_retry_ends_it(tmp_path):
+async def test_reversal_refused_every_time_is_parked_then_operator_retry_ends_it(tmp_path, journal):
     """A host that refuses every reversal: after `max_attempts` the entry is parked (transaction
     `reversal_failed`, metric moved) and the customer is still charged: an operator's job. Once the
     host is fixed, the operator's retry sends a fresh 0400 and the charge is undone."""
     saf = ReversalConfig(max_attempts=2, backoff=(0.1,), poll_interval=0.05, original_wait=HOST_TIMEOUT + 2.0)
-    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=saf) as lab:
+    async with open_lab(tmp_path, host_timeout=HOST_TIMEOUT, reversal=saf, **journal) as lab:
         lab.host.add_fault(Fault("drop", pan=CARD_CUP.pan, mti=("0200",), limit=1))
         lab.host.add_fault(Fault("reject_reversal", count=1_000))
         term = lab.terminal(timeout=5.0)
@@ -667,7 +704,7 @@ async def test_approval_with_a_wrong_host_mac_gives_96_and_is_reversed(tmp_path)
         await assert_no_charge_without_receipt(lab, [receipt(again)])
 
 
-async def test_restart_reverses_every_request_left_pending(tmp_path):
+async def test_restart_reverses_every_request_left_pending(tmp_path, journal):
     """The gateway dies while a purchase is at the host (the host took the money and is silent). The
     journal keeps it `pending`. A second row is written `pending` with the store API for a request the
     host never saw. The next gateway on the same journal queues a reversal for both before it accepts
@@ -681,6 +718,7 @@ async def test_restart_reverses_every_request_left_pending(tmp_path):
         host_port = await tg.start(host.serve, LOOPBACK, 0)
         # the first life waits 30 s for the host: it is killed long before that
         config = lab_config(tmp_path, host_port, tmks, zmk, host_timeout=30.0, admin=False, reversal=FAST_SAF)
+        config = dataclasses.replace(config, **journal)
 
         async with anyio.create_task_group() as first_life:
             gw1: RunningGateway = await first_life.start(run_gateway, config)
@@ -697,8 +735,7 @@ async def test_restart_reverses_every_request_left_pending(tmp_path):
             first_life.cancel_scope.cancel()
         await term.aclose()
 
-        pan_key = bytes.fromhex(config.store.pan_hash_key_hex or "")
-        async with SqliteStore.open(config.store.path, pan_key=pan_key) as store:
+        async with open_journal(config.store) as store:
             [in_flight] = await store.unknown_outcomes()
             assert in_flight.kind == "purchase" and in_flight.amount == 11_000
             never_sent = await store.record_request(TxnRequest(

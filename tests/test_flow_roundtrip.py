@@ -248,11 +248,12 @@ def iso_void(draw: st.DrawFn) -> Message:
 
 
 @st.composite
-def iso_reversal(draw: st.DrawFn) -> Message:
+def iso_reversal(draw: st.DrawFn, advice: bool = False) -> Message:
     original = draw(st.one_of(iso_purchase(), iso_refund(), iso_void()))
     if draw(st.booleans()):
         original.fields["33"] = draw(acquirers)
-    return iso87.reversal(original, draw(st.text(ALNUM, min_size=2, max_size=2)), repeat=draw(st.booleans()))
+    return iso87.reversal(original, draw(st.text(ALNUM, min_size=2, max_size=2)), repeat=draw(st.booleans()),
+                          advice=advice)
 
 
 ISO_REQUESTS: dict[str, st.SearchStrategy[Message]] = {
@@ -274,6 +275,7 @@ ISO_REQUESTS: dict[str, st.SearchStrategy[Message]] = {
         cards(ISO),
     ),
     "reversal": iso_reversal(),
+    "reversal_advice": iso_reversal(advice=True),
 }
 
 REQUESTS = {CUP: CUP_REQUESTS, ISO: ISO_REQUESTS}

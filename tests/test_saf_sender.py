@@ -51,9 +51,12 @@ class AnsweringLink:
         #: the host's field 39 to each reversal in turn (the last one from then on)
         self.codes = codes
 
-    def stamp(self, msg: Message) -> Message:
+    def allocate(self) -> tuple[str, str]:
         self.stan += 1
-        msg.fields["11"], msg.fields["7"] = f"{self.stan:06d}", "1123120000"
+        return f"{self.stan:06d}", "1123120000"
+
+    def stamp(self, msg: Message) -> Message:
+        msg.fields["11"], msg.fields["7"] = self.allocate()
         return msg
 
     async def request(self, msg: Message, timeout: float | None = None) -> HostReply:

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from test_store_support import BACKENDS, OTHER_PAN, PAN_KEY, TEST_PAN, FakeClock, open_store, request
+from test_store_support import BACKENDS, OTHER_PAN, PAN_KEY, TEST_PAN, FakeClock, backend, open_store, request
 
 from gateway.iso.message import mask_pan
 from gateway.store import InvalidRecord, RefusalRecord, TxnKind, TxnQuery, TxnState, pan_fingerprint
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(params=BACKENDS)
 def kind(request: pytest.FixtureRequest) -> str:
-    return request.param
+    return backend(request)
 
 
 def refusal(rc: str = "A0", *, terminal_id: str = "T0000001", pan: str | None = TEST_PAN, **overrides: object

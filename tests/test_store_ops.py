@@ -1,5 +1,5 @@
-"""Every store operation and state transition, on both backends (SQLite in a real file under tmp_path,
-and memory), each on asyncio+uvloop and trio."""
+"""Every store operation and state transition, on every backend (SQLite in a real file under tmp_path,
+memory, and PostgreSQL in a schema of the test's own on the real server), each on asyncio+uvloop and trio."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from test_store_support import (
     TEST_PAN,
     FakeClock,
     Recorder,
+    backend,
     open_store,
     request,
 )
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(params=BACKENDS)
 def kind(request: pytest.FixtureRequest) -> str:
-    return request.param
+    return backend(request)
 
 
 # --- journal -----------------------------------------------------------------------------------------
@@ -606,3 +607,29 @@ async def test_purchase_totals_since(kind: str, tmp_path: Path) -> None:
         refund = await store.record_request(request("000009", kind="refund", amount=40))
         await store.record_outcome(refund, "completed", rc="00")
         assert await store.purchase_totals_since(since) == {"T0000001": 500, "T0000002": 50}
+
+
+async def test_a_reversals_own_stan_is_fixed_once_and_cleared_by_an_operator_retry(kind: str, tmp_path: Path) -> None:
+    """Identical repeats: the STAN and field 7 of a reversal are journalled before its first attempt and
+    never change after (the first write wins); an operator's retry starts afresh (a new 0400)."""
+    async with open_store(kind, tmp_path) as store:
+        txn = await store.record_request(request("000001"))
+        entry = (await store.record_timeout_and_queue_reversal(txn)).entry
+        assert (entry.reversal_stan, entry.reversal_datetime, entry.is_repeat) == (None, None, False)
+        assert await store.record_reversal_ident(entry.saf_id, "400001", "1123101500") == ("400001", "1123101500")
+        assert await store.record_reversal_ident(entry.saf_id, "499999", "1123101600") == ("400001", "1123101500")
+        fixed = await store.get_saf(entry.saf_id)
+        assert (fixed.reversal_stan, fixed.reversal_datetime, fixed.attempts) == ("400001", "1123101500", 0)
+        assert fixed.is_repeat  # it may have gone out: the next send is a 0401
+        with pytest.raises(InvalidRecord):
+            await store.record_reversal_ident(entry.saf_id, "4001", "1123101500")
+        await store.park_reversal(entry.saf_id, "gave up after 1 attempt: timeout", final_attempt_at=1.0)
+        with pytest.raises(StateConflict):
+            await store.record_reversal_ident(entry.saf_id, "400002", "1123101700")  # only while pending
+        retried = await store.retry_saf(entry.saf_id)
+        assert (retried.reversal_stan, retried.is_repeat) == (None, False)
+        with pytest.raises(NotFound):
+            await store.record_reversal_ident(4242, "400001", "1123101500")
+        # one store alone: nobody else's pending requests to take over
+        await store.record_request(request("000002"))
+        assert await store.claim_orphaned_pending(10.0) == []

@@ -8,15 +8,29 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import pg_support
+import pytest
+
 from gateway.iso.message import mask_pan
 from gateway.store import MemoryStore, SqliteStore, TxnRequest, pan_fingerprint
+from gateway.store.postgres import PostgresStore
 
 PAN_KEY = b"test-fingerprint-key-0123456789ab"
 #: a test card; tests scan database files for these digits
 TEST_PAN = "6222021234567894321"
 OTHER_PAN = "4761739001010119"
 
-BACKENDS = ("sqlite", "memory")
+BACKENDS = ("sqlite", "memory", "postgres")
+
+
+def backend(request: pytest.FixtureRequest) -> str:
+    """The body of a test module's backend fixture (`params=BACKENDS`): PostgreSQL needs the session's
+    database (skipped, or failed when required, without a server)."""
+    kind: str = request.param
+    if kind == "postgres":
+        request.getfixturevalue("pg_database")
+    return kind
 
 
 class Recorder:
@@ -68,10 +82,15 @@ def request(stan: str = "000001", *, pan: str = TEST_PAN, **overrides: Any) -> T
 
 @asynccontextmanager
 async def open_store(kind: str, tmp_path: Path, **options: Any) -> AsyncIterator[Any]:
-    """Either backend, opened the same way; `options` go to the backend (observer, clock, ...)."""
+    """Any backend, opened the same way; `options` go to the backend (observer, clock, ...)."""
     options.setdefault("pan_key", PAN_KEY)
     if kind == "sqlite":
         async with SqliteStore.open(tmp_path / "journal.db", **options) as store:
+            yield store
+    elif kind == "postgres":
+        url = await anyio.to_thread.run_sync(pg_support.schema_url, pg_support.database(), str(tmp_path))
+        options.setdefault("instance_id", "test-instance")
+        async with PostgresStore.open(url, **options) as store:
             yield store
     else:
         async with MemoryStore.open(**options) as store:

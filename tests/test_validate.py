@@ -78,6 +78,7 @@ REQUESTS: dict[tuple[str, str], Callable[[], Message]] = {
     ),
     (ISO, "balance_inquiry"): lambda: iso87.balance_inquiry(T, "000013", DT, ACQ, track2=TRACK2),
     (ISO, "reversal"): lambda: iso87.reversal(_iso_purchase(), "68"),
+    (ISO, "reversal_advice"): lambda: iso87.reversal(_iso_purchase(), "68", advice=True),
 }
 
 #: what an approval of each flow needs on top of the echo (the builder's caller supplies it)
@@ -180,6 +181,8 @@ def test_reversal_flows_know_what_they_reverse() -> None:
 def test_repeat_reversal_maps_to_the_reversal_flow() -> None:
     assert identify(ISO, Message("0401", {"3": "000000"})) is flow(ISO, "reversal")
     assert identify(ISO, Message("0410", {})) is flow(ISO, "reversal")
+    assert identify(ISO, Message("0421", {"3": "000000"})) is flow(ISO, "reversal_advice")
+    assert identify(ISO, Message("0430", {})) is flow(ISO, "reversal_advice")
 
 
 # --- specific rules --------------------------------------------------------------------------------

@@ -1,6 +1,15 @@
 """Store-and-forward sender: drains the persistent reversal queue towards the host.
 
-- First attempt goes as 0400, every repeat as 0401 (jPOS-EE's SAF never switches to the repeat MTI).
+- First attempt goes as 0400, every repeat as 0401 (jPOS-EE's SAF never switches to the repeat MTI);
+  with `reversal.upstream_mti = "0420"` as advices, 0420 then 0421.
+- A repeat is the first attempt's message with the MTI's last digit 1 (`reversal.repeat = "identical"`,
+  ISO 8583:1987 practice): its STAN and field 7 are allocated once and journalled before the first
+  attempt goes out (`Store.record_reversal_ident`), so a repeat is identical after a crash, and after
+  another instance took the entry over, too. `repeat = "fresh"`: a new STAN and field 7 each attempt.
+- With several instances (PostgreSQL) the queue read claims entries with a lease: only the holder
+  records an attempt or parks; a sender whose lease was taken over meanwhile (`LeaseLost`) lets the
+  entry go without counting anything: the new holder's attempt counts. An acknowledgement is recorded
+  whoever holds the lease (the host's word: it ends the entry once, idempotently).
 - A timeout counts as an attempt (jPOS-EE's does not, so a silent host is retried forever).
 - Attempts back off on the configured schedule; after `max_attempts` the entry is parked with its
   reason for an operator (`gateway saf list|retry|drop`), with a log line and a metric.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import anyio
 import anyio.abc
@@ -26,7 +36,7 @@ from gateway.metrics import Metrics
 from gateway.net.host_link import HostLink, HostNotSent, HostTimeout
 from gateway.ratelog import RateLimitedLog
 from gateway.store.base import Store
-from gateway.store.errors import StoreError
+from gateway.store.errors import LeaseLost, StateConflict, StoreError
 from gateway.store.records import RC_ORIGINAL_NOT_FOUND, SafEntry
 
 log = logging.getLogger("gateway.saf")
@@ -49,8 +59,8 @@ class SafSender:
         #: entries whose attempt ended while the queue was being read: that read's snapshot may predate
         #: the attempt's journal write (an acknowledged reversal would look due again and go out twice)
         self._ended_during_read: set[int] = set()
-        #: an entry queued before this process started may have reached the host just before the old
-        #: process died: its next attempt is a repeat (0401) even though no attempt was recorded
+        #: `repeat = "fresh"`: an entry queued before this process started may have reached the host just
+        #: before the old process died: its next attempt is a repeat (0401) though no attempt was recorded
         self._started_at = time.time()
         self.faults = RateLimitedLog(log)
 
@@ -85,6 +95,13 @@ class SafSender:
     async def _attempt(self, entry: SafEntry) -> None:
         try:
             await self._send(entry)
+        except LeaseLost as exc:
+            # this instance stalled past its lease and another took the entry over: its attempt counts
+            log.info("reversal of txn %s: %s; left to it", entry.txn_id, exc)
+        except StateConflict as exc:
+            # it moved on while this attempt was out: acknowledged (by another instance's attempt, or
+            # this one's late answer), or dropped by an operator: nothing left to record
+            log.info("reversal of txn %s moved on meanwhile: %s", entry.txn_id, exc)
         except Exception as exc:
             # an operator may have dropped the entry meanwhile, or the journal hiccupped: log it and
             # let the next poll look again; the sender (and with it the gateway) must keep running.
@@ -98,10 +115,23 @@ class SafSender:
 
     async def _send(self, entry: SafEntry) -> None:
         attempts: int = entry.attempts
-        repeat = entry.is_repeat or entry.queued_at < self._started_at
+        identical = self.config.repeat == "identical"
+        if identical:
+            # the journal says whether this reversal may have gone out already: an attempt was counted,
+            # or its STAN was fixed (which happens before any send)
+            repeat = entry.is_repeat
+            if entry.reversal_stan is None:
+                # write before you send: the STAN and field 7 every attempt of this reversal carries
+                stan, stamped = await self.store.record_reversal_ident(entry.saf_id, *self.link.allocate())
+                entry = replace(entry, reversal_stan=stan, reversal_datetime=stamped)
+        else:
+            # an entry queued before this process started may have reached the host just before the old
+            # process died, though no attempt was recorded
+            repeat = entry.is_repeat or entry.queued_at < self._started_at
         msg = build_host_reversal(entry, repeat=repeat, acquirer_id=self.acquirer_id,
-                                  forwarding_id=self.forwarding_id)
-        self.link.stamp(msg)
+                                  forwarding_id=self.forwarding_id, advice=self.config.upstream_mti == "0420")
+        if not identical:
+            self.link.stamp(msg)
         try:
             reply = await self.link.request(msg)
         except HostNotSent:

@@ -1,17 +1,21 @@
 """The durable journal and the store-and-forward (SAF) reversal queue.
 
-- `records`: what is kept (`TxnRequest`, `TxnRecord`, `SafEntry`, states) and the transition rules;
+- `records`: what is kept (`TxnRequest`, `TxnRecord`, `SafEntry`, states) and the transition tables;
   `pan_fingerprint(key, pan)` for matching cards without keeping PANs.
+- `machine`: the journal's state machine as pure functions, written once; the backends only persist.
 - `base`: the `Store` interface every backend implements, and the metrics `StoreObserver`.
-- `sqlite`: the durable default (WAL, group commit); `memory`: same interface, no I/O.
+- `sqlite`: the durable default (WAL, group commit); `memory`: same interface, no I/O;
+  `postgres` (`PostgresStore`, the `postgres` extra, imported on its own so psycopg stays optional):
+  several instances on one database, SAF leases, orphaned pending requests taken over.
 - `group_commit`: many concurrent writes share one transaction and one fsync.
-- `migrations`: the versioned schema; `cli`: `gateway saf …` and `gateway journal show`.
+- `migrations` / `pg_migrations`: the versioned schemas; `cli`: `gateway saf …` and `gateway journal …`.
 """
 
 from gateway.store.base import NullObserver, Store, StoreObserver
 from gateway.store.errors import (
     DuplicateRequest,
     InvalidRecord,
+    LeaseLost,
     NotFound,
     NotReversible,
     SchemaError,
@@ -44,6 +48,7 @@ __all__ = [
     "InvalidRecord",
     "LateAnswer",
     "LateRecorded",
+    "LeaseLost",
     "MemoryStore",
     "NotFound",
     "NotReversible",

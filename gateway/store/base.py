@@ -1,8 +1,8 @@
 """The store interface: what the core and the SAF sender may ask of the journal and the reversal queue.
 
-It is narrow on purpose so a PostgreSQL backend can sit behind it for multi-instance deployments;
-`SqliteStore` (durable, the default) and `MemoryStore` (no I/O: benchmarks and unit tests of the core)
-implement it today.
+It is narrow on purpose; `SqliteStore` (durable, the embedded default), `PostgresStore` (several
+instances on one database) and `MemoryStore` (no I/O: benchmarks and unit tests of the core) implement
+it, all three with the same rules (`machine`).
 
 Contract of every write: when the awaited call returns, the change is durable (committed) in the
 durable backend; when it raises, nothing of it was applied. A write whose caller is cancelled while it
@@ -202,7 +202,15 @@ class Store(Protocol):
 
     async def unknown_outcomes(self) -> list[TxnRecord]:
         """`pending` rows, oldest first: at start these are requests whose outcome is unknown. The
-        caller reverses the reversible kinds."""
+        caller reverses the reversible kinds. A store shared by several instances returns only this
+        instance's own (those of its previous life: the instance id is stable across restarts)."""
+        ...
+
+    async def claim_orphaned_pending(self, stale_after: float) -> list[TxnRecord]:
+        """`pending` rows of other instances whose heartbeat is more than `stale_after` seconds old
+        (dead, or cut off from the database), taken over by this instance in one step (so two live
+        instances never both settle one), oldest first. The caller settles them as at start. Stores
+        of one instance return []."""
         ...
 
     async def settlement_totals(self, terminal_id: str, batch: str) -> SettlementTotals:
@@ -232,12 +240,23 @@ class Store(Protocol):
     # --- store and forward -------------------------------------------------------------------------
 
     async def due_reversals(self, now: float, limit: int = 64) -> list[SafEntry]:
-        """Pending entries whose next attempt is due, in queue order (oldest first)."""
+        """Pending entries whose next attempt is due, in queue order (oldest first). A store shared by
+        several instances (PostgreSQL) claims them: each comes with a lease for this instance (entries
+        leased by a live other instance are left out; this instance's own come first and are renewed,
+        so an attempt in flight keeps its lease while the sender polls)."""
+        ...
+
+    async def record_reversal_ident(self, saf_id: int, stan: str, transmission_datetime: str) -> tuple[str, str]:
+        """Fix the STAN (11) and transmission date-time (7) every attempt of this reversal carries, before
+        its first attempt is sent (durable on return), so a repeat is the same message even after a crash
+        or a takeover. The first write wins: returns the pair on record. `StateConflict` unless pending;
+        `LeaseLost` when another instance holds the entry."""
         ...
 
     async def mark_reversal_attempt(self, saf_id: int, now: float, next_attempt_at: float, error: str) -> int:
         """A failed attempt (a timeout counts): attempts + 1, next try at `next_attempt_at`. Returns the
-        new attempt count. `StateConflict` unless pending."""
+        new attempt count. `StateConflict` unless pending; `LeaseLost` when another instance took the
+        entry over (its own attempt counts then, not this one)."""
         ...
 
     async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
@@ -249,7 +268,7 @@ class Store(Protocol):
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
         """Give up: entry parked, transaction `reversal_failed`, for an operator. `final_attempt_at`
-        counts the attempt that made the sender give up."""
+        counts the attempt that made the sender give up. `LeaseLost` as for `mark_reversal_attempt`."""
         ...
 
     async def list_saf(self, state: SafState | str | None = None, *, limit: int = 1000) -> list[SafEntry]:

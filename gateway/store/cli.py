@@ -13,9 +13,10 @@ reversal history (attempts, errors, the host's answer) and late host answers; `-
 card number from a hidden prompt (or one line of stdin), compares fingerprints and never stores,
 prints or logs it. Times are ISO 8601 in local time with their offset, as input and output.
 
-Every command takes `--config FILE` (the journal and fingerprint key the gateway's config names) or
-`--db PATH` (default $GATEWAY_STORE__PATH, else var/journal.db), and `--json` for machine-readable
-output. PANs appear masked (6+4) only; the journal holds nothing else. The commands are safe while
+Every command takes `--config FILE` (the journal and fingerprint key the gateway's config names),
+`--db PATH` (default $GATEWAY_STORE__PATH, else var/journal.db) or `--url postgresql://...` (a
+PostgreSQL journal; default $GATEWAY_STORE__URL when neither of the others is given), and `--json`
+for machine-readable output. PANs appear masked (6+4) only; the journal holds nothing else. The commands are safe while
 the gateway runs: SQLite's WAL lets them read, and their few writes wait for the gateway's commit
 (busy timeout) instead of failing.
 """
@@ -59,6 +60,7 @@ from gateway.store.records import (
 from gateway.store.sqlite import SqliteStore
 
 DB_ENV = "GATEWAY_STORE__PATH"
+URL_ENV = "GATEWAY_STORE__URL"
 DEFAULT_DB = Path("var/journal.db")
 
 Command = Callable[[argparse.Namespace], int]
@@ -69,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where = common.add_mutually_exclusive_group()
     where.add_argument("--config", type=Path, help="the gateway's TOML file: its journal (store.path) and keys")
     where.add_argument("--db", type=Path, help=f"journal database (default ${DB_ENV}, else {DEFAULT_DB})")
+    where.add_argument("--url", help=f"a PostgreSQL journal (postgresql://..., default ${URL_ENV})")
     common.add_argument("--json", action="store_true", help="JSON output for machines")
 
     saf = subparsers.add_parser("saf", help="store-and-forward reversal queue: list, retry, drop",
@@ -228,29 +231,39 @@ def _guard(command: Command) -> Command:
     return run
 
 
-def _db_path(args: argparse.Namespace) -> Path:
+#: where a journal is: a SQLite file, or a PostgreSQL URL
+Location = Path | str
+
+
+def _db_path(args: argparse.Namespace) -> Location:
+    if getattr(args, "url", None) is not None:
+        return str(args.url)
     if getattr(args, "config", None) is not None:
-        return load_config(args.config).store.path
+        store = load_config(args.config).store
+        return store.url if store.url is not None else store.path
     if getattr(args, "db", None) is not None:
         return Path(args.db)
-    return Path(os.environ.get(DB_ENV) or DEFAULT_DB)
+    return os.environ.get(URL_ENV) or Path(os.environ.get(DB_ENV) or DEFAULT_DB)
 
 
-def _journal(args: argparse.Namespace, *, needs_pan_key: bool) -> tuple[Path, bytes | None]:
+def _journal(args: argparse.Namespace, *, needs_pan_key: bool) -> tuple[Location, bytes | None]:
     """The journal's path and, for a card lookup, the gateway's PAN fingerprint key (the config's, the
     environment's, or the key file next to the journal; never a new one)."""
+    where = _db_path(args)
     if args.config is not None:
         config = load_config(args.config)
+    elif isinstance(where, str):
+        config = GatewayConfig(store=StoreConfig(url=where))
     else:
-        config = GatewayConfig(store=StoreConfig(path=_db_path(args)))
+        config = GatewayConfig(store=StoreConfig(path=where))
     if not needs_pan_key:
-        return config.store.path, None
+        return where, None
     from gateway.serve import pan_hash_key
 
-    return config.store.path, pan_hash_key(config, create=False)
+    return where, pan_hash_key(config, create=False)
 
 
-def _journal_and_card(args: argparse.Namespace, pan_input: TextIO | None) -> tuple[Path, str | None]:
+def _journal_and_card(args: argparse.Namespace, pan_input: TextIO | None) -> tuple[Location, str | None]:
     """The journal, and for `--card` the fingerprint of the card number the operator types: the PAN
     itself lives only inside this call."""
     db, pan_key = _journal(args, needs_pan_key=args.card)
@@ -259,13 +272,18 @@ def _journal_and_card(args: argparse.Namespace, pan_input: TextIO | None) -> tup
     return db, pan_fingerprint(pan_key, read_pan(pan_input))
 
 
-def _with_store(db: Path | argparse.Namespace, action: Callable[[SqliteStore], Awaitable[Any]]) -> Any:
-    db = _db_path(db) if isinstance(db, argparse.Namespace) else db
-    if not db.exists():  # opening would create an empty journal, which helps nobody
-        raise CliError(f"no journal at {db} (use --config, --db or ${DB_ENV})")
+def _with_store(db: Location | argparse.Namespace, action: Callable[[Any], Awaitable[Any]]) -> Any:
+    where = _db_path(db) if isinstance(db, argparse.Namespace) else db
+    if isinstance(where, Path) and not where.exists():  # opening would create an empty journal
+        raise CliError(f"no journal at {where} (use --config, --db, --url or ${DB_ENV})")
 
     async def go() -> Any:
-        async with SqliteStore.open(db) as store:
+        if isinstance(where, str):
+            from gateway.store.postgres import PostgresStore  # psycopg: the `postgres` extra
+
+            async with PostgresStore.open(where, operator=True) as pg:
+                return await action(pg)
+        async with SqliteStore.open(where) as store:
             return await action(store)
 
     return anyio.run(go)

@@ -87,3 +87,14 @@ class SchemaError(StoreError):
     """The database schema is newer than this code, or a migration step failed."""
 
     kind = "schema"
+
+
+class LeaseLost(StateConflict):
+    """Another instance holds this SAF entry's lease (it took the entry over after this instance's
+    lease expired): this instance must not record anything for it but the host's acknowledgement."""
+
+    kind = "lease_lost"
+
+    def __init__(self, saf_id: int, holder: str, wanted: str) -> None:
+        super().__init__("SAF entry", saf_id, f"leased by {holder}", wanted)
+        self.holder = holder

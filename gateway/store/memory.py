@@ -1,4 +1,4 @@
-"""The in-memory store: the same interface and the same rules as `SqliteStore`, no I/O.
+"""The in-memory store: the same interface and the same rules (`machine`) as `SqliteStore`, no I/O.
 
 For benchmarks (the cost of everything but durability) and for unit tests of the core. Nothing
 survives the process. Each operation runs without an await between its checks and its changes, so it
@@ -18,18 +18,14 @@ from typing import Any
 import anyio.lowlevel
 
 from gateway.iso.totals import SettlementTotals
+from gateway.store import machine
 from gateway.store.base import NullObserver, StoreObserver
-from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, NotReversible, StateConflict, StoreError
+from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, StoreError
+from gateway.store.machine import SafView, TxnView
 from gateway.store.records import (
     DEFAULT_MAX_REFUSALS,
-    MISSING_SAF,
-    ONLY_PARKED,
     OPEN_SAF_STATES,
-    RC_LATE_APPROVAL,
-    REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
-    REVERSAL_STATES,
-    REVERSIBLE_STATES,
     SAF_COLUMNS,
     LateAnswer,
     LateRecorded,
@@ -46,14 +42,13 @@ from gateway.store.records import (
     TxnRequest,
     TxnState,
     check_id,
+    check_ident,
     check_late_args,
     check_limit,
     check_outcome_args,
     check_rc,
     check_reason,
     clip_text,
-    not_found_overtaken,
-    outcome_allowed,
     pan_fingerprint,
     parse_enum,
     parse_outcome,
@@ -115,6 +110,25 @@ class MemoryStore:
     def _set(self, txn_id: int, **changes: Any) -> None:
         self._txns[txn_id] = replace(self._txns[txn_id], **changes)
 
+    def _view(self, txn_id: int) -> TxnView:
+        rec = self._txn(txn_id)
+        return TxnView(txn_id, rec.state, rec.reversal_rc, rec.late_approved_at)
+
+    @staticmethod
+    def _saf_view(row: dict[str, Any]) -> SafView:
+        return SafView(row["saf_id"], row["txn_id"], row["state"], row["attempts"], row["total_attempts"],
+                       row["reversal_stan"], row["lease_owner"])
+
+    def _apply(self, txn_id: int, step: machine.Step | None, row: dict[str, Any] | None = None) -> None:
+        """Persist what the state machine decided: the transaction's and the SAF entry's changes."""
+        if step is None:
+            return
+        if step.txn:
+            self._set(txn_id, **step.txn)
+        if row is not None and step.saf:
+            row.update(step.saf)
+        self._saf_changed()
+
     def _saf_changed(self) -> None:
         self._observer.saf_depth(sum(1 for row in self._saf.values() if row["state"] in OPEN_SAF_STATES))
 
@@ -154,11 +168,8 @@ class MemoryStore:
 
     def _apply_outcome(self, txn_id: int, new: TxnState, rc: str | None, auth_code: str | None,
                        rrn: str | None) -> None:
-        rec = self._txn(txn_id)
-        if not outcome_allowed(rec.state, new):
-            raise StateConflict("transaction", txn_id, rec.state, f"record outcome {new}")
-        self._set(txn_id, state=new, rc=_keep(rc, rec.rc), auth_code=_keep(auth_code, rec.auth_code),
-                  rrn=_keep(rrn, rec.rrn), updated_at=self._clock())
+        change = machine.outcome(self._view(txn_id), new, rc=rc, auth_code=auth_code, rrn=rrn, now=self._clock())
+        self._set(txn_id, **change)
 
     def record_outcome_soon(
         self, txn_id: int, state: TxnState | str, *, on_error: Callable[[BaseException], None],
@@ -184,29 +195,18 @@ class MemoryStore:
         check_reason(reason)
         who = parse_enum(ReversalInitiator, initiator, "initiator")
         await anyio.lowlevel.checkpoint()
-        rec = self._txn(txn_id)
-        if rec.state in REVERSAL_STATES:
+        view = self._view(txn_id)
+        new = machine.queue_reversal(view, reason=reason, outcome=outcome, initiator=who, rc=rc, auth_code=auth_code,
+                                     rrn=rrn, not_before=not_before, now=self._clock())
+        if new is None:
             saf_id = self._saf_by_txn.get(txn_id)
             if saf_id is None:
-                raise StateConflict("transaction", txn_id, rec.state, MISSING_SAF)
+                raise machine.missing_saf(view)
             return QueuedReversal(self._entry(self._saf[saf_id]), created=False)
-        if rec.state not in REVERSIBLE_STATES:
-            raise NotReversible("transaction", txn_id, rec.state, "reverse it: no money moved")
-        if outcome is not None and outcome != rec.state and not outcome_allowed(rec.state, outcome):
-            raise StateConflict("transaction", txn_id, rec.state, f"record outcome {outcome}")
-        now = self._clock()
-        self._set(
-            txn_id, state=TxnState.REVERSAL_QUEUED, reversed_from=reversal_from(rec.state, outcome),
-            reversal_reason=reason, reversal_initiator=who, rc=_keep(rc, rec.rc),
-            auth_code=_keep(auth_code, rec.auth_code), rrn=_keep(rrn, rec.rrn), updated_at=now,
-        )
+        self._set(txn_id, **new.txn)
         saf_id = len(self._saf) + 1
-        row = dict.fromkeys(SAF_COLUMNS)
-        row.update(
-            saf_id=saf_id, txn_id=txn_id, state=SafState.PENDING, reason=reason, initiator=who, attempts=0,
-            total_attempts=0, queued_at=now, updated_at=now,
-            next_attempt_at=now if not_before is None else max(now, not_before),
-        )
+        row: dict[str, Any] = dict.fromkeys(SAF_COLUMNS)
+        row.update(new.saf, saf_id=saf_id)
         self._saf[saf_id] = row
         self._saf_by_txn[txn_id] = saf_id
         self._saf_changed()
@@ -227,11 +227,13 @@ class MemoryStore:
         now = self._clock()
         reopened = False
         if txn_id is not None:
-            rec = self._txn(txn_id)
-            approved = authenticated and rc == RC_LATE_APPROVAL
-            self._set(txn_id, late_rc=rc, late_at=now, updated_at=now,
-                      late_approved_at=rec.late_approved_at or (now if approved else None))
-            reopened = approved and self._reopen_if_overtaken(txn_id, now)
+            change, after = machine.late_answer(self._view(txn_id), rc, authenticated=authenticated, now=now)
+            self._set(txn_id, **change)
+            if machine.wants_reopen(after, rc, authenticated=authenticated):
+                row = self._saf.get(self._saf_by_txn.get(txn_id, 0))
+                step = machine.reopen(after, None if row is None else self._saf_view(row), now=now)
+                self._apply(txn_id, step, row)
+                reopened = step is not None
         late_id = len(self._late) + 1
         self._late.append(LateAnswer(
             late_id=late_id, txn_id=txn_id, rc=rc, auth_code=auth_code, rrn=rrn, host_mti=host_mti,
@@ -372,64 +374,29 @@ class MemoryStore:
         text = clip_text(error, "error")
         await anyio.lowlevel.checkpoint()
         row = self._saf_row(saf_id)
-        if row["state"] != SafState.PENDING:
-            raise StateConflict("SAF entry", saf_id, row["state"], "record an attempt")
-        row.update(
-            attempts=row["attempts"] + 1, total_attempts=row["total_attempts"] + 1, last_attempt_at=now,
-            next_attempt_at=next_attempt_at, last_error=text, updated_at=self._clock(),
-        )
-        self._saf_changed()
+        change = machine.attempt(self._saf_view(row), instance=None, attempted_at=now,
+                                 next_attempt_at=next_attempt_at, error=text, now=self._clock())
+        self._apply(row["txn_id"], machine.Step({}, change), row)
         return int(row["attempts"])
-
-    def _reopen_if_overtaken(self, txn_id: int, now: float) -> bool:
-        """A reversal the host answered 25 whose original it has now approved goes again (as a repeat:
-        one attempt counted, the rest of the budget fresh)."""
-        rec = self._txns[txn_id]
-        if rec.state is not TxnState.REVERSED or not not_found_overtaken(rec.reversal_rc, rec.late_approved_at):
-            return False
-        for row in self._saf.values():
-            if row["txn_id"] == txn_id and row["state"] == SafState.DONE:
-                row.update(state=SafState.PENDING, attempts=1, next_attempt_at=now, ack_rc=None,
-                           last_error=REOPENED_BY_LATE_APPROVAL, updated_at=now)
-                self._set(txn_id, state=TxnState.REVERSAL_QUEUED, reversal_rc=None, updated_at=now)
-                self._saf_changed()
-                return True
-        return False
 
     async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
         check_id(saf_id, "saf_id")
         check_rc(rc)
         await anyio.lowlevel.checkpoint()
         row = self._saf_row(saf_id)
-        if row["state"] == SafState.DONE:
-            return True
-        if not_found_overtaken(rc, self._txns[row["txn_id"]].late_approved_at):
-            return False  # the host approved the original late: "not found" is no longer true
-        now = self._clock()
-        counted = 0 if attempt_at is None else 1
-        row.update(state=SafState.DONE, ack_rc=rc, updated_at=now, attempts=row["attempts"] + counted,
-                   total_attempts=row["total_attempts"] + counted,
-                   last_attempt_at=row["last_attempt_at"] if attempt_at is None else attempt_at)
-        self._set(row["txn_id"], state=TxnState.REVERSED, reversal_rc=rc, updated_at=now)
-        self._saf_changed()
-        return True
+        decided = machine.ack(self._saf_view(row), self._view(row["txn_id"]), rc, attempt_at=attempt_at,
+                              now=self._clock())
+        self._apply(row["txn_id"], decided.step, row)
+        return decided.accepted
 
     async def park_reversal(self, saf_id: int, reason: str, *, final_attempt_at: float | None = None) -> None:
         check_id(saf_id, "saf_id")
         text = clip_text(reason, "reason", required=True)
         await anyio.lowlevel.checkpoint()
         row = self._saf_row(saf_id)
-        if row["state"] not in (SafState.PENDING, SafState.PARKED):
-            raise StateConflict("SAF entry", saf_id, row["state"], "park it")
-        now = self._clock()
-        counted = 0 if final_attempt_at is None else 1
-        row.update(
-            state=SafState.PARKED, parked_reason=text, attempts=row["attempts"] + counted,
-            total_attempts=row["total_attempts"] + counted, updated_at=now,
-            last_attempt_at=row["last_attempt_at"] if final_attempt_at is None else final_attempt_at,
-        )
-        self._set(row["txn_id"], state=TxnState.REVERSAL_FAILED, updated_at=now)
-        self._saf_changed()
+        step = machine.park(self._saf_view(row), instance=None, reason=text, final_attempt_at=final_attempt_at,
+                            now=self._clock())
+        self._apply(row["txn_id"], step, row)
 
     async def list_saf(self, state: SafState | str | None = None, *, limit: int = 1000) -> list[SafEntry]:
         check_limit(limit)
@@ -448,13 +415,7 @@ class MemoryStore:
         check_id(saf_id, "saf_id")
         await anyio.lowlevel.checkpoint()
         row = self._saf_row(saf_id)
-        if row["state"] != SafState.PARKED:
-            raise StateConflict("SAF entry", saf_id, row["state"], ONLY_PARKED)
-        now = self._clock()
-        row.update(state=SafState.PENDING, attempts=0, next_attempt_at=now, parked_reason=None,
-                   updated_at=now)
-        self._set(row["txn_id"], state=TxnState.REVERSAL_QUEUED, updated_at=now)
-        self._saf_changed()
+        self._apply(row["txn_id"], machine.retry(self._saf_view(row), now=self._clock()), row)
         return self._entry(row)
 
     async def drop_saf(self, saf_id: int, operator_note: str) -> SafEntry:
@@ -462,13 +423,24 @@ class MemoryStore:
         note = clip_text(operator_note, "operator_note", required=True)
         await anyio.lowlevel.checkpoint()
         row = self._saf_row(saf_id)
-        if row["state"] not in (SafState.PENDING, SafState.PARKED):
-            raise StateConflict("SAF entry", saf_id, row["state"], "drop it")
-        now = self._clock()
-        row.update(state=SafState.DROPPED, operator_note=note, updated_at=now)
-        self._set(row["txn_id"], state=TxnState.REVERSAL_DROPPED, updated_at=now)
-        self._saf_changed()
+        self._apply(row["txn_id"], machine.drop(self._saf_view(row), note=note, now=self._clock()), row)
         return self._entry(row)
+
+    async def record_reversal_ident(self, saf_id: int, stan: str, transmission_datetime: str) -> tuple[str, str]:
+        check_id(saf_id, "saf_id")
+        check_ident(stan, transmission_datetime)
+        await anyio.lowlevel.checkpoint()
+        row = self._saf_row(saf_id)
+        change = machine.reversal_ident(self._saf_view(row), instance=None, stan=stan,
+                                        transmission_datetime=transmission_datetime, now=self._clock())
+        if change is not None:
+            row.update(change)
+        return row["reversal_stan"], row["reversal_datetime"]
+
+    async def claim_orphaned_pending(self, stale_after: float) -> list[TxnRecord]:
+        """One process, one instance: nobody else's requests to take over."""
+        await anyio.lowlevel.checkpoint()
+        return []
 
     async def saf_depth(self) -> int:
         await anyio.lowlevel.checkpoint()
@@ -480,7 +452,3 @@ class MemoryStore:
         parked = sum(1 for row in self._saf.values() if row["state"] == SafState.PARKED)
         return SafSummary(len(pending), parked, min(pending, default=None))
 
-
-def _keep(new: str | None, old: str | None) -> str | None:
-    """SQL's coalesce(new, old): an argument left out keeps what was recorded."""
-    return old if new is None else new

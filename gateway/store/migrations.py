@@ -154,6 +154,18 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX txn_auth_code ON txn (auth_code) WHERE auth_code IS NOT NULL",
         ),
     ),
+    Migration(
+        5,
+        "identical reversal repeats (the first attempt's STAN and field 7); SAF lease columns",
+        (
+            "ALTER TABLE saf ADD COLUMN reversal_stan TEXT",
+            "ALTER TABLE saf ADD COLUMN reversal_datetime TEXT",
+            # leases matter only with several instances on one database (PostgreSQL); here always NULL,
+            # kept so that every backend reads the same SAF entry
+            "ALTER TABLE saf ADD COLUMN lease_owner TEXT",
+            "ALTER TABLE saf ADD COLUMN lease_expires_at REAL",
+        ),
+    ),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1].version

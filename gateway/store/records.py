@@ -1,5 +1,6 @@
-"""What the journal keeps: transaction records, SAF entries, late answers, and the rules that move a
-transaction from state to state. Pure data and pure functions, shared by every backend.
+"""What the journal keeps: transaction records, SAF entries, late answers, and the tables of which state
+may follow which (`machine` holds the transitions themselves). Pure data and pure functions, shared by
+every backend.
 
 A record keeps what settlement, refunds, reversals and investigations need, and nothing secret: the
 PAN only masked (6+4) and as a keyed fingerprint (HMAC-SHA256) for matching; never the PIN block,
@@ -209,6 +210,12 @@ def check_id(value: object, name: str) -> int:
     return value
 
 
+def check_ident(stan: object, transmission_datetime: object) -> None:
+    """A reversal's own field 11 (6 digits) and field 7 (MMDDhhmmss)."""
+    _digits(stan, 6, "reversal_stan")
+    _digits(transmission_datetime, 10, "reversal_datetime")
+
+
 def check_outcome_args(txn_id: object, rc: object, auth_code: object, rrn: object) -> None:
     check_id(txn_id, "txn_id")
     check_rc(rc)
@@ -415,12 +422,21 @@ class SafEntry:
     parked_reason: str | None = None
     operator_note: str | None = None
     updated_at: float
+    #: field 11 and 7 of this reversal, fixed before its first attempt went out so that every repeat is
+    #: the same message (None: not sent yet, or sent with a fresh STAN per attempt)
+    reversal_stan: str | None = None
+    reversal_datetime: str | None = None
+    #: the instance whose SAF sender holds the entry, and until when (database clock); None on the
+    #: single-instance stores
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
     txn: TxnRecord
 
     @property
     def is_repeat(self) -> bool:
-        """Send as a repeat (0401/0421): an earlier attempt may have reached the host."""
-        return self.attempts > 0
+        """Send as a repeat (0401/0421): an earlier attempt may have reached the host (one was counted,
+        or its STAN was fixed for sending)."""
+        return self.attempts > 0 or self.reversal_stan is not None
 
 
 SAF_COLUMNS: Final = tuple(name for name in SafEntry.__dataclass_fields__ if name != "txn")

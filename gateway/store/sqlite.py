@@ -30,35 +30,29 @@ import anyio
 import anyio.abc
 
 from gateway.iso.totals import SettlementTotals
-from gateway.store import migrations
+from gateway.store import machine, migrations
 from gateway.store.base import NullObserver, StoreObserver
 from gateway.store.errors import (
     DuplicateRequest,
     InvalidRecord,
     NotFound,
-    NotReversible,
     StateConflict,
     StoreClosed,
     StoreError,
     StoreIOError,
 )
 from gateway.store.group_commit import DEFAULT_MAX_BATCH, GroupCommitter, Write
+from gateway.store.machine import Change, SafView, TxnView
 from gateway.store.records import (
     CREDIT_KINDS,
     DEBIT_KINDS,
     DEFAULT_MAX_REFUSALS,
     LATE_COLUMNS,
-    MISSING_SAF,
-    ONLY_PARKED,
     OPEN_SAF_STATES,
     OUTCOME_STATES,
-    RC_LATE_APPROVAL,
     REFUSAL_COLUMNS,
     REFUSAL_RECORD_COLUMNS,
-    REOPENED_BY_LATE_APPROVAL,
     REQUEST_COLUMNS,
-    REVERSAL_STATES,
-    REVERSIBLE_STATES,
     SAF_COLUMNS,
     TXN_COLUMNS,
     LateAnswer,
@@ -76,14 +70,13 @@ from gateway.store.records import (
     TxnRequest,
     TxnState,
     check_id,
+    check_ident,
     check_late_args,
     check_limit,
     check_outcome_args,
     check_rc,
     check_reason,
     clip_text,
-    not_found_overtaken,
-    outcome_allowed,
     outcome_sources,
     pan_fingerprint,
     parse_enum,
@@ -194,26 +187,39 @@ def _saf(conn: sqlite3.Connection, saf_id: int) -> SafEntry:
     return found[0]
 
 
-def _saf_state(conn: sqlite3.Connection, saf_id: int) -> tuple[SafState, int]:
-    row = conn.execute("SELECT state, txn_id FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()
-    if row is None:
-        raise NotFound("SAF entry", saf_id)
-    return SafState(row[0]), int(row[1])
-
-
-def _txn_state(conn: sqlite3.Connection, txn_id: int) -> TxnState:
-    row = conn.execute("SELECT state FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()
+def _txn_view(conn: sqlite3.Connection, txn_id: int) -> TxnView:
+    row = conn.execute("SELECT state, reversal_rc, late_approved_at FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()
     if row is None:
         raise NotFound("transaction", txn_id)
-    return TxnState(row[0])
+    return TxnView(txn_id, TxnState(row[0]), row[1], row[2])
 
 
-def _set_txn_state(
-    conn: sqlite3.Connection, txn_id: int, state: TxnState, now: float, **extra: object
-) -> None:
-    sets = "".join(f", {name} = ?" for name in extra)
-    conn.execute(f"UPDATE txn SET state = ?, updated_at = ?{sets} WHERE txn_id = ?",
-                 (state, now, *extra.values(), txn_id))
+def _saf_view(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> SafView | None:
+    row = conn.execute(
+        "SELECT saf_id, txn_id, state, attempts, total_attempts, reversal_stan, lease_owner FROM saf"
+        f" WHERE {where}", params,
+    ).fetchone()
+    return None if row is None else SafView(row[0], row[1], SafState(row[2]), *row[3:])
+
+
+def _saf_by_id(conn: sqlite3.Connection, saf_id: int) -> SafView:
+    view = _saf_view(conn, "saf_id = ?", (saf_id,))
+    if view is None:
+        raise NotFound("SAF entry", saf_id)
+    return view
+
+
+def _update(conn: sqlite3.Connection, table: str, key: str, ident: int, change: Change) -> None:
+    """Write what the state machine decided (column names come from `machine`, never from input)."""
+    if change:
+        sets = ", ".join(f"{column} = ?" for column in change)
+        conn.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", (*change.values(), ident))
+
+
+def _persist(conn: sqlite3.Connection, saf: SafView, step: machine.Step | None) -> None:
+    if step is not None:
+        _update(conn, "txn", "txn_id", saf.txn_id, step.txn)
+        _update(conn, "saf", "saf_id", saf.saf_id, step.saf)
 
 
 # --- write ops (commit thread, inside the batch transaction) ---------------------------------------
@@ -236,10 +242,12 @@ def _op_record_outcome(
     conn: sqlite3.Connection, txn_id: int, state: TxnState, rc: str | None, auth_code: str | None,
     rrn: str | None, now: float,
 ) -> None:
+    # the fast path: one UPDATE whose WHERE holds the machine's allowed source states; on no match the
+    # machine says why (and raises), from the row as it is
     cur = conn.execute(_RECORD_OUTCOME[state], (state, rc, auth_code, rrn, now, txn_id))
     if cur.rowcount == 0:
-        current = _txn_state(conn, txn_id)
-        raise StateConflict("transaction", txn_id, current, f"record outcome {state}")
+        machine.outcome(_txn_view(conn, txn_id), state, rc=rc, auth_code=auth_code, rrn=rrn, now=now)
+        raise StateConflict("transaction", txn_id, "changed", f"record outcome {state}")
 
 
 def _op_queue_reversal(
@@ -247,28 +255,17 @@ def _op_queue_reversal(
     auth_code: str | None, rrn: str | None, initiator: ReversalInitiator, not_before: float | None,
     now: float,
 ) -> QueuedReversal:
-    current = _txn_state(conn, txn_id)
-    if current in REVERSAL_STATES:
+    view = _txn_view(conn, txn_id)
+    new = machine.queue_reversal(view, reason=reason, outcome=state, initiator=initiator, rc=rc,
+                                 auth_code=auth_code, rrn=rrn, not_before=not_before, now=now)
+    if new is None:
         existing = _safs(conn, "s.txn_id = ?", (txn_id,))
         if not existing:
-            raise StateConflict("transaction", txn_id, current, MISSING_SAF)
+            raise machine.missing_saf(view)
         return QueuedReversal(existing[0], created=False)
-    if current not in REVERSIBLE_STATES:
-        raise NotReversible("transaction", txn_id, current, "reverse it: no money moved")
-    if state is not None and state != current and not outcome_allowed(current, state):
-        raise StateConflict("transaction", txn_id, current, f"record outcome {state}")
-    conn.execute(
-        "UPDATE txn SET state = ?, reversed_from = ?, reversal_reason = ?, reversal_initiator = ?,"
-        " rc = coalesce(?, rc), auth_code = coalesce(?, auth_code), rrn = coalesce(?, rrn), updated_at = ?"
-        " WHERE txn_id = ?",
-        (TxnState.REVERSAL_QUEUED, reversal_from(current, state), reason, initiator, rc, auth_code, rrn, now,
-         txn_id),
-    )
-    due = now if not_before is None else max(now, not_before)
+    _update(conn, "txn", "txn_id", txn_id, new.txn)
     cur = conn.execute(
-        "INSERT INTO saf (txn_id, state, reason, initiator, attempts, total_attempts, queued_at,"
-        " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?)",
-        (txn_id, SafState.PENDING, reason, initiator, now, due, now),
+        f"INSERT INTO saf ({', '.join(new.saf)}) VALUES ({', '.join('?' * len(new.saf))})", tuple(new.saf.values())
     )
     return QueuedReversal(_saf(conn, int(cur.lastrowid or 0)), created=True)
 
@@ -280,16 +277,14 @@ def _op_record_late_answer(
 ) -> LateRecorded:
     reopened = False
     if txn_id is not None:
-        approved = authenticated and rc == RC_LATE_APPROVAL
-        cur = conn.execute(
-            "UPDATE txn SET late_rc = ?, late_at = ?, updated_at = ?,"
-            " late_approved_at = CASE WHEN ? THEN coalesce(late_approved_at, ?) ELSE late_approved_at END"
-            " WHERE txn_id = ?",
-            (rc, now, now, approved, now, txn_id),
-        )
-        if cur.rowcount == 0:
-            raise NotFound("transaction", txn_id)
-        reopened = approved and _reopen_if_overtaken(conn, txn_id, now)
+        change, after = machine.late_answer(_txn_view(conn, txn_id), rc, authenticated=authenticated, now=now)
+        _update(conn, "txn", "txn_id", txn_id, change)
+        if machine.wants_reopen(after, rc, authenticated=authenticated):
+            saf = _saf_view(conn, "txn_id = ?", (txn_id,))
+            step = machine.reopen(after, saf, now=now)
+            if saf is not None and step is not None:
+                _persist(conn, saf, step)
+                reopened = True
     cur = conn.execute(
         f"INSERT INTO late_answer ({', '.join(LATE_COLUMNS[1:])})"
         f" VALUES ({', '.join('?' * (len(LATE_COLUMNS) - 1))})",
@@ -298,93 +293,52 @@ def _op_record_late_answer(
     return LateRecorded(int(cur.lastrowid or 0), reopened)
 
 
-def _reopen_if_overtaken(conn: sqlite3.Connection, txn_id: int, now: float) -> bool:
-    """A reversal the host answered 25 whose original it has now approved goes again (as a repeat:
-    one attempt counted, the rest of the budget fresh)."""
-    row = conn.execute("SELECT state, reversal_rc, late_approved_at FROM txn WHERE txn_id = ?",
-                       (txn_id,)).fetchone()
-    if row[0] != TxnState.REVERSED or not not_found_overtaken(row[1], row[2]):
-        return False
-    cur = conn.execute(
-        "UPDATE saf SET state = ?, attempts = 1, next_attempt_at = ?, ack_rc = NULL, last_error = ?,"
-        " updated_at = ? WHERE txn_id = ? AND state = ?",
-        (SafState.PENDING, now, REOPENED_BY_LATE_APPROVAL, now, txn_id, SafState.DONE),
-    )
-    if not cur.rowcount:
-        return False
-    _set_txn_state(conn, txn_id, TxnState.REVERSAL_QUEUED, now, reversal_rc=None)
-    return True
-
-
 def _op_mark_attempt(
     conn: sqlite3.Connection, saf_id: int, attempted_at: float, next_attempt_at: float, error: str,
     now: float,
 ) -> int:
-    cur = conn.execute(
-        "UPDATE saf SET attempts = attempts + 1, total_attempts = total_attempts + 1, last_attempt_at = ?,"
-        " next_attempt_at = ?, last_error = ?, updated_at = ? WHERE saf_id = ? AND state = ?",
-        (attempted_at, next_attempt_at, error, now, saf_id, SafState.PENDING),
-    )
-    if cur.rowcount == 0:
-        state, _ = _saf_state(conn, saf_id)
-        raise StateConflict("SAF entry", saf_id, state, "record an attempt")
-    return int(conn.execute("SELECT attempts FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()[0])
+    saf = _saf_by_id(conn, saf_id)
+    change = machine.attempt(saf, instance=None, attempted_at=attempted_at, next_attempt_at=next_attempt_at,
+                             error=error, now=now)
+    _update(conn, "saf", "saf_id", saf_id, change)
+    return int(change["attempts"])  # type: ignore[call-overload]
 
 
 def _op_ack(conn: sqlite3.Connection, saf_id: int, rc: str, attempt_at: float | None, now: float) -> bool:
-    state, txn_id = _saf_state(conn, saf_id)
-    if state == SafState.DONE:
-        return True  # a repeated acknowledgement changes nothing
-    late_approved_at = conn.execute("SELECT late_approved_at FROM txn WHERE txn_id = ?", (txn_id,)).fetchone()[0]
-    if not_found_overtaken(rc, late_approved_at):
-        return False  # the host approved the original late: "not found" is no longer true
-    counted = 0 if attempt_at is None else 1  # the attempt the host acknowledged is an attempt too
-    conn.execute(
-        "UPDATE saf SET state = ?, ack_rc = ?, attempts = attempts + ?, total_attempts = total_attempts + ?,"
-        " last_attempt_at = coalesce(?, last_attempt_at), updated_at = ? WHERE saf_id = ?",
-        (SafState.DONE, rc, counted, counted, attempt_at, now, saf_id),
-    )
-    _set_txn_state(conn, txn_id, TxnState.REVERSED, now, reversal_rc=rc)
-    return True
+    saf = _saf_by_id(conn, saf_id)
+    decided = machine.ack(saf, _txn_view(conn, saf.txn_id), rc, attempt_at=attempt_at, now=now)
+    _persist(conn, saf, decided.step)
+    return decided.accepted
 
 
 def _op_park(
     conn: sqlite3.Connection, saf_id: int, reason: str, final_attempt_at: float | None, now: float
 ) -> None:
-    state, txn_id = _saf_state(conn, saf_id)
-    if state not in (SafState.PENDING, SafState.PARKED):
-        raise StateConflict("SAF entry", saf_id, state, "park it")
-    counted = 0 if final_attempt_at is None else 1
-    conn.execute(
-        "UPDATE saf SET state = ?, parked_reason = ?, attempts = attempts + ?,"
-        " total_attempts = total_attempts + ?, last_attempt_at = coalesce(?, last_attempt_at),"
-        " updated_at = ? WHERE saf_id = ?",
-        (SafState.PARKED, reason, counted, counted, final_attempt_at, now, saf_id),
-    )
-    _set_txn_state(conn, txn_id, TxnState.REVERSAL_FAILED, now)
+    saf = _saf_by_id(conn, saf_id)
+    _persist(conn, saf, machine.park(saf, instance=None, reason=reason, final_attempt_at=final_attempt_at, now=now))
 
 
 def _op_retry(conn: sqlite3.Connection, saf_id: int, now: float) -> SafEntry:
-    state, txn_id = _saf_state(conn, saf_id)
-    if state != SafState.PARKED:
-        raise StateConflict("SAF entry", saf_id, state, ONLY_PARKED)
-    conn.execute(
-        "UPDATE saf SET state = ?, attempts = 0, next_attempt_at = ?, parked_reason = NULL, updated_at = ?"
-        " WHERE saf_id = ?",
-        (SafState.PENDING, now, now, saf_id),
-    )
-    _set_txn_state(conn, txn_id, TxnState.REVERSAL_QUEUED, now)
+    saf = _saf_by_id(conn, saf_id)
+    _persist(conn, saf, machine.retry(saf, now=now))
     return _saf(conn, saf_id)
 
 
 def _op_drop(conn: sqlite3.Connection, saf_id: int, note: str, now: float) -> SafEntry:
-    state, txn_id = _saf_state(conn, saf_id)
-    if state not in (SafState.PENDING, SafState.PARKED):
-        raise StateConflict("SAF entry", saf_id, state, "drop it")
-    conn.execute("UPDATE saf SET state = ?, operator_note = ?, updated_at = ? WHERE saf_id = ?",
-                 (SafState.DROPPED, note, now, saf_id))
-    _set_txn_state(conn, txn_id, TxnState.REVERSAL_DROPPED, now)
+    saf = _saf_by_id(conn, saf_id)
+    _persist(conn, saf, machine.drop(saf, note=note, now=now))
     return _saf(conn, saf_id)
+
+
+def _op_reversal_ident(conn: sqlite3.Connection, saf_id: int, stan: str, transmission_datetime: str,
+                       now: float) -> tuple[str, str]:
+    saf = _saf_by_id(conn, saf_id)
+    change = machine.reversal_ident(saf, instance=None, stan=stan, transmission_datetime=transmission_datetime,
+                                    now=now)
+    if change is not None:
+        _update(conn, "saf", "saf_id", saf_id, change)
+    row = conn.execute("SELECT reversal_stan, reversal_datetime FROM saf WHERE saf_id = ?", (saf_id,)).fetchone()
+    return str(row[0]), str(row[1])
 
 
 def _count_open_saf(conn: sqlite3.Connection) -> int:
@@ -411,7 +365,8 @@ def _op_record_refusal(conn: sqlite3.Connection, values: tuple[object, ...], kee
 
 #: writes that change the SAF queue: the depth is re-counted after their commit
 _SAF_OPS: Final[frozenset[Callable[..., object]]] = frozenset(
-    {_op_queue_reversal, _op_mark_attempt, _op_ack, _op_park, _op_retry, _op_drop, _op_record_late_answer}
+    {_op_queue_reversal, _op_mark_attempt, _op_ack, _op_park, _op_retry, _op_drop, _op_record_late_answer,
+     _op_reversal_ident}
 )
 #: writes that change the database with at most one statement and raise only before it or when it
 #: failed: SQLite undoes a failed statement by itself, so they need no savepoint (the two writes of
@@ -845,6 +800,16 @@ class SqliteStore:
 
     async def saf_summary(self) -> SafSummary:
         return await self._read(_saf_summary)
+
+    async def record_reversal_ident(self, saf_id: int, stan: str, transmission_datetime: str) -> tuple[str, str]:
+        check_id(saf_id, "saf_id")
+        check_ident(stan, transmission_datetime)
+        return await self._write(_op_reversal_ident, saf_id, stan, transmission_datetime, self._clock())
+
+    async def claim_orphaned_pending(self, stale_after: float) -> list[TxnRecord]:
+        """One file, one gateway: nobody else's requests to take over (a second process on the same file
+        is refused by nothing here, and must not be run)."""
+        return []
 
 
 def _and(base: str, params: list[object], **optional: object) -> tuple[str, list[object]]:

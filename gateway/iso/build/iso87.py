@@ -3,7 +3,7 @@
 Network management is 0800 with 70 = 001 sign-on, 002 sign-off, 301 echo, 101 key request.
 Financial requests carry 7 (transmission date-time MMDDhhmmss), 11, 12/13 (local time/date), 22, 25,
 32 (acquirer id), 41, 42, 49 and the card data; MAC'd ones a 16-hex-character placeholder in 64.
-Reversals (0400, repeats 0401) identify their original through field 90.
+Reversals (0400, repeats 0401; or advices 0420/0421) identify their original through field 90.
 
 The host link stamps its own 7 and 11 on every request before journalling it; the values given here
 make each message complete on its own (tests, simulators, replays).
@@ -27,7 +27,7 @@ from gateway.iso.build.common import (
 from gateway.iso.build.response import response
 from gateway.iso.errors import SubfieldError, ValidationError
 from gateway.iso.message import Message
-from gateway.iso.mti import is_request
+from gateway.iso.mti import is_request, repeat_mti
 from gateway.iso.subfields import pack, unpack
 from gateway.iso.validate import DialectSettings, dialect_settings, identify
 
@@ -44,6 +44,10 @@ NMIC_ECHO: Final = "301"
 KEY_TYPES: Final = {"ZPK": "1", "ZAK": "2"}
 KEY_LAYOUT: Final = "iso87.48.key"
 ORIGINAL_LAYOUT: Final = "iso87.90"
+
+#: a reversal sent upstream: a request (0400) or an advice (0420); repeats end in 1 (0401, 0421)
+REVERSAL_MTI: Final = "0400"
+REVERSAL_ADVICE_MTI: Final = "0420"
 
 #: processing codes (first two digits: transaction type; then from/to account "0000")
 PROC_PURCHASE: Final = "000000"
@@ -337,10 +341,11 @@ def balance_inquiry(
     )
 
 
-def reversal(original_host_request: Message, reason_rc: str, repeat: bool = False) -> Message:
+def reversal(original_host_request: Message, reason_rc: str, repeat: bool = False, *, advice: bool = False) -> Message:
     """0400 (0401 when `repeat`) for a reversible 0200: the original's amount, card and terminal fields
     without PIN/track data, 90 built from its MTI/11/7/32/33, 39 = `reason_rc` when the dialect
-    carries a reason, and a MAC placeholder."""
+    carries a reason, and a MAC placeholder. `advice`: the same as an acquirer reversal advice, 0420
+    (0421), as a POSP sends a terminal's 0400 on to the network (reference §3.8)."""
     original = original_host_request
     flow = identify(DIALECT, original)
     if flow is None or not flow.reversible or not is_request(original.mti):
@@ -351,4 +356,5 @@ def reversal(original_host_request: Message, reason_rc: str, repeat: bool = Fals
     if settings.reversal_reason_field:
         fields["39"] = text(reason_rc, 2, "39", pad=False)
     add_mac_placeholder(fields, settings)
-    return Message("0401" if repeat else "0400", fields)
+    mti = REVERSAL_ADVICE_MTI if advice else REVERSAL_MTI
+    return Message(repeat_mti(mti) if repeat else mti, fields)
