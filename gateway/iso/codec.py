@@ -1,7 +1,26 @@
-"""`Codec`: bytes ⇄ `Message` for one dialect, on top of pyiso8583.
+"""`Codec`: bytes ⇄ `Message` for one dialect: pyiso8583's field walking plus our checks.
 
-pyiso8583 does the field walking; this layer adds what it does not check and turns every failure
-into a `CodecError` that names the field and byte offset but never carries field data:
+Two implementations of the same behaviour sit behind `Codec(dialect, *, lenient=False)`:
+
+* `PureCodec` (this file): pyiso8583 does the field walking, this layer adds the checks below. It is
+  the specification and the test oracle, and the fallback wherever the compiled one is missing.
+* the compiled codec (`gateway/iso/_ccodec.c`, built by `pip install` where a C compiler is present):
+  the same walk and checks in one pass of C, byte-identical to `PureCodec` on every input (same
+  Message, same bytes, a CodecError with the same reason, field and offset; differential tests in
+  tests/test_codec_differential.py prove it), about 30× faster than bare pyiso8583 (bench/codec.py).
+
+`Codec` picks the compiled one at import unless `GATEWAY_CODEC=pure` (see gateway/iso/_compiled.py);
+`codec_implementation()` says which is in use, `Codec(...).implementation` which one an instance got.
+
+Options (both implementations honour them):
+
+* `lenient=False` (the live path): `xn` amounts (ISO 8583 x+n, e.g. DE 28) must be 'C' or 'D'
+  followed by digits. `lenient=True` accepts any character in the sign position, still followed by
+  at least one digit and nothing else: for importing foreign traces (jPOS's own ISO 8583:1987 test
+  image carries '0' there). Strict by default; only trace import should ask for lenient.
+
+What the codec checks on top of pyiso8583; every failure is a `CodecError` that names the field and
+byte offset but never carries field data:
 
 * the MTI must be one the dialect accepts (checked on the raw bytes, before anything else);
 * ASCII length prefixes must be digits (pyiso8583 uses int(), which accepts " 12" and "+12");
@@ -12,15 +31,15 @@ into a `CodecError` that names the field and byte offset but never carries field
   when field 53 position 3 is '1' the track is TDK-encrypted (reference §4.4) and any hex is valid;
 * `b` fields carried as hex text (ISO 8583:1987 52/64/96/128) must be hex; lower case is
   accepted and upper-cased, so the Message value is always uppercase hex;
-* `xn` values are 'C'/'D' followed by digits.
+* `xn` values are 'C'/'D' followed by digits (`lenient`: any sign character).
 
-Cost matters (the codec dominates the gateway's CPU, see reference limits.md). Which fields need
+PureCodec's cost (the codec dominates the gateway's CPU, see reference limits.md): which fields need
 which check depends only on which fields are present, so that is worked out once per distinct bitmap
 (decode) or per distinct field-key sequence (encode) and cached as a `_Plan`; a message then costs a
 dict lookup plus, per format, one `"".join(itemgetter(...)(doc)).encode().translate(None, ALPHABET)`
 over all its fields of that format together.
 Error diagnosis (which field, which offset) only runs once something is known to be wrong.
-`bench/codec.py` keeps the overhead over bare pyiso8583 under 15 %.
+`bench/codec.py` measures both implementations against bare pyiso8583.
 
 z values: the decoder returns the wire form ('D' separators in the BCD dialect); the encoder accepts
 '=' there too and sends it as 'D', so `decode(encode(m))` may differ from `m` by exactly that.
@@ -37,6 +56,7 @@ from iso8583.decoder import decode as _iso_decode
 from iso8583.encoder import EncodeError
 from iso8583.encoder import encode as _iso_encode
 
+from gateway.iso import _compiled
 from gateway.iso.errors import CodecError
 from gateway.iso.message import Message
 from gateway.iso.spec import Dialect
@@ -69,6 +89,11 @@ def _signed_amount(value: str) -> bool:
     return len(value) > 1 and value[0] in "CD" and _digits(value[1:])
 
 
+def _unsigned_amount(value: str) -> bool:
+    """The lenient x+n check: any character where the sign goes, then digits."""
+    return len(value) > 1 and _digits(value[1:])
+
+
 _Getter = Callable[[Mapping[str, str]], Any]
 
 
@@ -88,7 +113,7 @@ class _Plan:
 
     __slots__ = ("ascii_lengths", "hex_keys", "hex_text", "numeric", "numeric_keys", "track_keys", "tracks", "xn")
 
-    def __init__(self, codec: Codec, keys: Iterable[str]) -> None:
+    def __init__(self, codec: PureCodec, keys: Iterable[str]) -> None:
         present = sorted(keys, key=int)
         self.numeric_keys = tuple(k for k in present if k in codec._numeric)
         self.numeric = _getter(self.numeric_keys)
@@ -100,8 +125,9 @@ class _Plan:
         self.ascii_lengths = tuple(k for k in present if k in codec._ascii_lengths)
 
 
-class Codec:
-    """Decode and encode message bodies (MTI + bitmap + fields; no length prefix, TPDU or header)."""
+class PureCodec:
+    """Decode and encode message bodies (MTI + bitmap + fields; no length prefix, TPDU or header)
+    with pyiso8583 plus our checks. Use `Codec`; this class is its fallback and its oracle."""
 
     __slots__ = (
         "_ascii_lengths",
@@ -118,15 +144,19 @@ class Codec:
         "_mti_wire",
         "_mtis",
         "_numeric",
+        "_signed",
         "_spec",
         "_tracks",
         "_tracks_bcd",
         "_xn",
         "dialect",
+        "lenient",
     )
 
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, *, lenient: bool = False) -> None:
         self.dialect = dialect
+        self.lenient = lenient
+        self._signed = _unsigned_amount if lenient else _signed_amount
         spec = dialect.spec
         self._spec = spec
         self._defined = frozenset(dialect.formats)
@@ -199,7 +229,7 @@ class Codec:
                 doc[k] = value
         if plan.xn:
             for k in plan.xn:
-                if not _signed_amount(doc[k]):
+                if not self._signed(doc[k]):
                     raise CodecError(_XN_ERROR, field=k, offset=_offset(enc, k))
         if "1" in doc:
             del doc["1"]
@@ -293,7 +323,7 @@ class Codec:
                     doc[k] = value
             if plan.xn:
                 for k in plan.xn:
-                    if not _signed_amount(doc[k]):
+                    if not self._signed(doc[k]):
                         raise CodecError(_XN_ERROR, field=k)
             raw, _enc = _iso_encode(doc, self._spec)
         except CodecError:
@@ -340,9 +370,49 @@ class Codec:
         return CodecError("message cannot be encoded")
 
 
+class Codec:
+    """Decode and encode message bodies (MTI + bitmap + fields; no length prefix, TPDU or header).
+
+    `decode(body) -> Message` and `encode(msg) -> bytes` raise `CodecError` for anything invalid.
+    They are the chosen implementation's own methods (no extra call layer on the hot path).
+    `implementation`: None follows the import-time selection ("compiled" where available);
+    "pure" or "compiled" asks for one (tests, benchmarks); "compiled" raises if it cannot be had.
+    """
+
+    __slots__ = ("decode", "dialect", "encode", "implementation", "lenient")
+
+    decode: Callable[[bytes], Message]
+    encode: Callable[[Message], bytes]
+    #: "compiled" or "pure": what this instance runs
+    implementation: str
+
+    def __init__(self, dialect: Dialect, *, lenient: bool = False, implementation: str | None = None) -> None:
+        if implementation not in (None, "pure", "compiled"):
+            raise ValueError(f"implementation must be 'pure' or 'compiled', not {implementation!r}")
+        self.dialect = dialect
+        self.lenient = lenient
+        pure = PureCodec(dialect, lenient=lenient)
+        chosen: PureCodec | Any = pure
+        self.implementation = "pure"
+        if implementation == "compiled" or (implementation is None and _compiled.COMPILED is not None):
+            try:
+                chosen = _compiled.build(pure)
+                self.implementation = "compiled"
+            except _compiled.UnsupportedDialect as exc:
+                if implementation == "compiled":
+                    raise RuntimeError(f"no compiled codec for dialect {dialect.name}: {exc}") from None
+        self.decode = chosen.decode
+        self.encode = chosen.encode
+
+    def __repr__(self) -> str:
+        return f"Codec({self.dialect.name!r}, {self.implementation}{', lenient' if self.lenient else ''})"
+
+
 def codec_implementation() -> str:
     """Which codec implementation `Codec` uses, for `gateway --version` and the benchmarks."""
-    return "pure-python (pyiso8583)"
+    if _compiled.COMPILED is not None:
+        return "compiled (C extension gateway.iso._ccodec)"
+    return f"pure-python (pyiso8583; {_compiled.WHY_NOT})"
 
 
 _NUMERIC_ERROR: Final = "non-digit in numeric field"
