@@ -583,7 +583,11 @@ class PostgresStore:
                 with suppress(psycopg.Error):
                     # stopped: what it left pending is for the live instances now, without waiting
                     session.execute("UPDATE instance SET heartbeat_at = 0 WHERE instance_id = %s", (self.instance_id,))
-                session.close()  # releases the instance lock
+                    # unlocked before the close returns: the server ends a closed session's backend (and
+                    # frees its locks) only some time after the client has gone, so a restart under the
+                    # same id could be refused as "in use"
+                    session.execute("SELECT pg_advisory_unlock_all()")
+                session.close()
             if writer is not None:
                 writer.close()
 
