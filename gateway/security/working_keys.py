@@ -63,7 +63,8 @@ def install_working_keys(module: SoftwareSecurityModule, terminal_id: str, seale
     try:
         plain = lmk.open(bytes(sealed[_HEADER_LEN:]), _associated(header, terminal_id))
     except InvalidTag:
-        raise KeyStoreIntegrityError(f"the shared working keys of terminal {terminal_id!r} fail authentication") from None
+        what = f"the shared working keys of terminal {terminal_id!r}"
+        raise KeyStoreIntegrityError(f"{what} fail authentication") from None
     keys: dict[KeyUsage, DesKey] = {}
     try:
         for entry in json.loads(plain):
