@@ -325,7 +325,10 @@ class SharedLimits:
 
     def release(self, terminal_id: str, amount: int, day: str) -> None:
         self._used[terminal_id] = max(0, self._used.get(terminal_id, 0) - amount)
-        self._send.send_nowait((terminal_id, amount, day))
+        try:
+            self._send.send_nowait((terminal_id, amount, day))
+        except anyio.ClosedResourceError:  # stopping: the usage stays counted
+            self.releases_lost += 1
 
     def seed(self, day: str, totals: dict[str, int]) -> None:
         """Today's completed purchases from the journal, for terminals the table has no row of yet (the
@@ -342,13 +345,14 @@ class SharedLimits:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async for terminal_id, amount, day in self._receive:
-            try:
-                await self.db.call(functools.partial(_release, terminal_id=terminal_id, amount=amount, day=day))
-            except StoreError as exc:
-                self.releases_lost += 1
-                log.warning("risk-limit release of terminal %s not written (%s): its usage stays counted",
-                            terminal_id, exc)
+        with self._send, self._receive:
+            async for terminal_id, amount, day in self._receive:
+                try:
+                    await self.db.call(functools.partial(_release, terminal_id=terminal_id, amount=amount, day=day))
+                except StoreError as exc:
+                    self.releases_lost += 1
+                    log.warning("risk-limit release of terminal %s not written (%s): its usage stays counted",
+                                terminal_id, exc)
 
 
 # --- host STANs --------------------------------------------------------------------------------------
