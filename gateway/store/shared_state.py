@@ -41,6 +41,7 @@ from typing import Any, Final, TypeVar
 import anyio
 import anyio.abc
 import psycopg
+from anyio.streams.memory import MemoryObjectSendStream
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -309,7 +310,8 @@ class SharedLimits:
         self.db = db
         self.config = config
         self._used: dict[str, int] = {}  #: the usage as last seen by this instance (`used`)
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[str, int, str]](math.inf)
+        #: releases for `run` to write (open while it runs)
+        self._send: MemoryObjectSendStream[tuple[str, int, str]] | None = None
         #: releases the database has not taken (the usage stays counted: refusals come earlier, never later)
         self.releases_lost = 0
 
@@ -326,8 +328,10 @@ class SharedLimits:
     def release(self, terminal_id: str, amount: int, day: str) -> None:
         self._used[terminal_id] = max(0, self._used.get(terminal_id, 0) - amount)
         try:
+            if self._send is None:
+                raise anyio.ClosedResourceError
             self._send.send_nowait((terminal_id, amount, day))
-        except anyio.ClosedResourceError:  # stopping: the usage stays counted
+        except anyio.ClosedResourceError:  # not running (stopping): the usage stays counted
             self.releases_lost += 1
 
     def seed(self, day: str, totals: dict[str, int]) -> None:
@@ -344,9 +348,11 @@ class SharedLimits:
         return self._used.get(terminal_id, 0)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        send, receive = anyio.create_memory_object_stream[tuple[str, int, str]](math.inf)
+        self._send = send
         task_status.started()
-        with self._send, self._receive:
-            async for terminal_id, amount, day in self._receive:
+        with send, receive:
+            async for terminal_id, amount, day in receive:
                 try:
                     await self.db.call(functools.partial(_release, terminal_id=terminal_id, amount=amount, day=day))
                 except StoreError as exc:
