@@ -79,6 +79,10 @@ async def eventually(probe: Callable[[], bool], what: str) -> None:
             await anyio.sleep(0.01)
 
 
+async def _append(seen: list[bool], refreshed: Any) -> None:
+    seen.append(await refreshed)
+
+
 # --- the suite, against both implementations --------------------------------------------------------
 
 
@@ -203,6 +207,12 @@ async def test_a_sign_in_on_one_instance_serves_the_others(pg_url: str) -> None:
         assert b.get(TID).batch == "000001"
         assert b.security.generate_terminal_mac(TID, MAB) == a.security.generate_terminal_mac(TID, MAB)
         assert not await b.refresh(TID)  # nothing new
+        b._forget(TID, keys=True)
+        async with anyio.create_task_group() as tg:  # a terminal's first requests on B, at once: each may go on
+            seen: list[bool] = []
+            for _ in range(4):
+                tg.start_soon(lambda: _append(seen, b.refresh(TID)))
+        assert seen == [True] * 4
         old_mac = b.security.generate_terminal_mac(TID, MAB)
 
         a.security.issue_working_keys(TID)  # signs in again on A: new keys

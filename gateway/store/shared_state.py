@@ -244,6 +244,7 @@ class SharedSessions:
         return self._keep(TerminalSession(terminal_id, session.merchant_id, new, session.key_mode), int(row[0])).batch
 
     async def refresh(self, terminal_id: str) -> bool:
+        before = self._generation.get(terminal_id)  # what the caller saw
         row = await self.db.call(lambda c: c.execute(_SESSION_GET, (terminal_id,)).fetchone())
         if row is None:
             known = terminal_id in self._cache
@@ -251,7 +252,7 @@ class SharedSessions:
             return known
         merchant_id, batch, key_mode, generation, sealed = row
         if self._generation.get(terminal_id) == generation:
-            return False
+            return before != generation  # a concurrent refresh of the same terminal may have installed it
         try:
             install_working_keys(self.security, terminal_id, bytes(sealed), self.lmk)
         except SecurityError as exc:
