@@ -629,10 +629,26 @@ class GatewayService:
         original = None
         if batch and trace:
             # a void sent the moment its sale's answer arrived: let the sale's outcome be journalled first
-            await self._wait_in_flight((msg.fields["41"], batch, trace))
-            original = await self.store.find_original(msg.fields["41"], batch, trace)
+            key = (msg.fields["41"], batch, trace)
+            here = key in self.in_flight
+            await self._wait_in_flight(key)
+            original = await self.store.find_original(*key)
+            if (original is not None and original.state is TxnState.PENDING and not here
+                    and not self.journal_retry.holds(original.txn_id)):
+                original = await self._outcome_from_elsewhere(original)
         if original is None and "37" in msg.fields:
             original = await self.store.find_by_rrn(msg.fields["37"], terminal_id=msg.fields["41"])
+        return original
+
+    async def _outcome_from_elsewhere(self, original: TxnRecord) -> TxnRecord:
+        """A pending original that is not in flight here: another instance on the shared journal has it (its
+        answer is out, its outcome on its way into the journal). Polled until it is there, bounded."""
+        with anyio.move_on_after(self.config.reversal.original_wait):
+            delay = 0.005
+            while original.state is TxnState.PENDING:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                original = await self.store.get(original.txn_id) or original
         return original
 
     async def _exchange(self, msg: Message, host_req: Message, txn_id: int, flow: FlowSpec, pan: str | None,

@@ -49,7 +49,9 @@ def _lmk(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Cluster:
-    def __init__(self, pg_url: str, tmp_path: Any, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, pg_url: str, tmp_path: Any, limits: LimitsConfig | None = None,
+                 commit_delay: dict[str, float] | None = None) -> None:
+        self.commit_delay = commit_delay or {}
         self.zmk = generate_key(16)
         self.tmks = {tid: generate_key(16) for tid in terminal_ids(1)}
         [self.terminal_id] = self.tmks
@@ -62,7 +64,8 @@ class Cluster:
         config = lab_config(self.tmp_path, self.host_port, self.tmks, self.zmk, admin=False, limits=self.limits,
                             host_options={"key_exchange": key_exchange})
         return dataclasses.replace(config, store=StoreConfig(
-            url=self.pg_url, instance_id=name, pan_hash_key_hex="11" * 32, heartbeat_interval=0.2, orphan_after=5.0))
+            url=self.pg_url, instance_id=name, pan_hash_key_hex="11" * 32, heartbeat_interval=0.2, orphan_after=5.0,
+            commit_delay=self.commit_delay.get(name, 0.002)))
 
     async def start(self, tg: anyio.abc.TaskGroup, n: int) -> list[RunningGateway]:
         self.host_port = await tg.start(self.host.serve, LOOPBACK, 0)
@@ -184,6 +187,23 @@ async def test_re_sign_in_and_sign_off_reach_the_other_instances(pg_url, tmp_pat
         await term.sign_in()  # on B
         assert (await (await move(term, a)).purchase(1_400, CARD_CUP)).approved
         await term.aclose()
+
+
+async def test_a_void_right_after_its_sale_on_another_instance_waits_for_the_sales_outcome(pg_url, tmp_path):
+    # B journals the sale's completion up to 0.1 s after the approval went out (its commit delay): the
+    # void reaches C before that, finds the sale still pending, and waits for B's word instead of a 12
+    async with cluster(pg_url, tmp_path, 3, commit_delay={"gw-b": 0.1}) as lab:
+        a, b, c = lab.gateways
+        term = lab.terminal(a)
+        await term.connect()
+        await term.sign_in()
+        sale = await (await move(term, b)).purchase(2_500, CARD_CUP)
+        assert sale.approved
+        void = await (await move(term, c)).void(sale)
+        await term.aclose()
+        assert void.approved, void
+        [voided] = [e for e in lab.host.ledger.values() if e.kind == "purchase"]
+        assert voided.voided
 
 
 async def _async(value: bool) -> bool:
