@@ -273,8 +273,10 @@ async def test_working_keys_rest_sealed_under_the_lmk(pg_url: str) -> None:
 async def test_two_instances_racing_for_one_limit_never_overshoot(pg_url: str) -> None:
     url = migrated(pg_url)
     config = LimitsConfig(per_transaction=1_000, per_day=1_000)
-    async with database(url) as da, database(url) as db:
+    async with database(url) as da, database(url) as db, anyio.create_task_group() as running:
         a, b = SharedLimits(da, config), SharedLimits(db, config)
+        for limits in (a, b):
+            await running.start(limits.run)
         approved: list[str] = []
 
         async def buy(limits: SharedLimits, who: str) -> None:
@@ -288,6 +290,7 @@ async def test_two_instances_racing_for_one_limit_never_overshoot(pg_url: str) -
         assert set(approved) == {"a", "b"}  # both took part in the race
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT used FROM risk_usage").fetchall() == [(990,)]
+        running.cancel_scope.cancel()
 
 
 async def test_stan_blocks_of_instances_never_collide(pg_url: str) -> None:
