@@ -208,15 +208,20 @@ def run_target(target: Target, settings: dict[str, object], args: argparse.Names
     rerun = SURVIVED | NO_TESTS | TIMEOUT if args.recheck else set()
     todo = [n for n in chosen if state[n] is None or state[n] in rerun]
     print(f"== {target.name}: {len(state)} mutants, {len(chosen)} chosen, {len(todo)} to run", flush=True)
-    if todo:
+    # two passes: a changed test list or function makes mutmut drop the earlier results it can no
+    # longer trust, which the second pass then re-checks
+    for _ in range(2):
+        if not todo:
+            break
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         cmd = [str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(args.jobs), *todo]
         log = work / "run.log"
         with log.open("w") as out:
             subprocess.run(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
         state = results(work, target)
-        if any(state.get(n) is None for n in todo):
-            print(f"   mutmut did not check every mutant: see {log}", flush=True)
+        todo = [n for n in chosen if state.get(n) is None]
+        if todo:
+            print(f"   {len(todo)} mutants to (re)check", flush=True)
     return tally(work, {n: state[n] for n in chosen}, args)
 
 
