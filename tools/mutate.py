@@ -7,6 +7,7 @@
     python tools/mutate.py --sample 40             # a fixed, seeded sample of 40 mutants per target
     python tools/mutate.py core --recheck          # re-run the survivors (after adding tests)
     python tools/mutate.py core --survivors        # print each survivor's diff (and a stub to list it)
+    python tools/mutate.py --report                # run nothing: the table of the results kept so far
 
 Uses mutmut (3.x): it runs, for each mutant, only the tests that call the mutated function, in
 processes forked from a warm one, which is what makes a module's run take minutes, not hours. Each
@@ -36,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ROOT / "tests" / "mutation" / "targets.toml"
 EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.toml"
-WORK = ROOT / ".mutation"
+#: where the targets' working directories go (a test points it at a temporary directory)
+WORK = Path(os.environ.get("GATEWAY_MUTATION_DIR", ROOT / ".mutation"))
 #: mutmut's exit codes, as its stats module reads them
 KILLED, SURVIVED, TIMEOUT, NO_TESTS = {1, 3, 37}, {0}, {36, 24, -24, 152, 255}, {5, 33}
 
@@ -47,6 +49,7 @@ class Target:
     paths: list[str]
     tests: list[str]
     sample: int | None = None
+    deselect: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +75,8 @@ class Tally:
 
 def load_targets() -> tuple[dict[str, object], list[Target]]:
     data = tomllib.loads(TARGETS.read_text())
-    targets = [Target(t["name"], list(t["paths"]), list(t["tests"]), t.get("sample")) for t in data["target"]]
+    targets = [Target(t["name"], list(t["paths"]), list(t["tests"]), t.get("sample"), list(t.get("deselect", [])))
+               for t in data["target"]]
     return data.get("settings", {}), targets
 
 
@@ -107,7 +111,7 @@ def prepare(target: Target, settings: dict[str, object]) -> Path:
         "only_mutate": mutated_files(target),
         "also_copy": also_copy,
         "pytest_add_cli_args_test_selection": target.tests,
-        "pytest_add_cli_args": ["-p", "no:randomly"],
+        "pytest_add_cli_args": ["-p", "no:randomly", *(a for d in target.deselect for a in ("--deselect", d))],
         "timeout_multiplier": float(settings.get("timeout_multiplier", 15.0)),  # type: ignore[arg-type]
     }
     text = "[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
@@ -196,7 +200,8 @@ def function_of(mutant: str) -> str:
 
 def run_target(target: Target, settings: dict[str, object], args: argparse.Namespace) -> Tally:
     work = prepare(target, settings)
-    mutmut_python(work, GENERATE)
+    if not args.report:
+        mutmut_python(work, GENERATE)
     state = results(work, target)
     chosen = sorted(state)
     if args.changed_since:
@@ -206,7 +211,7 @@ def run_target(target: Target, settings: dict[str, object], args: argparse.Names
     if sample and len(chosen) > sample:
         chosen = sorted(random.Random(f"mutate:{target.name}").sample(chosen, sample))
     rerun = SURVIVED | NO_TESTS | TIMEOUT if args.recheck else set()
-    todo = [n for n in chosen if state[n] is None or state[n] in rerun]
+    todo = [] if args.report else [n for n in chosen if state[n] is None or state[n] in rerun]
     print(f"== {target.name}: {len(state)} mutants, {len(chosen)} chosen, {len(todo)} to run", flush=True)
     # two passes: a changed test list or function makes mutmut drop the earlier results it can no
     # longer trust, which the second pass then re-checks
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changed-since", metavar="REF", help="only mutants in functions changed since REF")
     parser.add_argument("--sample", type=int, metavar="N", help="a fixed, seeded sample of N mutants per target")
     parser.add_argument("--recheck", action="store_true", help="re-run survivors, no-tests and timeouts")
+    parser.add_argument("--report", action="store_true", help="run nothing: tally the results kept so far")
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
     parser.add_argument("--jobs", type=int, default=1, help="mutmut's worker processes (default 1: shared CPUs)")
     parser.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when a target scores below PCT")
