@@ -418,6 +418,7 @@ def write_host_config(path: Path) -> None:
 
 
 def _launch(argv: Sequence[str] | None = None) -> int:
+    from gateway import gcpolicy
     from gateway.config import load_config
     from gateway.serve import run_gateway
 
@@ -435,6 +436,7 @@ def _launch(argv: Sequence[str] | None = None) -> int:
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: run_gateway(config, durable=not args.memory,
                                                            task_status=task_status))
+            gcpolicy.settle_after_startup()  # as `gateway serve`
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     tg.cancel_scope.cancel()
