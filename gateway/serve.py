@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from gateway import gcpolicy
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.iso.stan import STAN_MAX, StanAllocator
 from gateway.metrics import Metrics, NullMetrics
@@ -194,6 +195,7 @@ async def _serve_until_signalled(config: GatewayConfig) -> None:
     once (start-up recovery settles whatever is left)."""
     async with anyio.create_task_group() as tg:
         gateway = await tg.start(run_gateway, config)
+        gcpolicy.settle_after_startup()  # the serving process only (see gateway/gcpolicy.py)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             draining = False
             async for signum in signals:
