@@ -3,14 +3,18 @@ the host simulator in this process.
 
 Purchases through both workers are approved (each worker's own /metrics shows it served some, the
 group's one scrape shows their sum); a SIGKILLed worker is restarted by the parent under its instance
-id, counted, and the merged counters carry what it had counted; SIGTERM drains the group and it exits
-0 with nothing pending in the journal; with SQLite, `--workers 2` is refused naming [store] url.
+id, counted, and the merged counters carry what it had counted; SIGTERM with purchases in flight on
+both workers drains the group: every one answered, exit 0, nothing pending in the journal; with
+SQLite, `--workers 2` is refused naming [store] url.
+
+The host simulator serves every worker's link with that link's own zone keys.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.lab import CARD_CUP_2, LAB_ACCOUNTS, LOOPBACK, MERCHANT_ID, terminal_ids
 from gateway.security.algorithms import generate_key
 from gateway.sim.host import HostSimConfig, HostSimulator
-from gateway.sim.host_rules import HostRulesConfig
+from gateway.sim.host_rules import Fault, HostRulesConfig
 from gateway.sim.terminal import TerminalSimulator
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -102,8 +106,8 @@ def journal_states(url: str) -> dict[str, int]:
 async def test_two_workers_serve_merge_metrics_restart_and_drain(
         tmp_path: Path, pg_url: str, anyio_backend: tuple[str, dict[str, object]]) -> None:
     zmk = generate_key(16)
-    tmks = {tid: generate_key(16) for tid in terminal_ids(2 * TERMINALS)}
-    first, second = dict(list(tmks.items())[:TERMINALS]), dict(list(tmks.items())[TERMINALS:])  # a round each
+    tmks = {tid: generate_key(16) for tid in terminal_ids(3 * TERMINALS)}
+    first, second, third = (dict(list(tmks.items())[i * TERMINALS:(i + 1) * TERMINALS]) for i in range(3))
     host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000)))
     async with anyio.create_task_group() as tg:
         host_port = await tg.start(host.serve, LOOPBACK, 0)
@@ -152,17 +156,34 @@ async def test_two_workers_serve_merge_metrics_restart_and_drain(
             assert sample(merged, "gateway_worker_restarts_total", worker="1") == 1
             assert "killed by SIGKILL" in gateway.text and "restarting it in" in gateway.text
 
-            gateway.signal(signal.SIGTERM)
+            # SIGTERM with a round in flight (the host answers after 1 s): both workers drain, every
+            # purchase is answered, the group exits 0
+            host.faults.set([Fault("delay", seconds=1.0, pan=CARD_CUP_2.pan, mti=("0200",))])
+            at_host = host.stats.messages["0200"]
+            async with anyio.create_task_group() as buyers:
+                last: list[str] = []
+
+                async def third_round() -> None:
+                    last.extend(await buy_round(setup, third, 3_000))
+
+                buyers.start_soon(third_round)
+                with anyio.fail_after(20):
+                    while host.stats.messages["0200"] < at_host + TERMINALS:
+                        await anyio.sleep(0.01)
+                gateway.signal(signal.SIGTERM)
             code = await gateway.wait(3 * HOST_TIMEOUT + 20)
+            assert last == ["00"] * TERMINALS, last
         finally:
             await gateway.stop_quietly()
             (tmp_path / "gateway.log").write_text(gateway.text)  # the group's log, to read after a failure
         tg.cancel_scope.cancel()
     assert code == 0, gateway.tail()
-    assert gateway.text.count("drained in") == 2, gateway.tail()
-    assert journal_states(pg_url) == {"completed": 2 * TERMINALS}
+    drained = re.findall(r"drained in [0-9.]+s: (\d+) answered, (\d+) reversals queued", gateway.text)
+    assert len(drained) == 2 and sum(int(a) for a, _ in drained) == TERMINALS, drained  # both, the round's
+    assert all(q == "0" for _, q in drained), drained
+    assert journal_states(pg_url) == {"completed": 3 * TERMINALS}
     booked = [e for e in host.rules.ledger.values() if e.kind == "purchase" and e.approved]
-    assert len(booked) == 2 * TERMINALS and not any(e.reversed for e in booked)
+    assert len(booked) == 3 * TERMINALS and not any(e.reversed for e in booked)
 
 
 def test_sqlite_refuses_more_than_one_worker(tmp_path: Path) -> None:
