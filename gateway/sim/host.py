@@ -14,6 +14,10 @@ answer with a delay (or a disconnect) is carried out by a task of its own, so an
 delays go out of order, as a real host's would. The simulator is the far end of every end-to-end
 benchmark, so its per-message cost is kept low: no task, lock hand-over or extra write per ordinary
 answer, and the zone keys are kept with their cipher contexts.
+
+Zone keys are per link, as a real host keeps them: a connection that exchanged keys uses its own, so
+several gateway processes on one simulator (`serve --workers N`) do not replace each other's keys; a
+connection that exchanged none uses the ones issued last (as before, for a single link).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 import ssl
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +70,9 @@ from gateway.sim.host_rules import (
     pan_of,
     read_toml,
 )
+
+#: the zone keys of the connection being served (None outside one: `handle` called directly)
+_LINK_KEYS: ContextVar[dict[str, DesKey] | None] = ContextVar("host_sim_link_keys", default=None)
 
 log = logging.getLogger("gateway.sim.host")
 
@@ -239,6 +247,13 @@ class HostSimulator:
         """The ZPK or ZAK this host issued last (None before the key exchange)."""
         return self._zone_keys.get(usage)
 
+    def _key(self, usage: str) -> DesKey | None:
+        """The zone key of the current link: its own if it exchanged one, else the last issued."""
+        own = _LINK_KEYS.get()
+        if own is not None and usage in own:
+            return own[usage]
+        return self._zone_keys.get(usage)
+
     def verify_mac(self, body: bytes) -> bool:
         """Whether the MAC at the end of a request body verifies under the ZAK this host issued."""
         return self._mac_ok(body)
@@ -320,7 +335,7 @@ class HostSimulator:
         if mac_fields and not self._mac_ok(body):
             self.stats.mac_failures += 1
             return self._answer(request, self.config.mac_error_rc, mac=False), None
-        mac = bool(mac_fields) and "ZAK" in self._zone_keys
+        mac = bool(mac_fields) and self._key("ZAK") is not None
         if is_reversal(request.mti):
             decision = self.rules.reversal(request, reject_first=reject_first)
             return self._answer(request, decision.rc, mac=mac, decision=decision), decision
@@ -332,7 +347,7 @@ class HostSimulator:
         return self._answer(request, decision.rc, mac=mac, decision=decision), decision
 
     def _mac_ok(self, body: bytes) -> bool:
-        zak = self._zone_keys.get("ZAK")
+        zak = self._key("ZAK")
         n = self.dialect.mac_wire_len
         if zak is None or len(body) <= n:
             return False
@@ -346,7 +361,7 @@ class HostSimulator:
         block = request.fields.get("52")
         if block is None:
             return NO_PIN
-        zpk = self._zone_keys.get("ZPK")
+        zpk = self._key("ZPK")
         if zpk is None:
             self.stats.pin_failures += 1
             return PinInput(True, None)
@@ -369,7 +384,10 @@ class HostSimulator:
             except IsoError:
                 return self._answer(request, "30", mac=False)
             clear, under_zmk, kcv = make_zone_key_under_zmk(self.config.zmk, 16, KCV_LENGTH)
-            self._zone_keys[usage] = DesKey(clear, what=usage)
+            key = self._zone_keys[usage] = DesKey(clear, what=usage)
+            own = _LINK_KEYS.get()
+            if own is not None:
+                own[usage] = key
             self.stats.key_exchanges += 1
             log.info("host simulator: issued a new %s (kcv %s)", usage, kcv.hex().upper())
             return iso87.key_response(request, under_zmk, kcv)
@@ -416,7 +434,7 @@ class HostSimulator:
         if not mac_keys:
             return body
         n = self.dialect.mac_wire_len
-        zak = self._zone_keys.get("ZAK")
+        zak = self._key("ZAK")
         mac = retail_mac(zak, body[:-n]).hex().upper().encode("ascii")[:n] if zak else b"0" * n
         if wrong_mac:
             mac = bytes(b"0123456789ABCDEF"[(b"0123456789ABCDEF".index(c) + 1) % 16] for c in mac)
@@ -459,6 +477,7 @@ class HostSimulator:
                 await anyio.aclose_forcefully(raw)
                 raise
         self.stats.connections_opened += 1
+        _LINK_KEYS.set({})  # this connection's task (and the answer tasks it starts) see its own keys
         conn = _Connection(self, stream)
         self._open.add(conn)
         try:
