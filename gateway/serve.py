@@ -168,6 +168,10 @@ async def run_gateway(
             (role.slot, role.slots) if role is not None else (0, 1)))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
+        if config.store.url is not None:  # instances on one database share sessions, limits and STAN blocks
+            from gateway.store.shared_state import share_state
+            await tg.start(partial(share_state, config, store, security, service, link,
+                                   instance_id=getattr(store, "instance_id", "")))
         await tg.start(link.run)
         await tg.start(saf.run)
         await tg.start(watch_saf, store, metrics)
