@@ -36,10 +36,11 @@ from crash_support import (
 )
 
 from gateway.config import load_config
+from gateway.iso.message import Message
 from gateway.iso.mti import is_reversal
 from gateway.sim.host import HostReply, HostSimConfig, HostSimulator
 from gateway.sim.host_rules import HostRules, TxnKey
-from gateway.sim.terminal import Card
+from gateway.sim.terminal import Card, _Answer
 
 # --- the host: one ledger, one link per instance --------------------------------------------------
 
@@ -48,7 +49,7 @@ from gateway.sim.terminal import Card
 class ReversalDecided:
     """A reversal message the host decided: when, on which instance's link, and which message it was."""
 
-    at: float  #: time.monotonic() of the decision (the answer leaves at once: reversals get no fault)
+    at: float  #: time.monotonic() the answer leaves (the decision, plus the delay of a fault)
     slot: int  #: the instance slot whose link carried it
     connection: int  #: unique across all links (one per instance lifetime)
     mti: str
@@ -93,7 +94,7 @@ class LinkHost(HostSimulator):
             original = TxnKey.from_field_90(request.fields["90"])
             connection = _LINK.get()
             self.books.decided.append(ReversalDecided(
-                time.monotonic(), self.slot, connection, request.mti, original,
+                time.monotonic() + reply.delay, self.slot, connection, request.mti, original,
                 (request.fields.get("11", ""), request.fields.get("7", "")), rc))
             self.books.reversals_seen.append(ReversalSeen(connection, request.mti, original, rc))
         return reply
@@ -110,6 +111,7 @@ class PgSettings:
     lease: float
     heartbeat: float
     orphan_after: float
+    poll: float  #: the SAF sender's poll interval (each poll of each instance is a claim query)
 
 
 def write_instance_config(path: Path, setup: GatewaySetup, instance_id: str, pg: PgSettings) -> Path:
@@ -119,10 +121,13 @@ def write_instance_config(path: Path, setup: GatewaySetup, instance_id: str, pg:
     lines = (f'url = "{pg.url}"\ninstance_id = "{instance_id}"\nsaf_lease = {pg.lease}\n'
              f"heartbeat_interval = {pg.heartbeat}\norphan_after = {pg.orphan_after}\n")
     text = path.read_text(encoding="utf-8")
-    assert text.count("[store]\n") == 1
-    path.write_text(text.replace("[store]\n", "[store]\n" + lines), encoding="utf-8")
+    assert text.count("[store]\n") == 1 and text.count("poll_interval = 0.05\n") == 1
+    text = text.replace("[store]\n", "[store]\n" + lines)
+    text = text.replace("poll_interval = 0.05\n", f"poll_interval = {pg.poll}\n")
+    path.write_text(text, encoding="utf-8")
     config = load_config(path, environ={})
     assert config.store.url == pg.url and config.store.instance_id == instance_id
+    assert config.reversal.poll_interval == pg.poll
     return path
 
 
@@ -136,15 +141,18 @@ class Instance:
     host: LinkHost
     process: GatewayProcess
     up: bool = False  #: signed on to the host and taking terminals
+    starts: list[float] = field(default_factory=list)  #: seconds from spawn to signed on, per lifetime
 
     async def start(self, bound: float) -> None:
         """Start the process and wait until it has signed on and exchanged both zone keys."""
         exchanged = self.host.stats.key_exchanges
+        began = time.monotonic()
         await self.process.start()
         with anyio.fail_after(bound):
             while self.host.stats.key_exchanges < exchanged + 2:
                 assert self.process.exited() is None, f"{self.instance_id} died at start:\n{self.process.tail()}"
                 await anyio.sleep(0.01)
+        self.starts.append(time.monotonic() - began)
         self.up = True
 
     async def kill(self) -> None:
@@ -198,19 +206,36 @@ class Kill:
 # --- terminals that land on any instance -----------------------------------------------------------
 
 
+class HoppingTerminal(CrashTerminal):
+    """Remembers the answer code of its last exchange (the driver reacts to A0)."""
+
+    last_rc: str | None = None
+
+    async def _exchange(self, request: Message, body: bytes) -> _Answer | None:
+        self.last_rc = None
+        answer = await super()._exchange(request, body)
+        self.last_rc = None if answer is None else answer.message.fields.get("39")
+        return answer
+
+
 class HoppingDriver(TerminalDriver):
     """The crash test's POS terminal, in front of a TCP load balancer: every new connection goes to a
     random live instance, and after a purchase it hangs up now and then (CUP terminals often use a
     connection per transaction), so consecutive requests of one terminal land on different instances.
     On an instance that has no session for it the terminal meets 77 and signs in again (or signs in
-    at once after reconnecting, half of the time), unless the instances share sessions."""
+    at once after reconnecting, half of the time), unless the instances share sessions. Back on an
+    instance that still holds an OLDER session of it (it signed in elsewhere since), its MAC fails
+    there: A0, and the terminal signs in again, as a POS does after a MAC failure."""
 
-    def __init__(self, term: CrashTerminal, cards: list[Card], book: TerminalBook, instances: list[Instance], *,
+    term: HoppingTerminal
+
+    def __init__(self, term: HoppingTerminal, cards: list[Card], book: TerminalBook, instances: list[Instance], *,
                  seed: int, reverses: bool, hop: float) -> None:
         super().__init__(term, cards, book, seed=seed, reverses=reverses)
         self.instances = instances
         self.hop = hop
         self.hops = 0
+        self.mac_refusals = 0  #: A0 answers (the instance's keys for the terminal were not its current ones)
 
     async def _session(self) -> bool:
         if not self.term.connected:
@@ -222,15 +247,31 @@ class HoppingDriver(TerminalDriver):
 
     async def _purchase(self) -> None:
         await super()._purchase()
+        if await self._rekeyed():
+            return
         if self.term.connected and self.rng.random() < self.hop:
             self.hops += 1
             await self.term.aclose()
+
+    async def _deliver_reversals(self) -> bool:
+        done = await super()._deliver_reversals()
+        await self._rekeyed()
+        return done
+
+    async def _rekeyed(self) -> bool:
+        """After an A0 answer: sign in again (True when it did)."""
+        if self.term.last_rc != "A0" or not self.term.connected:
+            return False
+        self.mac_refusals += 1
+        self.session_ok = False
+        await self._sign_in()
+        return True
 
 
 def make_driver(tid: str, key: bytes, merchant_id: str, cards: list[Card], book: TerminalBook,
                 instances: list[Instance], *, seed: int, reverses: bool, timeout: float,
                 hop: float) -> HoppingDriver:
-    term = CrashTerminal(LOOPBACK, instances[0].terminal_port, tid, merchant_id, key, cards=cards, timeout=timeout,
+    term = HoppingTerminal(LOOPBACK, instances[0].terminal_port, tid, merchant_id, key, cards=cards, timeout=timeout,
                          auto_reverse=False)
     return HoppingDriver(term, cards, book, instances, seed=seed, reverses=reverses, hop=hop)
 

@@ -62,15 +62,15 @@ from test_crash_recovery import ACQUIRER, FAULTS, FINAL_PURCHASE_STATES, host_ke
 from gateway.lab import LAB_ACCOUNTS, LAB_CARDS, LOOPBACK, MERCHANT_ID, terminal_ids
 from gateway.security.algorithms import generate_key
 from gateway.sim.host import HostSimConfig
-from gateway.sim.host_rules import HostRules, HostRulesConfig, LedgerEntry, TxnKey
+from gateway.sim.host_rules import Fault, HostRules, HostRulesConfig, LedgerEntry, TxnKey
 from gateway.store.postgres import PostgresStore
 from gateway.store.records import SafEntry, SafState, TxnKind, TxnRecord, TxnState
 
 KILLS = int(os.environ.get("GATEWAY_SOAK_KILLS", "20"))
 SEED = 15  #: issue 15; kills, hold-downs, hops, amounts, cards and host faults all draw from it
-SLOTS = 3
+SLOTS = int(os.environ.get('SOAK_SLOTS', '3'))
 BACKENDS = ("asyncio", "trio")  #: the child of slot i runs BACKENDS[i % 2]
-TERMINALS = 6  #: the first half reverse unanswered purchases themselves
+TERMINALS = 4  #: the first half reverse unanswered purchases themselves
 HOST_TIMEOUT = 0.5
 PATIENT_TIMEOUT = 3.0
 HASTY_TIMEOUT = HOST_TIMEOUT * 0.8
@@ -78,8 +78,9 @@ HOP = 0.25  #: chance a terminal hangs up after a purchase (its next connection:
 LEASE = 1.0
 HEARTBEAT = 0.2
 ORPHAN_AFTER = 1.5
-KILL_GAP = (0.4, 1.2)  #: seconds between kills
-HOLD_DOWN = (0.0, 1.5)  #: seconds a killed instance stays down before its restart begins
+POLL = 0.2  #: SAF poll: each one of each instance is a claim query on the shared journal
+KILL_GAP = (0.3, 1.0)  #: seconds between kills
+HOLD_DOWN = (0.0, 0.5)  #: seconds a killed instance stays down before its restart begins
 FINAL_LOAD = 1.0
 START_WAIT = 30.0  #: bound on one start (imports alone take seconds on a loaded machine)
 DRAIN_WAIT = 30.0
@@ -87,6 +88,9 @@ TERMINATE_WAIT = 10.0
 #: an instance's open work must be acknowledged by another within this (lease 1 s, orphans after
 #: 1.5 s + a sweep every 0.75 s: about 2.5 s on an idle machine; the rest is for a loaded one)
 FAILOVER_BOUND = 15.0
+#: the crash test's faults on purchases, and reversals held at the host so that kills land with them in
+#: flight (leased by the victim: another instance must take them over after the lease)
+SOAK_FAULTS = (*FAULTS, Fault("delay", seconds=0.3, mti=("0400", "0401"), rate=0.5))
 #: a hang guard only: the sum of the steps' own bounds
 BUDGET = KILLS * (KILL_GAP[1] + 2.0) + 2 * START_WAIT + FINAL_LOAD + DRAIN_WAIT + TERMINATE_WAIT + 30.0
 
@@ -107,10 +111,10 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
     books = HostBooks(HostRules(HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000, seed=SEED)))
     opening = dict(books.rules.balances)
     hosts = [LinkHost(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000,
-                                                                   faults=FAULTS, seed=SEED + slot)), books, slot)
+                                                                   faults=SOAK_FAULTS, seed=SEED + slot)), books, slot)
              for slot in range(SLOTS)]
     pan_key = bytes(range(32))
-    pg = PgSettings(pg_url, LEASE, HEARTBEAT, ORPHAN_AFTER)
+    pg = PgSettings(pg_url, LEASE, HEARTBEAT, ORPHAN_AFTER, POLL)
     book = TerminalBook()
     kills: list[Kill] = []
     started = time.monotonic()
@@ -135,8 +139,11 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
                 async with anyio.create_task_group() as starting:
                     for inst in instances:
                         starting.start_soon(inst.start, START_WAIT)
+                phases = [time.monotonic() - started]
                 await _load_under_kills(instances, drivers, pg_url, rng, kills)
+                phases.append(time.monotonic() - started)
                 await _settle_and_stop(instances, drivers, pg_url)
+                phases.append(time.monotonic() - started)
             finally:
                 with anyio.CancelScope(shield=True):
                     for inst in instances:  # first: whatever went wrong, no gateway outlives the test
@@ -157,8 +164,12 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
     failover, own, taken = _failover(kills, books.decided)
     lifetimes = sum(inst.process.lifetimes for inst in instances)
     hops = sum(d.hops for d in drivers)
-    print(f"\npg crash soak: {KILLS} kills of {SLOTS} instances ({lifetimes} lifetimes) in {elapsed:.1f}s; "
-          f"{len(book.purchases)} purchases sent, {hops} hops between instances; {summary}")
+    mac_refusals = sum(d.mac_refusals for d in drivers)
+    starts = [s for inst in instances for s in inst.starts]
+    print(f"\npg crash soak: {KILLS} kills of {SLOTS} instances ({lifetimes} lifetimes) in {elapsed:.1f}s (all up "
+          f"at {phases[0]:.1f}s, last kill's restart done at {phases[1]:.1f}s, stopped at {phases[2]:.1f}s; starts p50 "
+          f"{percentile(starts, 0.5):.1f}s max {max(starts):.1f}s); {len(book.purchases)} purchases sent, {hops} hops "
+          f"between instances, {mac_refusals} A0 from an instance holding an older session; {summary}")
     print(f"failover (instance killed -> what it left open acknowledged by another instance): {len(failover)} "
           f"originals taken over ({taken}), {own} settled by the victim's own restart first; "
           + (f"p50 {percentile(failover, 0.5):.2f}s p90 {percentile(failover, 0.9):.2f}s "
@@ -202,10 +213,15 @@ async def _settle_and_stop(instances: list[Instance], drivers: list, pg_url: str
     while work != (0, 0) and anyio.current_time() < deadline:
         await anyio.sleep(0.1)
         work = await anyio.to_thread.run_sync(open_work, pg_url)
-    codes = {}
-    for inst in instances:
+    codes: dict[str, int] = {}
+
+    async def terminate(inst: Instance) -> None:
         inst.up = False
         codes[inst.instance_id] = await inst.process.terminate(TERMINATE_WAIT)
+
+    async with anyio.create_task_group() as tg:
+        for inst in instances:
+            tg.start_soon(terminate, inst)
     assert set(codes.values()) == {0}, f"exit codes on SIGTERM: {codes}"
     assert work == (0, 0), f"after {DRAIN_WAIT}s: {work[0]} transactions and {work[1]} reversals still open"
 
