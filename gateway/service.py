@@ -54,7 +54,7 @@ from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict, StoreError
-from gateway.store.records import QueuedReversal, RefusalRecord, TxnRecord, TxnState
+from gateway.store.records import APPROVAL_RCS, CHARGED_RCS, QueuedReversal, RefusalRecord, TxnRecord, TxnState
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
 
@@ -687,7 +687,7 @@ class GatewayService:
         self.metrics.upstream.observe(clock() - sent_at)
         host = reply.message
         rc = host.fields.get("39", "96")
-        if rc == RC_APPROVED:
+        if rc in CHARGED_RCS:  # the customer was charged: an answer we cannot trust or carry is reversed
             problem = decisions.check_host_answer(host_req, host, reply.mac_ok)
             if problem is not None:
                 release()
@@ -701,7 +701,7 @@ class GatewayService:
                         txn_id, "host_rejected", rc=rc))
                 return self._refused(msg, "96", f"host approval not trusted (txn {txn_id}): {problem}"), None
         answer = translate.to_terminal(msg, host, self.config.host.acquirer_id, pan)
-        if rc != RC_APPROVED:
+        if rc not in APPROVAL_RCS:
             release()
             await self._settle(txn_id, "decline", lambda: store.record_outcome(
                 txn_id, "declined", rc=rc, rrn=host.get("37")))
