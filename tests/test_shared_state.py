@@ -236,12 +236,11 @@ async def test_a_sign_in_on_one_instance_serves_the_others(pg_url: str) -> None:
 
 async def test_a_batch_moved_on_elsewhere_is_not_moved_twice(pg_url: str) -> None:
     url, tmk, lmk = migrated(pg_url), generate_key(16), LocalMasterKey.generate()
-    async with instance(url, "gw-a", tmk, lmk) as a, instance(url, "gw-b", tmk, lmk) as b:
+    async with instance(url, "gw-a", tmk, lmk) as a, database(url) as db_b:
+        b = SharedSessions(db_b, module(tmk), lmk, "gw-b")  # not listening: it has not heard of the change
         a.security.issue_working_keys(TID)
         await a.sign_in(TID, MID, "000005", "004")
         await b.refresh(TID)
-        b._cache[TID].batch = "000005"  # B has not heard yet ...
-        b._generation[TID] = 10**9  # ... and ignores notices for this test
         assert await a.close_batch(TID) == "000006"
         assert await b.close_batch(TID) == "000006"  # B's UPDATE finds the batch moved: it reads it
 
@@ -314,3 +313,21 @@ async def test_stan_blocks_of_instances_never_collide(pg_url: str) -> None:
         assert 12 <= calls <= 16
         print(f"\nSTAN blocks: {calls} round trips for {len(drawn)} STANs across 3 instances")
         tg.cancel_scope.cancel()
+
+
+async def test_an_older_shared_copy_never_replaces_a_newer_one(pg_url: str) -> None:
+    # a refresh whose read was overtaken by a sign-in here: the row it read is older than the cache
+    url, tmk, lmk = migrated(pg_url), generate_key(16), LocalMasterKey.generate()
+    async with instance(url, "gw-a", tmk, lmk) as a, instance(url, "gw-b", tmk, lmk) as b:
+        a.security.issue_working_keys(TID)
+        await a.sign_in(TID, MID, "000001", "004")
+        with psycopg.connect(url) as conn:
+            [(old_blob, old_generation)] = conn.execute(
+                "SELECT working_keys, generation FROM terminal_session").fetchall()
+        b.security.issue_working_keys(TID)
+        await b.sign_in(TID, MID, "000001", "004")  # newer, on B
+        mine = b.security.generate_terminal_mac(TID, MAB)
+        with psycopg.connect(url, autocommit=True) as conn:  # the row as a slow read would have seen it
+            conn.execute("UPDATE terminal_session SET working_keys = %s, generation = %s", (old_blob, old_generation))
+        assert not await b.refresh(TID)
+        assert b.security.generate_terminal_mac(TID, MAB) == mine

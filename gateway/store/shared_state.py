@@ -263,13 +263,15 @@ class SharedSessions:
     async def refresh(self, terminal_id: str) -> bool:
         before = self._generation.get(terminal_id)  # what the caller saw
         row = await self.db.call(lambda c: c.execute(_SESSION_GET, (terminal_id,)).fetchone())
+        current = self._generation.get(terminal_id)  # changed meanwhile by this instance, maybe
         if row is None:
-            known = terminal_id in self._cache
-            self._forget(terminal_id, keys=known)
-            return known
+            if current != before:  # a sign-in here committed after the read: newer than what it saw
+                return True
+            self._forget(terminal_id, keys=before is not None)
+            return before is not None
         merchant_id, batch, key_mode, generation, sealed = row
-        if self._generation.get(terminal_id) == generation:
-            return before != generation  # a concurrent refresh of the same terminal may have installed it
+        if current is not None and current >= generation:  # generations only grow: never install an older one
+            return before != current  # a concurrent refresh or sign-in here installed it (or a newer one)
         try:
             install_working_keys(self.security, terminal_id, bytes(sealed), self.lmk)
         except SecurityError as exc:
