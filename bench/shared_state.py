@@ -107,8 +107,10 @@ async def main(args: argparse.Namespace) -> None:
                     def many(ids: Any = terminals) -> Awaitable[str | None]:
                         return shared_limits.reserve(f"T{next(ids):07d}", 1, DAY)
 
+                    calls = db.calls
                     shared = await per_op_async(many, args.n, concurrency)
                     row("  ... over many terminals", local, shared)
+                    print(f"{'':<34} round trips per reservation: {(db.calls - calls) / args.n:.2f}")
 
                 tmk, lmk = generate_key(16), LocalMasterKey.generate()
                 a, b = SoftwareSecurityModule(), SoftwareSecurityModule()
