@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -54,6 +54,11 @@ from gateway.security.module import SecurityModule, SoftwareSecurityModule
 from gateway.security.working_keys import install_working_keys, seal_working_keys
 from gateway.store.errors import StoreError, StoreIOError
 from gateway.store.group_commit import GroupCommitter, Write
+
+if TYPE_CHECKING:  # the assembly's types; checked here, imported at run time only by their own modules
+    from gateway.net.host_link import HostLink
+    from gateway.service import GatewayService
+    from gateway.store.base import Store
 
 log = logging.getLogger("gateway.store.shared")
 
@@ -524,7 +529,8 @@ def _lmk_for(config: GatewayConfig, security: SecurityModule) -> LocalMasterKey 
     return lmk
 
 
-async def share_state(config: GatewayConfig, store: Any, security: SecurityModule, service: Any, link: Any, *,
+async def share_state(config: GatewayConfig, store: Store, security: SecurityModule, service: GatewayService,
+                      link: HostLink, *,
                       instance_id: str,
                       task_status: anyio.abc.TaskStatus[SharedState] = anyio.TASK_STATUS_IGNORED) -> None:
     """Put the shared sessions, limits and STAN blocks in place of the in-process ones of `service` and
