@@ -328,6 +328,7 @@ class Checker:
             if found is None:
                 return
             link = waiting.pop(found)
+        self._link_by_seq.pop(link.terminal.seq, None)  # linked: no later cause names it
         link.host_key = identity
         link.link_key = self._key(rec)
         self._links.put(link.link_key, link)
@@ -394,6 +395,7 @@ class Checker:
         waiting = self._awaiting_upstream.get(link.terminal.fields.get("41", ""))
         if waiting and link in waiting:
             waiting.remove(link)
+        self._link_by_seq.pop(link.terminal.seq, None)
 
     def _terminal_answered(self, link: _Link, rec: FrameRecord | EventRecord, *, delivered: bool,
                            rc: str | None = None) -> None:
