@@ -201,12 +201,21 @@ HEADER = '{"kind":"trace","version":1,"dialects":{"terminal":"%s"},"framings":{"
     (HEADER % ("no-such-dialect", "cup")).encode(),
     (HEADER % ("cup-pos", "no-such-framing")).encode(),
     b'{"kind":"trace","version":1,"dialects":["cup-pos"],"framings":{"terminal":"cup"}}\n',
-], ids=["bad-utf8-record", "bad-utf8-header", "unknown-dialect", "unknown-framing", "dialects-not-a-table"])
+    # a time that is not a number of seconds: NaN compares false with everything (pairing windows,
+    # pacing), infinity would make a paced replay sleep for ever
+    (HEADER % ("cup-pos", "cup")).encode()
+    + b'{"kind":"event","seq":1,"t":NaN,"leg":"terminal","conn":"T1","event":"connect"}\n',
+    (HEADER % ("cup-pos", "cup")).encode()
+    + b'{"kind":"event","seq":1,"t":"inf","leg":"terminal","conn":"T1","event":"connect"}\n',
+    (HEADER % ("cup-pos", "cup")).encode()
+    + b'{"kind":"frame","seq":1,"t":1e400,"leg":"terminal","dir":"in","conn":"T1","mti":"0800","fields":{}}\n',
+], ids=["bad-utf8-record", "bad-utf8-header", "unknown-dialect", "unknown-framing", "dialects-not-a-table",
+        "time-nan", "time-inf-text", "time-overflow"])
 def test_check_of_a_bad_trace_fails_cleanly(tmp_path: Path, content: bytes) -> None:
     trace = tmp_path / "bad.jsonl"
     trace.write_bytes(content)
     done = gateway_cli("trace", "check", str(trace))
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr, (done.stdout, done.stderr)
     assert "gateway trace check:" in done.stderr
 
 

@@ -6,7 +6,9 @@ What is checked, each reported as one case of the run:
   fields re-encode (with the envelope and framing) to exactly its `wire` bytes;
 * pairing — every request has its answer on the same leg and connection (MTI class + STAN +
   terminal), or a recorded timeout, undelivered answer or connection close; every answer has its
-  request (an answer after its request's timeout is a late answer, not an orphan);
+  request (an answer after its request's timeout is a late answer, not an orphan); an upstream
+  request is linked to the terminal request its `cause` names, else to the first waiting one of the
+  same terminal and amount;
 * echo — answers echo their request's fields as the dialect says (3, 11, 41; 4 unless partially
   approved; 42 when approved: a 0210 echoes its 0200's 3/4/11/41/42);
 * originals — a host reversal's field 90 names a request recorded earlier on the host leg (one whose
@@ -160,6 +162,7 @@ class Checker:
         self._approvals = _Bounded(o.max_entries)  #: host request identity → _Approval, until resolved
         self._awaiting_upstream: dict[str, list[_Link]] = {}  #: 41 → terminal requests not yet sent upstream
         self._links = _Bounded(o.max_entries)  #: host request key → _Link
+        self._link_by_seq = _Bounded(o.max_entries)  #: terminal request seq → _Link (a frame's `cause`)
         self.frames = 0
         self.events = 0
         self._first_t: float | None = None
@@ -292,6 +295,7 @@ class Checker:
                 self._terminal_originals.put(_seen((f.get("41", ""), batch, f.get("11", ""))), rec.t)
                 link = entry.link = _Link(rec)
                 self._awaiting_upstream.setdefault(f.get("41", ""), []).append(link)
+                self._link_by_seq.put(rec.seq, link)
             elif mclass == "4" and not self.options.continued:
                 batch = f.get("60", "")[2:8]
                 if _seen((f.get("41", ""), batch, f.get("11", ""))) not in self._terminal_originals:
@@ -308,17 +312,26 @@ class Checker:
             self._host_reversal(rec)
 
     def _link_upstream(self, rec: FrameRecord, identity: tuple[str, ...]) -> None:
+        """The terminal request this upstream request was made from: the one its `cause` names, else
+        the first waiting one of the same terminal and amount."""
         waiting = self._awaiting_upstream.get(rec.fields.get("41", ""))
-        if not waiting:
-            return
-        amount = rec.fields.get("4")
-        for i, link in enumerate(waiting):
-            if link.terminal.fields.get("4") == amount:
-                del waiting[i]
-                link.host_key = identity
-                link.link_key = self._key(rec)
-                self._links.put(link.link_key, link)
+        caused = self._link_by_seq.get(rec.cause) if rec.cause is not None else None
+        if isinstance(caused, _Link) and caused.host_key is None:
+            link = caused
+            if waiting and link in waiting:
+                waiting.remove(link)
+        else:
+            if not waiting:
                 return
+            amount = rec.fields.get("4")
+            found = next((i for i, c in enumerate(waiting) if c.terminal.fields.get("4") == amount), None)
+            if found is None:
+                return
+            link = waiting.pop(found)
+        self._link_by_seq.pop(link.terminal.seq, None)  # linked: no later cause names it
+        link.host_key = identity
+        link.link_key = self._key(rec)
+        self._links.put(link.link_key, link)
 
     def _host_reversal(self, rec: FrameRecord) -> None:
         f90 = rec.fields.get("90", "")
@@ -382,6 +395,7 @@ class Checker:
         waiting = self._awaiting_upstream.get(link.terminal.fields.get("41", ""))
         if waiting and link in waiting:
             waiting.remove(link)
+        self._link_by_seq.pop(link.terminal.seq, None)
 
     def _terminal_answered(self, link: _Link, rec: FrameRecord | EventRecord, *, delivered: bool,
                            rc: str | None = None) -> None:
@@ -473,6 +487,7 @@ class Checker:
         self._expire_open(horizon)
         self._timed_out.expire(horizon)  # an answer later than a window after its request is not waited for
         self._links.expire(horizon)
+        self._link_by_seq.expire(horizon)
         while self._approvals:
             identity, approval = next(iter(self._approvals.items()))
             assert isinstance(approval, _Approval)

@@ -28,6 +28,7 @@ names no frame seen (a rotated-away part) is ignored.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -157,6 +158,15 @@ class TraceFormatError(ValueError):
     """A line that is not a valid trace record; the message names the line number."""
 
 
+def _time(obj: dict[str, Any], lineno: int) -> float:
+    """A record's time: seconds, a finite number (NaN compares false with every window and pace; an
+    infinity would have a paced replay sleep for ever)."""
+    t = float(obj["t"])
+    if not math.isfinite(t):
+        raise TraceFormatError(f"line {lineno}: time {obj['t']!r} is not a finite number of seconds")
+    return t
+
+
 def parse_line(line: str, lineno: int) -> TraceHeader | Record:
     try:
         obj = json.loads(line)
@@ -176,14 +186,14 @@ def parse_line(line: str, lineno: int) -> TraceHeader | Record:
             cause = obj.get("cause")
             if cause is not None and (type(cause) is not int or cause < 1):
                 raise TraceFormatError(f"line {lineno}: cause must be the seq of a frame (a positive integer)")
-            return FrameRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]),
+            return FrameRecord(seq=int(obj["seq"]), t=_time(obj, lineno), leg=Leg(obj["leg"]),
                                dir=Direction(obj["dir"]), conn=str(obj["conn"]), mti=str(obj["mti"]),
                                fields={str(k): v for k, v in fields.items()},
                                wire=str(obj.get("wire", "")), envelope=dict(env) if env is not None else None,
                                secrets={str(k): SecretKind(v) for k, v in obj.get("secrets", {}).items()},
                                masked=tuple(str(k) for k in obj.get("masked", ())), cause=cause)
         if kind == "event":
-            return EventRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]), conn=str(obj["conn"]),
+            return EventRecord(seq=int(obj["seq"]), t=_time(obj, lineno), leg=Leg(obj["leg"]), conn=str(obj["conn"]),
                                event=EventKind(obj["event"]), detail=str(obj.get("detail", "")))
         raise TraceFormatError(f"line {lineno}: unknown record kind {kind!r}")
     except TraceFormatError:
