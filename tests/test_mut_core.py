@@ -7,12 +7,19 @@ original journalled without its host leg's references."""
 from __future__ import annotations
 
 import dataclasses
+import time
+
+import pytest
+from test_store_support import PAN_KEY, request
 
 from gateway.config import LimitsConfig
-from gateway.core import decisions, translate
+from gateway.core import clock, decisions, translate
 from gateway.core.limits import RiskLimits
+from gateway.core.reversal import build_host_reversal
 from gateway.core.sessions import SessionTable, next_batch
+from gateway.iso.build import TerminalIdent, cup
 from gateway.iso.message import Message
+from gateway.store import MemoryStore
 from gateway.store.records import TxnKind, TxnRecord, TxnState
 
 
@@ -75,3 +82,110 @@ def test_field_90_carries_the_originals_host_references():
     rec = record(host_mti="0220", host_stan="000123", transmission_datetime="1202183000")
     data = translate.original_data(rec, "12345678")
     assert (data.mti, data.stan, data.transmission_dt) == ("0220", "000123", "1202183000")
+
+
+# --- the terminal's answer carries what the host gave for the receipt -------------------------------
+
+def test_the_terminal_answer_carries_the_hosts_rrn_auth_code_balance_and_settlement_date():
+    ident = TerminalIdent("10000001", "898100012340001")
+    req = cup.purchase(ident, "000010", "000001", 1000, track2="6222021234567890123D30121010000000000")
+    host = Message("0210", {"39": "00", "37": "123456789012", "38": "AB1234", "54": "1002156C000000010000",
+                            "15": "1202"})
+    out = translate.to_terminal(req, host, "12345678", "6222021234567890123")
+    assert {k: out.fields.get(k) for k in ("39", "37", "38", "54", "15", "32", "63")} == {
+        "39": "00", "37": "123456789012", "38": "AB1234", "54": "1002156C000000010000", "15": "1202",
+        "32": "12345678", "63": "CUP"}
+    bare = translate.to_terminal(req, Message("0210", {"39": "51"}), "12345678", "6222021234567890123")
+    assert not {"37", "38", "54", "15"} & set(bare.fields)
+
+
+def test_an_untrusted_host_approval_says_it_was_the_mac():
+    req = Message("0200", {"3": "000000", "4": "000000001000", "41": "10000001"})
+    assert decisions.check_host_answer(req, Message("0210", dict(req.fields, **{"39": "00"})), False) == \
+        "the host's MAC does not verify"
+
+
+# --- risk limits: a released reservation gives back exactly its amount ------------------------------
+
+def test_releasing_gives_back_the_amount_and_never_goes_below_zero():
+    limits = RiskLimits(LimitsConfig(per_transaction=1_000, per_day=2_000))
+    day = "20261202"
+    assert limits.reserve("10000001", 700, day) is None
+    limits.release("10000001", 700, day)
+    assert limits.used("10000001") == 0
+    limits.release("10000002", 300, day)  # nothing reserved: stays at 0, not negative, not 1
+    assert limits.used("10000002") == 0
+    assert limits.reserve("10000002", 1_000, day) is None and limits.reserve("10000002", 1_000, day) is None
+
+
+# --- the host reversal: the original's data, its own fixed STAN and field 7 --------------------------
+
+async def saf_entry(**overrides: object):
+    store = MemoryStore(pan_key=PAN_KEY)
+    fields: dict[str, object] = {"amount": 12_345, "pos_entry_mode": "051", "pos_condition_code": "06", **overrides}
+    txn = await store.record_request(request("000042", **fields))
+    await store.queue_reversal(txn, "98", state="timed_out")
+    (entry,) = await store.list_saf()
+    return store, entry
+
+
+@pytest.mark.anyio
+async def test_the_host_reversal_carries_the_originals_data():
+    _, entry = await saf_entry()
+    msg = build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="00000005678")
+    assert msg.mti == "0400"
+    assert {k: msg.fields.get(k) for k in ("3", "4", "22", "25", "32", "33", "41", "42", "49")} == {
+        "3": "000000", "4": "000000012345", "22": "051", "25": "06", "32": "00000001234", "33": "00000005678",
+        "41": "T0000001", "42": "M00000000000001", "49": "156"}
+    assert msg.fields["90"].startswith("0200" "000042" "1123101500")
+    assert msg.fields["39"] == "98"
+    assert build_host_reversal(entry, repeat=True, acquirer_id="00000001234", forwarding_id="0").mti == "0401"
+    assert "33" not in build_host_reversal(entry, repeat=False, acquirer_id="00000001234",
+                                           forwarding_id="00000000000").fields
+
+
+@pytest.mark.anyio
+async def test_a_host_reversal_of_an_original_without_host_references_is_well_formed():
+    _, entry = await saf_entry(host_mti=None, host_stan=None, transmission_datetime=None, pos_entry_mode=None,
+                               pos_condition_code=None)
+    msg = build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="0")
+    assert (msg.mti, msg.fields["22"], msg.fields["25"]) == ("0400", "000", "00")
+    assert msg.fields["90"].startswith("0200" "000000" "0000000000")
+
+
+@pytest.mark.anyio
+async def test_a_reversal_with_its_ident_fixed_carries_it_and_one_without_does_not():
+    store, entry = await saf_entry()
+    loose = build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="0")
+    assert loose.fields.get("11") != "777777"
+    await store.record_reversal_ident(entry.saf_id, "777777", "1202193000")
+    (entry,) = await store.list_saf()
+    msg = build_host_reversal(entry, repeat=True, acquirer_id="00000001234", forwarding_id="0")
+    assert (msg.fields["11"], msg.fields["7"]) == ("777777", "1202193000")
+    half = dataclasses.replace(entry, reversal_datetime=None)
+    assert build_host_reversal(half, repeat=True, acquirer_id="00000001234", forwarding_id="0").fields.get("11") \
+        != "777777"
+    half = dataclasses.replace(entry, reversal_stan=None)
+    assert build_host_reversal(half, repeat=True, acquirer_id="00000001234", forwarding_id="0").fields.get("7") \
+        != "1202193000"
+
+
+@pytest.mark.anyio
+async def test_a_reversal_advice_is_asked_for_not_the_default():
+    _, entry = await saf_entry()
+    assert build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="0").mti == "0400"
+    assert build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="0",
+                               advice=True).mti == "0420"
+
+
+# --- the clock: the fields are those of the current second, whatever second that is -----------------
+
+def test_the_local_and_utc_fields_are_those_of_the_current_second(monkeypatch):
+    second = 946_782_245  # 2000-01-02 03:04:05 UTC: far from the real now
+    monkeypatch.setattr(time, "time", lambda: second + 0.5)
+    local = time.localtime(second)
+    now = clock.local_now()
+    assert (now.day, now.mmddhhmmss, now.hhmmss, now.mmdd) == (
+        time.strftime("%Y%m%d", local), time.strftime("%m%d%H%M%S", local), time.strftime("%H%M%S", local),
+        time.strftime("%m%d", local))
+    assert clock.utc_mmddhhmmss() == "0102030405"

@@ -1,0 +1,188 @@
+"""Promises of the SAF sender (gateway/net/saf_sender.py) that mutation testing (issue 16) checks,
+against a scripted host link and the memory journal, through the sender's own loop:
+
+- a reversal the host never answers uses an attempt each time, backs off on the schedule, and is
+  parked for an operator after `max_attempts`, with the reason and a metric (never resent for ever);
+- an answer other than 00/25, or a 00 with a bad MAC, is a failed attempt that says why;
+- nothing is sent and no attempt used while the link is down or the request was not sent;
+- the first attempt is 0400, repeats 0401 (0420/0421 as advices), identical repeats keep STAN and
+  field 7, fresh ones do not.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from test_store_support import PAN_KEY, request
+
+from gateway.config import ReversalConfig
+from gateway.iso.message import Message
+from gateway.metrics import Metrics
+from gateway.net.host_link import HostNotSent, HostReply, HostTimeout
+from gateway.net.saf_sender import SafSender
+from gateway.store import MemoryStore
+from gateway.store.records import SafEntry
+
+pytestmark = pytest.mark.anyio
+
+
+class ScriptedLink:
+    """The host's reaction to each reversal in turn (the last one from then on): a field 39, "timeout",
+    "not sent", or "bad mac"."""
+
+    def __init__(self, *script: str, ready: bool = True) -> None:
+        self.script = script
+        self.ready = ready
+        self.sent: list[Message] = []
+        self.tries = 0
+        self.stan = 0
+
+    def allocate(self) -> tuple[str, str]:
+        self.stan += 1
+        return f"{self.stan:06d}", f"1202{self.stan:06d}"
+
+    def stamp(self, msg: Message) -> Message:
+        msg.fields["11"], msg.fields["7"] = self.allocate()
+        return msg
+
+    async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
+        self.tries += 1
+        step = self.script[min(self.tries, len(self.script)) - 1]
+        if step == "not sent":
+            raise HostNotSent("the link went down before the frame was written")
+        self.sent.append(Message(msg.mti, dict(msg.fields)))
+        if step == "timeout":
+            raise HostTimeout("no answer within 0.01s")
+        if step == "bad mac":
+            return HostReply(Message("0410", {"39": "00"}), mac_ok=False)
+        return HostReply(Message("0410", {"39": step}), mac_ok=True)
+
+
+def value(metrics: Metrics, name: str) -> float:
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for s in family.samples:
+            if s.name == name:
+                return s.value
+    raise AssertionError(f"{name} not exposed")
+
+
+async def queued(store: MemoryStore) -> int:
+    txn = await store.record_request(request("000001"))
+    await store.queue_reversal(txn, "98", state="timed_out")
+    return txn
+
+
+async def run_until(sender: SafSender, store: MemoryStore, done, limit: float = 5.0) -> SafEntry:
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        with anyio.fail_after(limit):
+            while not done((await store.list_saf())[0]):
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    return (await store.list_saf())[0]
+
+
+def sender_for(store: MemoryStore, link: ScriptedLink, metrics: Metrics, **config: object) -> SafSender:
+    cfg = ReversalConfig(**{"poll_interval": 0.005, "backoff": (0.0,), "max_attempts": 3, **config})  # type: ignore[arg-type]
+    return SafSender(cfg, store, link, metrics, acquirer_id="00000001234", forwarding_id="00000005678")  # type: ignore[arg-type]
+
+
+async def test_a_host_that_never_answers_reversals_gets_them_parked_after_max_attempts():
+    store, link, metrics = MemoryStore(pan_key=PAN_KEY), ScriptedLink("timeout"), Metrics(process_metrics=False)
+    await queued(store)
+    entry = await run_until(sender_for(store, link, metrics), store, lambda e: e.state.value == "parked")
+    assert [m.mti for m in link.sent] == ["0400", "0401", "0401"]
+    assert (entry.attempts, entry.total_attempts) == (3, 3)
+    assert entry.parked_reason == "gave up after 3 attempts: timeout: no answer within 0.01s"
+    assert value(metrics, "gateway_reversals_parked_total") == 1
+    assert value(metrics, "gateway_reversals_sent_total") == 3
+    assert value(metrics, "gateway_reversals_acknowledged_total") == 0
+
+
+async def test_failed_attempts_back_off_on_the_schedule_and_say_why():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    link = ScriptedLink("91")
+    sender = sender_for(store, link, metrics, backoff=(30.0, 60.0), max_attempts=6)
+    before = time.time()
+    entry = await run_until(sender, store, lambda e: e.attempts == 1)
+    assert entry.state.value == "pending" and entry.last_error == "host answered 91"
+    assert 30.0 <= entry.next_attempt_at - before <= 31.0 + (time.time() - before)
+    assert value(metrics, "gateway_reversals_sent_total") == 1
+
+
+async def test_the_schedule_stays_at_its_last_step():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    link = ScriptedLink("91", "91", "91", "91")
+    sender = sender_for(store, link, metrics, backoff=(0.0, 0.0, 45.0), max_attempts=9)
+    before = time.time()
+    entry = await run_until(sender, store, lambda e: e.attempts == 3)
+    await anyio.sleep(0.05)
+    entry = (await store.list_saf())[0]
+    assert entry.attempts == 3 and len(link.sent) == 3
+    assert 45.0 <= entry.next_attempt_at - before <= 46.0 + (time.time() - before)
+
+
+async def test_an_approval_with_a_bad_mac_does_not_end_the_reversal():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    link = ScriptedLink("bad mac", "00")
+    entry = await run_until(sender_for(store, link, metrics), store, lambda e: e.state.value == "done")
+    assert entry.ack_rc == "00" and entry.total_attempts == 2
+    assert entry.last_error == "host answered 00 (bad MAC)"
+    assert value(metrics, "gateway_reversals_acknowledged_total") == 1
+
+
+async def test_a_25_ends_the_reversal():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    entry = await run_until(sender_for(store, ScriptedLink("25"), metrics), store, lambda e: e.state.value == "done")
+    assert (entry.ack_rc, entry.total_attempts) == ("25", 1)
+
+
+async def test_nothing_is_sent_or_counted_while_the_link_is_down_or_the_request_was_not_sent():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    down = ScriptedLink("00", ready=False)
+    sender = sender_for(store, down, metrics)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+    assert down.tries == 0 and (await store.list_saf())[0].attempts == 0
+    link = ScriptedLink("not sent", "not sent", "00")
+    entry = await run_until(sender_for(store, link, metrics), store, lambda e: e.state.value == "done")
+    assert link.tries == 3 and entry.total_attempts == 1
+    assert len(link.sent) == 1  # a 0401: its STAN was fixed before the first try, which may have gone out
+    assert value(metrics, "gateway_reversals_sent_total") == 1
+
+
+async def test_identical_repeats_keep_stan_and_field_7_fresh_ones_do_not():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    link = ScriptedLink("timeout", "00")
+    await run_until(sender_for(store, link, metrics), store, lambda e: e.state.value == "done")
+    assert [(m.mti, m.fields["11"], m.fields["7"]) for m in link.sent] == \
+        [("0400", "000001", "1202000001"), ("0401", "000001", "1202000001")]
+
+    store = MemoryStore(pan_key=PAN_KEY)
+    link = ScriptedLink("timeout", "00")
+    sender = sender_for(store, link, metrics, repeat="fresh")
+    await anyio.sleep(0.01)  # queued after this sender started: its first attempt is a 0400
+    await queued(store)
+    await run_until(sender, store, lambda e: e.state.value == "done")
+    assert [(m.mti, m.fields["11"]) for m in link.sent] == [("0400", "000001"), ("0401", "000002")]
+
+
+async def test_advices_go_as_0420_then_0421():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    link = ScriptedLink("timeout", "00")
+    await run_until(sender_for(store, link, metrics, upstream_mti="0420"), store, lambda e: e.state.value == "done")
+    assert [m.mti for m in link.sent] == ["0420", "0421"]
+    assert link.sent[0].fields.get("32") == "00000001234"
