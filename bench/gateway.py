@@ -387,17 +387,22 @@ class Bench:
         total = (config.count or 0) + rate * (config.warmup + (config.duration or 0.0))
         return math.ceil(total / SESSIONS * 1.5) + 8
 
-    def run(self, target: Target, config: LoadConfig) -> tuple[LoadReport, Step]:
-        self.wait_quiet()
-        self._batch += 1  # a new batch for every run: STANs restart at 1, (terminal, batch, STAN) stays unique
-        driver = CupFrameDriver(target.port, target.mode, self._batch, self.frames_for(target, config))
+    def sampler_for(self, target: Target) -> CpuSampler:
+        """What a run's CPU figures are taken of: the load generator (this process), the system under
+        test (and its event-loop thread), the upstream host."""
         processes = {"load": os.getpid(), "sut": target.sut.pid}
         if target.upstream is not None:
             processes["upstream"] = target.upstream.pid
         for n, child in enumerate(children(target.sut.pid)):  # a recording gateway's trace writer
             processes["writer" if n == 0 else f"writer{n}"] = child
         threads = {"sut_loop": target.sut.pid} if target.mode == "gateway" else {}
-        sampler = CpuSampler(processes, threads)
+        return CpuSampler(processes, threads)
+
+    def run(self, target: Target, config: LoadConfig) -> tuple[LoadReport, Step]:
+        self.wait_quiet()
+        self._batch += 1  # a new batch for every run: STANs restart at 1, (terminal, batch, STAN) stays unique
+        driver = CupFrameDriver(target.port, target.mode, self._batch, self.frames_for(target, config))
+        sampler = self.sampler_for(target)
         t0, c0 = time.perf_counter(), sampler.read()
         report = anyio.run(lambda: run_load(driver, config, progress=sampler), backend="asyncio",
                            backend_options={"use_uvloop": True})

@@ -56,6 +56,7 @@ from gateway.net.tls import TlsHandshakeError, client_context, failure_kind, han
 from gateway.ratelog import RateLimitedLog
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
+from gateway.store.records import CHARGED_RCS
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
 
@@ -63,8 +64,8 @@ log = logging.getLogger("gateway.host")
 
 
 #: answers that move or settle money and so must carry a valid MAC once zone keys are in use:
-#: an approval, and a reversal's "original not found" (the SAF takes it as final)
-MAC_REQUIRED_RCS = frozenset({"00", "25"})
+#: an approval (whole or partial), and a reversal's "original not found" (the SAF takes it as final)
+MAC_REQUIRED_RCS = CHARGED_RCS | {"25"}
 
 #: match key parts (config `match_key`) that are a request field; "mti_class" is derived from the MTI
 _KEY_FIELDS = {"stan": "11", "terminal": "41", "rrn": "37"}
@@ -206,7 +207,7 @@ class _LateAnswers:
 
 
 def _precious(answer: HostReply) -> bool:
-    return answer.mac_ok and answer.message.fields.get("39") == "00"
+    return answer.mac_ok and answer.message.fields.get("39") in CHARGED_RCS
 
 
 class HostLink:

@@ -391,6 +391,8 @@ class TerminalServer:
         self.ssl_context = server_context(config.tls) if config.tls is not None else None
         #: around the accept loop only: `stop_accepting` ends it, the open connections go on
         self._accepting = anyio.CancelScope()
+        #: SO_REUSEPORT: the workers of `gateway serve --workers N` each bind the port (gateway.workers)
+        self.reuse_port = False
 
     def stop_accepting(self) -> None:
         """Graceful shutdown: close the listening socket (new terminals are refused) and keep serving
@@ -399,7 +401,8 @@ class TerminalServer:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
-        listener = await anyio.create_tcp_listener(local_host=listen.host, local_port=listen.port, reuse_port=False)
+        listener = await anyio.create_tcp_listener(local_host=listen.host, local_port=listen.port,
+                                                 reuse_port=self.reuse_port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         log.info("accepting terminals on %s:%s (%s)", listen.host, self.port,
                  "plain TCP" if self.config.tls is None else f"TLS, client certificates {self.config.tls.client_certs}")
