@@ -338,12 +338,12 @@ class Services:
         self._seq = itertools.count(1)
 
     def start(self, name: str, argv: Sequence[str], *, cpus: set[int] | None, ready: str | None = None,
-              timeout: float = 20.0) -> tuple[Service, re.Match[str] | None]:
-        """Start `argv` (cwd = the repository, output to a log file), pin it to `cpus` and, when `ready` is
-        given, wait for a log line matching that regex."""
+              timeout: float = 20.0, cwd: Path | None = None) -> tuple[Service, re.Match[str] | None]:
+        """Start `argv` (cwd = the repository unless given, output to a log file), pin it to `cpus` and,
+        when `ready` is given, wait for a log line matching that regex."""
         log = self.workdir / f"{next(self._seq):02d}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(list(argv), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(list(argv), cwd=cwd or REPO, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
         service = Service(name, proc, log, cpus)
         self.running.append(service)

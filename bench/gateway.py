@@ -44,6 +44,7 @@ other work disturbed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -96,7 +97,8 @@ from gateway.security.algorithms import generate_key
 #: the parts of a run, in order (`--only` picks some)
 PARTS = ("echo", "relay", "gateway", "variants", "rss")
 #: every system, in the order of the tables
-SYSTEMS = ("echo", "codec_echo", "relay", "gateway", "gateway_nometrics", "gateway_memory", "gateway_trace")
+SYSTEMS = ("echo", "codec_echo", "relay", "gateway", "gateway_nometrics", "gateway_memory", "gateway_trace",
+           "gateway_baseline")
 P99_LIMIT_MS = 50.0
 MIN_ACHIEVED = 0.95
 SESSIONS = 64
@@ -331,7 +333,9 @@ class Bench:
         return Target("relay", "2 bare relay (codec floor)", "relay", int(m.group(1)), relay, host, [relay, host])
 
     def start_gateway(self, key: str, label: str, *, metrics: bool = True, memory: bool = False,
-                      trace: bool = False, profile: Path | None = None) -> Target:
+                      trace: bool = False, profile: Path | None = None, repo: Path | None = None) -> Target:
+        """`repo`: run `gateway serve` from that checkout instead (`python -m` imports the package of its
+        working directory first): the same bench, side by side, against another version of the code."""
         host, m = self.services.start(f"sim-host for {key}", [
             PY, "-m", "gateway.cli", "sim-host", "--listen", "127.0.0.1:0", "--config", str(self.host_config),
             "--zmk", self.zmk.hex().upper()], cpus=self.other_cpus, ready=r"listening on 127\.0\.0\.1:(\d+)")
@@ -347,7 +351,7 @@ class Bench:
             argv += ["--profile", str(profile)] if profile is not None else []
         else:
             argv = [PY, "-m", "gateway.cli", "serve", "--config", str(config)]
-        gateway, _ = self.services.start(key, argv, cpus=self.sut_cpus)
+        gateway, _ = self.services.start(key, argv, cpus=self.sut_cpus, cwd=repo)
         wait_ready(gateway, admin_port)
         return Target(key, label, "gateway", terminal_port, gateway, host, [gateway, host])
 
@@ -878,7 +882,8 @@ def render_targets(results: dict[str, Any]) -> list[str]:
             ("2 bare relay, µs/txn", "relay", "<= 40"),
             ("3 full gateway, µs/txn", "gateway", "<= 120"),
             ("3b gateway, metrics off, µs/txn", "gateway_nometrics", "-"),
-            ("3d gateway, trace recording on, µs/txn", "gateway_trace", "-"))
+            ("3d gateway, trace recording on, µs/txn", "gateway_trace", "-"),
+            ("3z full gateway, baseline checkout, µs/txn", "gateway_baseline", "-"))
     out = ["", "issue 13: SUT CPU per transaction, at saturation (closed-loop probe) and at the max step",
            f"  {'figure':<42} {'saturation':>10} {'@max':>6}  target"]
     for title, key, target in rows:
@@ -887,6 +892,11 @@ def render_targets(results: dict[str, Any]) -> list[str]:
     rat = results["ratios"]
     out.append(f"  {'full gateway max rate / raw echo max rate':<42} {fmt_ratio(rat['gateway_over_echo']):>10} "
                f"{'':>6}  >= 0.25")
+    if "gateway_baseline" in systems:
+        out.append(f"  this checkout / baseline, SUT CPU per transaction: {fmt_ratio(rat['cpu_over_baseline_probe'])} "
+                   "at "
+                   f"saturation, {fmt_ratio(rat['cpu_over_baseline_half'])} at 50 % and "
+                   f"{fmt_ratio(rat['cpu_over_baseline_max'])} at 100 % of the full gateway's max (interleaved rounds)")
     return out
 
 
@@ -903,6 +913,10 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     def sut_cpu(key: str) -> float:
         at = s.get(key, {}).get("at_max") or {}
         return float(at.get("cpu_us", {}).get("sut", 0.0))
+
+    def probe_cpu(key: str) -> float:
+        probe = s.get(key, {}).get("closed_loop_probe") or {}
+        return float(probe.get("cpu_us", {}).get("sut", 0.0))
 
     compare = results.get("compare") or {}
 
@@ -938,6 +952,9 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
         "metrics_cost_cpu_half": cost("half"),
         "metrics_cost_cpu_max": cost("max"),
         "max_trace": mx("gateway_trace"),
+        "cpu_over_baseline_probe": ratio(probe_cpu("gateway"), probe_cpu("gateway_baseline")),
+        "cpu_over_baseline_half": ratio(cpu_at("half", "gateway"), cpu_at("half", "gateway_baseline")),
+        "cpu_over_baseline_max": ratio(cpu_at("max", "gateway"), cpu_at("max", "gateway_baseline")),
         "trace_cost_cpu_half": trace_cost("half", with_writer=False),
         "trace_cost_total_half": trace_cost("half", with_writer=True),
         "trace_cost_cpu_max": trace_cost("max", with_writer=False),
@@ -967,6 +984,11 @@ def main() -> int:
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="also run the gateway under cProfile for this long at 80 %% of its max")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="interleaved rounds of the common-rate comparison (default 4; --quick 1)")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="also run the full gateway of another checkout (e.g. a worktree of an older commit) "
+                             "side by side: a before/after in one run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, journals)")
     parser.add_argument("--only", metavar="PARTS", default=",".join(PARTS),
                         help=f"comma-separated subset of {','.join(PARTS)} (default: all; for quick iterations)")
@@ -975,6 +997,8 @@ def main() -> int:
     if not only <= set(PARTS):
         parser.error(f"--only takes a subset of {','.join(PARTS)}")
     plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, compare_rounds=args.rounds)
     rss_count = args.rss_count if args.rss_count is not None else plan.rss_count
     if rss_count < RSS_PHASES:
         parser.error(f"--rss-count must be at least {RSS_PHASES}")
@@ -1025,6 +1049,9 @@ def main() -> int:
             gateways: dict[str, Target] = {}
             for key, label, metrics, memory, trace in variants:
                 gateways[key] = bench.start_gateway(key, label, metrics=metrics, memory=memory, trace=trace)
+            if args.baseline and gateways:
+                gateways["gateway_baseline"] = bench.start_gateway(
+                    "gateway_baseline", f"3z full gateway, baseline {args.baseline.name}", repo=args.baseline)
             targets.update(gateways)
             if targets:
                 systems.update(bench.find_max(targets))
