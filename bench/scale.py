@@ -293,7 +293,7 @@ def render(results: dict[str, Any]) -> str:
                   f"{m['gateway_cores_for_target']:.1f} + database {m['db_cores_for_target']:.1f}), plus "
                   f"{m['generator_cores_for_target']:.1f} generator and {m['host_sim_cores_for_target']:.1f} host "
                   "simulator cores elsewhere"
-                  + (f"; at least {m['workers_for_target']} workers (one worker's max here)"
+                  + (f"; at least {m['workers_for_target']} workers (a worker is one event loop: one core at most)"
                      if "workers_for_target" in m else "")]
     lines += ["", f"elapsed {results.get('elapsed_s', 0):.0f} s; other work on the machine: "
               f"{results.get('other_work')}"]
