@@ -196,3 +196,43 @@ def test_sqlite_refuses_more_than_one_worker(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--workers 2 needs the PostgreSQL store: set [store] url" in done.stdout, done.stdout
     assert not (tmp_path / "journal.db").exists()  # refused before anything was opened
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by whoever adopted it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_drain_and_exit_when_the_parent_is_killed(
+        tmp_path: Path, pg_url: str, anyio_backend: tuple[str, dict[str, object]]) -> None:
+    zmk = generate_key(16)
+    tmks = {tid: generate_key(16) for tid in terminal_ids(4)}
+    host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000)))
+    async with anyio.create_task_group() as tg:
+        host_port = await tg.start(host.serve, LOOPBACK, 0)
+        setup = ChildSetup(free_port(), free_port(), host_port, zmk, tmks, MERCHANT_ID, tmp_path / "unused.db",
+                           HOST_TIMEOUT)
+        gateway = PipedGateway(pg_config(tmp_path, setup, pg_url), anyio_backend[0])
+        gateway.command += ["--workers", "2"]
+        await gateway.start(tg)
+        pids: list[int] = []
+        try:
+            await wait_until_up(gateway, setup.admin_port, timeout=60)
+            pids = [int(str(w["pid"])) for w in await workers(setup.admin_port)]
+            assert await buy_round(setup, tmks, 1_000) == ["00"] * 4
+            gateway.signal(signal.SIGKILL)  # the supervisor only: its workers are in a session of their own
+            await gateway.wait(10)
+            with anyio.fail_after(3 * HOST_TIMEOUT + 10):
+                while not all(gone(pid) for pid in pids):
+                    await anyio.sleep(0.05)
+        finally:
+            for pid in pids:  # the test's own grandchildren, by pid, if they outlived the check
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+            await gateway.stop_quietly()
+        tg.cancel_scope.cancel()
+    assert journal_states(pg_url) == {"completed": 4}
