@@ -268,7 +268,11 @@ def render(results: dict[str, Any]) -> str:
         util = at.get("util", {})
         total = sum(util.get(p, 0.0) for p in PARTS)
         cells = " ".join(f"{util.get(p, 0.0):4.2f}" for p in PARTS)
-        lines.append(f"{key:<10} {sysres.get('max_rate', 0):7.0f}   {cells} | {total:4.2f} of {results['cpus']} cores"
+        if not sysres.get("max_rate"):
+            lines.append(f"{key:<10} {'-':>7}   no open-loop step held p99 < {bg.P99_LIMIT_MS:g} ms"
+                         + (f" ({sysres['error']})" if sysres.get("error") else ""))
+            continue
+        lines.append(f"{key:<10} {sysres['max_rate']:7.0f}   {cells} | {total:4.2f} of {results['cpus']} cores"
                      f" (other work {util.get('other', 0.0):4.2f})")
     if common:
         lines += ["", f"saturated ({SESSIONS} in flight), medians of {common['rounds']} interleaved rounds: rate, "
