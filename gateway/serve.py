@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from gateway import gcpolicy
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.iso.stan import STAN_MAX, StanAllocator
 from gateway.metrics import Metrics, NullMetrics
@@ -167,6 +168,10 @@ async def run_gateway(
             (role.slot, role.slots) if role is not None else (0, 1)))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
+        if config.store.url is not None:  # instances on one database share sessions, limits and STAN blocks
+            from gateway.store.shared_state import share_state
+            await tg.start(partial(share_state, config, store, security, service, link,
+                                   instance_id=getattr(store, "instance_id", "")))
         await tg.start(link.run)
         await tg.start(saf.run)
         await tg.start(watch_saf, store, metrics)
@@ -205,6 +210,7 @@ async def _serve_until_signalled(config: GatewayConfig, role: WorkerRole | None 
     once (start-up recovery settles whatever is left)."""
     async with anyio.create_task_group() as tg:
         gateway = await tg.start(partial(run_gateway, config, role=role))
+        gcpolicy.settle_after_startup()  # the serving process only (see gateway/gcpolicy.py)
         if role is not None:
             tg.start_soon(role.report_up, gateway.admin_port)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

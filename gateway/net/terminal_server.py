@@ -47,6 +47,7 @@ from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
 from gateway.metrics import NOOP, HistogramLike, Metrics, clock
+from gateway.net.loopclock import loop_clock
 from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
 from gateway.ratelog import RateLimitedLog
 from gateway.trace.format import Direction, EventKind, Leg
@@ -99,6 +100,7 @@ class TerminalConnection:
         self.write_stage: HistogramLike = NOOP
         self._encode = encode
         self._write_timeout = write_timeout
+        self._now = loop_clock()  # the sweeper's clock (anyio.current_time), minus its per-call cost
         self.peer = peer
         #: set once the terminal has closed its side: an answer written after that may sit in a kernel
         #: buffer and "succeed" although nobody will ever read it, so we refuse to count it as delivered
@@ -127,7 +129,7 @@ class TerminalConnection:
         data = self._encode(body, envelope)
         batch = self._queued
         if batch is None:
-            batch = self._queued = _Batch(anyio.current_time() + self._write_timeout)
+            batch = self._queued = _Batch(self._now() + self._write_timeout)
             self._wake_writer()
         batch.parts.append(data)
         await batch.done.wait()
@@ -561,7 +563,7 @@ class TerminalServer:
         decoder = self.framer.decoder()
         admit = self.admit
         receive = stream.receive
-        clock = anyio.current_time
+        clock = loop_clock()  # anyio.current_time, read twice per chunk: see gateway/net/loopclock.py
         while True:
             watched.waiting_since = clock()
             try:

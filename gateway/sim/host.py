@@ -165,6 +165,8 @@ class HostReply:
     decision: Decision | None = None
     #: a `booked_late` request, decided only when its delay is over: (body, reject_first, wrong_mac)
     deferred: tuple[bytes, int, bool] | None = field(default=None, repr=False)
+    #: an `approve_as` fault: the code an approval goes out with instead of 00
+    approve_as: str | None = None
 
 
 @dataclass(slots=True)
@@ -300,6 +302,7 @@ class HostSimulator:
                 return reply  # lost on the way in: the host never saw it
             reject_first = max((f.count for f in faults if f.kind == "reject_reversal"), default=0)
             wrong_mac = any(f.kind == "wrong_mac" for f in faults)
+            reply.approve_as = next((f.code for f in faults if f.kind == "approve_as"), None)
             booked_late = [f.seconds for f in faults if f.kind == "booked_late" and f.seconds > 0]
             if booked_late:
                 reply.delay += max(booked_late)
@@ -318,6 +321,8 @@ class HostSimulator:
     def _decide_into(self, reply: HostReply, body: bytes, request: Message, reject_first: int,
                      wrong_mac: bool) -> HostReply:
         answer, decision = self._decide(body, request, reject_first)
+        if reply.approve_as is not None and answer.fields.get("39") == "00" and request.mti[1] == "2":
+            answer.fields["39"] = reply.approve_as  # booked as approved all the same
         reply.decision = decision
         self.stats.responses[answer.fields.get("39", "")] += 1
         reply.body = self._encode(answer, wrong_mac=wrong_mac)
