@@ -10,8 +10,10 @@ one step at a time as in `bench/gateway.py`, whose load driver, search and CPU s
 - `pg-N` for every N of `--workers`: `gateway serve --workers N` (N = 1: plain `gateway serve`) on a
   database of its own on the PostgreSQL server (created for the run, dropped at its end).
 
-Then every system at one common rate (half the smallest maximum) in interleaved rounds: CPU per
-transaction at the same arrival pattern is the sharp comparison, and the model's input.
+Then every system saturated (64 in flight, closed loop) in interleaved rounds: its throughput and CPU
+per transaction by part at saturation, the model's input (a 16-core machine at 13,236/s runs every
+worker busy, where work batches as it does here at saturation; at low rates each wake-up of an idle
+core costs tens of µs and CPU per transaction is several times higher).
 
 CPU per transaction, from /proc over the steady part of each step, by part:
 `load` (the load generator: this process, one event loop), `sut` (the gateway: the process, or the
@@ -202,7 +204,38 @@ def parts_of(steps: list[dict[str, Any]], what: str) -> dict[str, float]:
     return out
 
 
-def model(cost: dict[str, float], per_worker_max: float | None) -> dict[str, Any]:
+def saturate(bench: ScaleBench, targets: dict[str, Any], plan: Any, rounds: int) -> dict[str, Any]:
+    """Every system closed-loop (SESSIONS in flight) in turn, `rounds` times (A B C A B C ...): its
+    saturation throughput and CPU per transaction by part, medians of the rounds. At saturation work
+    batches as it would on a busy large machine; at low rates every wake-up of an idle core costs tens
+    of µs and CPU per transaction is several times higher (the max search's first steps show it)."""
+    config = bg.LoadConfig(concurrency=SESSIONS, duration=plan.compare_duration, warmup=plan.warmup,
+                           request_timeout=10.0)
+    steps: dict[str, list[Any]] = {key: [] for key in targets}
+    for n in range(rounds):
+        for key, target in targets.items():
+            try:
+                _, step = bench.run(target, config)
+            except bg.LoadError as exc:
+                bench.log(f"    {target.label}: {exc}")
+                continue
+            steps[key].append(step)
+            bench.log(step.line() + f"  ({target.label}, round {n + 1})")
+    out: dict[str, Any] = {"rounds": rounds, "variants": {}}
+    for key, done in steps.items():
+        as_dicts = [asdict(st) for st in done]
+        out["variants"][key] = {
+            "label": targets[key].label,
+            "rate": statistics.median([st.achieved for st in done]) if done else 0.0,
+            "p99_ms": statistics.median([st.p99 for st in done if st.p99 is not None]) if done else None,
+            "cpu_us_parts": parts_of(as_dicts, "cpu_us"), "util_parts": parts_of(as_dicts, "util"),
+            "other_work": statistics.median([st.util.get(bg.OTHER, 0.0) for st in done]) if done else None,
+            "steps": as_dicts,
+        }
+    return out
+
+
+def model(cost: dict[str, float]) -> dict[str, Any]:
     """The 16-core figures of one system's CPU per transaction (µs): rate the cores carry with the
     generator and host elsewhere (gateway + database on the box) and with everything on the box."""
     box = cost.get("sut", 0.0) + cost.get("db", 0.0) + cost.get("db_shared", 0.0)
@@ -218,8 +251,9 @@ def model(cost: dict[str, float], per_worker_max: float | None) -> dict[str, Any
         "gateway_cores_for_target": TARGET_RATE * cost.get("sut", 0.0) / 1e6 / USABLE,
         "db_cores_for_target": TARGET_RATE * (cost.get("db", 0.0) + cost.get("db_shared", 0.0)) / 1e6 / USABLE,
     }
-    if per_worker_max:
-        out["workers_for_target"] = math.ceil(TARGET_RATE / per_worker_max)
+    if cost.get("sut"):
+        # a worker is one event loop (plus its journal thread): at most about one core's worth
+        out["workers_for_target"] = math.ceil(out["gateway_cores_for_target"])
     return out
 
 
@@ -234,18 +268,24 @@ def render(results: dict[str, Any]) -> str:
         util = at.get("util", {})
         total = sum(util.get(p, 0.0) for p in PARTS)
         cells = " ".join(f"{util.get(p, 0.0):4.2f}" for p in PARTS)
-        lines.append(f"{key:<10} {sysres.get('max_rate', 0):7.0f}   {cells} | {total:4.2f} of {results['cpus']} cores"
+        if not sysres.get("max_rate"):
+            lines.append(f"{key:<10} {'-':>7}   no open-loop step held p99 < {bg.P99_LIMIT_MS:g} ms"
+                         + (f" ({sysres['error']})" if sysres.get("error") else ""))
+            continue
+        lines.append(f"{key:<10} {sysres['max_rate']:7.0f}   {cells} | {total:4.2f} of {results['cpus']} cores"
                      f" (other work {util.get('other', 0.0):4.2f})")
     if common:
-        lines += ["", f"CPU µs per transaction at a common {common['rate']:.0f}/s ({common['rounds']} interleaved "
-                  "round(s), medians):",
-                  f"{'system':<10} " + " ".join(f"{p:>9}" for p in PARTS) + f" {'box':>7} {'p50 ms':>7} {'p99 ms':>7}"]
+        lines += ["", f"saturated ({SESSIONS} in flight), medians of {common['rounds']} interleaved rounds: rate, "
+                  "CPU µs per transaction by part (util in brackets, 1.0 = one core):",
+                  f"{'system':<10} {'rate/s':>7} " + " ".join(f"{p:>14}" for p in PARTS)
+                  + f" {'box µs':>7} {'total':>6} {'other':>6}"]
         for key, var in common["variants"].items():
-            cost = var["cpu_us_parts"]
+            cost, util = var["cpu_us_parts"], var["util_parts"]
             box = cost.get("sut", 0.0) + cost.get("db", 0.0) + cost.get("db_shared", 0.0)
-            lat = var.get("latency_ms") or {}
-            lines.append(f"{key:<10} " + " ".join(f"{cost.get(p, 0.0):9.0f}" for p in PARTS)
-                         + f" {box:7.0f} {lat.get('p50') or 0:7.2f} {lat.get('p99') or 0:7.2f}")
+            total = sum(util.get(p, 0.0) for p in PARTS)
+            lines.append(f"{key:<10} {var['rate']:7.0f} "
+                         + " ".join(f"{cost.get(p, 0.0):6.0f} ({util.get(p, 0.0):4.2f})" for p in PARTS)
+                         + f" {box:7.0f} {total:6.2f} {var['other_work'] or 0:6.2f}")
     for key, m in results.get("model", {}).items():
         lines += ["", f"16-core model from {key} (box = gateway + database = {m['box_us']:.0f} µs/txn, "
                   f"{USABLE:.0%} of each core usable):",
@@ -257,7 +297,7 @@ def render(results: dict[str, Any]) -> str:
                   f"{m['gateway_cores_for_target']:.1f} + database {m['db_cores_for_target']:.1f}), plus "
                   f"{m['generator_cores_for_target']:.1f} generator and {m['host_sim_cores_for_target']:.1f} host "
                   "simulator cores elsewhere"
-                  + (f"; at least {m['workers_for_target']} workers (one worker's max here)"
+                  + (f"; at least {m['workers_for_target']} workers (a worker is one event loop: one core at most)"
                      if "workers_for_target" in m else "")]
     lines += ["", f"elapsed {results.get('elapsed_s', 0):.0f} s; other work on the machine: "
               f"{results.get('other_work')}"]
@@ -300,19 +340,12 @@ def main() -> int:
                                                         postgres=True)
             systems = bench.find_max(targets)
             results["systems"] = systems
-            maxima = [s["max_rate"] for s in systems.values() if s.get("max_rate")]
-            if maxima:
-                rate = bg.nice_rate(0.5 * min(maxima))
-                log(f"\nevery system at {rate:.0f}/s (half the smallest maximum), {plan.compare_rounds} interleaved "
-                    "round(s)")
-                common = bench.compare(targets, rate, plan.compare_rounds)
-                for var in common["variants"].values():
-                    var["cpu_us_parts"] = parts_of(var["steps"], "cpu_us")
-                    var["util_parts"] = parts_of(var["steps"], "util")
-                results["common"] = common
-                one = systems.get("pg-1", {}).get("max_rate")
-                results["model"] = {key: model(var["cpu_us_parts"], one)
-                                    for key, var in common["variants"].items() if key.startswith("pg-")}
+            rounds = max(2, plan.compare_rounds)
+            log(f"\nevery system saturated ({SESSIONS} in flight, closed loop), {rounds} interleaved rounds")
+            common = saturate(bench, targets, plan, rounds)
+            results["common"] = common
+            results["model"] = {key: model(var["cpu_us_parts"])
+                                for key, var in common["variants"].items() if key.startswith("pg-")}
             for target in targets.values():
                 bench.stop(target)
     finally:

@@ -12,6 +12,7 @@ The host simulator serves every worker's link with that link's own zone keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import psycopg
 import pytest
 from crash_support import free_port
@@ -39,6 +41,15 @@ HOST_TIMEOUT = 2.0
 #: connections per round: the kernel spreads them over the workers by a hash of the addresses, so all
 #: of them landing on one of two workers has a chance of 2 in 2**24
 TERMINALS = 24
+
+
+class GroupGateway(PipedGateway):
+    """The supervisor's output pipe is also its workers': it can still be open when the clean-up closes
+    it (the supervisor gone, a worker still exiting), which is not the test's failure."""
+
+    async def _read_output(self, process: anyio.abc.Process) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError):
+            await super()._read_output(process)
 
 
 def approved_purchases(metrics_text: str, worker: str | None = None) -> float:
@@ -113,7 +124,7 @@ async def test_two_workers_serve_merge_metrics_restart_and_drain(
         host_port = await tg.start(host.serve, LOOPBACK, 0)
         setup = ChildSetup(free_port(), free_port(), host_port, zmk, tmks, MERCHANT_ID, tmp_path / "unused.db",
                            HOST_TIMEOUT)
-        gateway = PipedGateway(pg_config(tmp_path, setup, pg_url), anyio_backend[0])
+        gateway = GroupGateway(pg_config(tmp_path, setup, pg_url), anyio_backend[0])
         gateway.command += ["--workers", "2"]
         await gateway.start(tg)
         try:
@@ -196,3 +207,44 @@ def test_sqlite_refuses_more_than_one_worker(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--workers 2 needs the PostgreSQL store: set [store] url" in done.stdout, done.stdout
     assert not (tmp_path / "journal.db").exists()  # refused before anything was opened
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by whoever adopted it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_drain_and_exit_when_the_parent_is_killed(
+        tmp_path: Path, pg_url: str, anyio_backend: tuple[str, dict[str, object]]) -> None:
+    zmk = generate_key(16)
+    tmks = {tid: generate_key(16) for tid in terminal_ids(4)}
+    host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000)))
+    async with anyio.create_task_group() as tg:
+        host_port = await tg.start(host.serve, LOOPBACK, 0)
+        setup = ChildSetup(free_port(), free_port(), host_port, zmk, tmks, MERCHANT_ID, tmp_path / "unused.db",
+                           HOST_TIMEOUT)
+        gateway = GroupGateway(pg_config(tmp_path, setup, pg_url), anyio_backend[0])
+        gateway.command += ["--workers", "2"]
+        await gateway.start(tg)
+        pids: list[int] = []
+        try:
+            await wait_until_up(gateway, setup.admin_port, timeout=60)
+            pids = [int(str(w["pid"])) for w in await workers(setup.admin_port)]
+            assert await buy_round(setup, tmks, 1_000) == ["00"] * 4
+            gateway.signal(signal.SIGKILL)  # the supervisor only: its workers are in a session of their own
+            await gateway.wait(10)
+            with anyio.fail_after(3 * HOST_TIMEOUT + 10):
+                while not all(gone(pid) for pid in pids):
+                    await anyio.sleep(0.05)
+        finally:
+            for pid in pids:  # the test's own grandchildren, by pid, if they outlived the check
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+            await gateway.stop_quietly()
+            (tmp_path / "gateway.log").write_text(gateway.text)  # the group's log, to read after a failure
+        tg.cancel_scope.cancel()
+    assert journal_states(pg_url) == {"completed": 4}
