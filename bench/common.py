@@ -20,6 +20,7 @@ import argparse
 import collections
 import contextlib
 import cProfile
+import functools
 import itertools
 import logging
 import os
@@ -72,7 +73,7 @@ AMOUNT: Final = 100
 KEY_MODE: Final = "004"
 RECEIVE_SIZE: Final = 65536
 
-Mode = Literal["echo", "relay", "gateway"]
+Mode = Literal["echo", "codec_echo", "relay", "gateway"]
 
 
 def terminal_id(n: int) -> str:
@@ -114,6 +115,15 @@ class Prepared:
     wire: bytes
 
 
+@functools.cache
+def codec_echo_frames() -> tuple[bytes, bytes]:
+    """bench/codec_echo.py's 0200 request frame (encoded by bare pyiso8583) and the body of its 0210."""
+    from codec_echo import frames  # bench/ is the script directory of every bench that drives it
+
+    request, answer = frames()
+    return request, answer[2:]
+
+
 class CupFrameSession:
     """One terminal: used by one request at a time (the load tool's contract).
 
@@ -133,6 +143,9 @@ class CupFrameSession:
         self._batch = driver.batch
         self._codec = driver.codec
         self._framer = make_framer("cup", envelope=CupEnvelope.from_hex("6000010000", "603100310000"))
+        if self._mode == "codec_echo":  # bench/codec_echo.py's server: ISO 8583:1987 ASCII, 2-byte length
+            self._framer = make_framer("len2")
+            self._codec_echo = codec_echo_frames()
         self._decoder = self._framer.decoder()
         self._frames: collections.deque[Frame] = collections.deque()
         self._stans = itertools.count(1)
@@ -144,6 +157,8 @@ class CupFrameSession:
         if self._mode == "gateway":
             await self._sign_in()
             count = self._driver.frames
+        elif self._mode == "codec_echo":
+            return  # one request and its expected answer (`codec_echo_frames`), sent again and again
         else:
             # the echo server and the relay check no MAC or PIN: keys of our own make the same bytes
             self._keys = own_working_keys()
@@ -178,6 +193,10 @@ class CupFrameSession:
     async def request(self, kind: str) -> str:
         if kind != "purchase":
             raise LoadError(f"the bench driver only sends purchases, not {kind!r}")
+        if self._mode == "codec_echo":
+            request, expected = self._codec_echo
+            await self._stream.send(request)
+            return "00" if (await self._receive()).body == expected else "echo_mismatch"
         item = self._next()
         await self._stream.send(item.wire)
         frame = await self._receive()
@@ -227,6 +246,16 @@ class CupFrameDriver:
 # --- processes -----------------------------------------------------------------------------------------
 
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (a recording gateway's trace writer), from /proc."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                out += [int(c) for c in f.read().split()]
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -374,10 +403,10 @@ def wait_ready(service: Service, admin_port: int, timeout: float = 20.0) -> None
 
 
 def write_gateway_config(path: Path, *, terminal_port: int, admin_port: int, host_port: int, zmk: bytes,
-                         journal: Path, metrics: bool, terminals: int) -> None:
+                         journal: Path, metrics: bool, terminals: int, trace: Path | None = None) -> None:
     """A `gateway serve` TOML: loopback ports, the host simulator, a durable journal with
     synchronous=FULL, limits that never refuse a bench purchase, and terminals BT000001.. with the
-    bench TMK."""
+    bench TMK; with `trace`, both legs recorded there ([trace] path: the recorder's writer process)."""
     lines = [
         "[terminal_side]",
         f'listen = "{LOOPBACK}:{terminal_port}"',
@@ -398,6 +427,8 @@ def write_gateway_config(path: Path, *, terminal_port: int, admin_port: int, hos
         f'listen = "{LOOPBACK}:{admin_port}"',
         f"metrics = {'true' if metrics else 'false'}",
     ]
+    if trace is not None:
+        lines += ["[trace]", f'path = "{trace}"']
     for n in range(1, terminals + 1):
         lines += ["[[terminals]]", f'terminal_id = "{terminal_id(n)}"', f'merchant_id = "{MERCHANT_ID}"',
                   f'tmk = "{BENCH_TMK.hex().upper()}"']
@@ -418,6 +449,7 @@ def write_host_config(path: Path) -> None:
 
 
 def _launch(argv: Sequence[str] | None = None) -> int:
+    from gateway import gcpolicy
     from gateway.config import load_config
     from gateway.serve import run_gateway
 
@@ -435,6 +467,7 @@ def _launch(argv: Sequence[str] | None = None) -> int:
         async with anyio.create_task_group() as tg:
             await tg.start(lambda task_status: run_gateway(config, durable=not args.memory,
                                                            task_status=task_status))
+            gcpolicy.settle_after_startup()  # as `gateway serve`
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     tg.cancel_scope.cancel()

@@ -71,6 +71,7 @@ from common import (
     Mode,
     Service,
     Services,
+    children,
     cpu_seconds,
     free_port,
     machine_busy_seconds,
@@ -94,6 +95,8 @@ from gateway.security.algorithms import generate_key
 
 #: the parts of a run, in order (`--only` picks some)
 PARTS = ("echo", "relay", "gateway", "variants", "rss")
+#: every system, in the order of the tables
+SYSTEMS = ("echo", "codec_echo", "relay", "gateway", "gateway_nometrics", "gateway_memory", "gateway_trace")
 P99_LIMIT_MS = 50.0
 MIN_ACHIEVED = 0.95
 SESSIONS = 64
@@ -310,6 +313,13 @@ class Bench:
         assert m is not None
         return Target("echo", "1 raw framed echo (I/O floor)", "echo", int(m.group(1)), echo, None, [echo])
 
+    def start_codec_echo(self) -> Target:
+        echo, m = self.services.start("codec echo server", [PY, "bench/codec_echo.py", "serve", "--codec", "compiled",
+                                                             "--port", "0"], cpus=self.sut_cpus, ready=r"^port (\d+)")
+        assert m is not None
+        return Target("codec_echo", "1b codec echo (compiled codec)", "codec_echo", int(m.group(1)), echo, None,
+                      [echo])
+
     def start_relay(self) -> Target:
         host, m = self.services.start("codec host", [PY, "bench/relay.py", "codec-host"], cpus=self.other_cpus,
                                       ready=r"^port (\d+)")
@@ -321,7 +331,7 @@ class Bench:
         return Target("relay", "2 bare relay (codec floor)", "relay", int(m.group(1)), relay, host, [relay, host])
 
     def start_gateway(self, key: str, label: str, *, metrics: bool = True, memory: bool = False,
-                      profile: Path | None = None) -> Target:
+                      trace: bool = False, profile: Path | None = None) -> Target:
         host, m = self.services.start(f"sim-host for {key}", [
             PY, "-m", "gateway.cli", "sim-host", "--listen", "127.0.0.1:0", "--config", str(self.host_config),
             "--zmk", self.zmk.hex().upper()], cpus=self.other_cpus, ready=r"listening on 127\.0\.0\.1:(\d+)")
@@ -329,7 +339,8 @@ class Bench:
         terminal_port, admin_port = free_port(), free_port()
         config = self.workdir / f"{key}.toml"
         write_gateway_config(config, terminal_port=terminal_port, admin_port=admin_port, host_port=int(m.group(1)),
-                             zmk=self.zmk, journal=self.workdir / f"{key}.db", metrics=metrics, terminals=SESSIONS)
+                             zmk=self.zmk, journal=self.workdir / f"{key}.db", metrics=metrics, terminals=SESSIONS,
+                             trace=self.workdir / f"{key}.trace.jsonl" if trace else None)
         if memory or profile is not None:
             argv = [PY, "bench/common.py", "gateway", "--config", str(config)]
             argv += ["--memory"] if memory else []
@@ -372,15 +383,22 @@ class Bench:
         total = (config.count or 0) + rate * (config.warmup + (config.duration or 0.0))
         return math.ceil(total / SESSIONS * 1.5) + 8
 
+    def sampler_for(self, target: Target) -> CpuSampler:
+        """What a run's CPU figures are taken of: the load generator (this process), the system under
+        test (and its event-loop thread), the upstream host."""
+        processes = {"load": os.getpid(), "sut": target.sut.pid}
+        if target.upstream is not None:
+            processes["upstream"] = target.upstream.pid
+        for n, child in enumerate(children(target.sut.pid)):  # a recording gateway's trace writer
+            processes["writer" if n == 0 else f"writer{n}"] = child
+        threads = {"sut_loop": target.sut.pid} if target.mode == "gateway" else {}
+        return CpuSampler(processes, threads)
+
     def run(self, target: Target, config: LoadConfig) -> tuple[LoadReport, Step]:
         self.wait_quiet()
         self._batch += 1  # a new batch for every run: STANs restart at 1, (terminal, batch, STAN) stays unique
         driver = CupFrameDriver(target.port, target.mode, self._batch, self.frames_for(target, config))
-        processes = {"load": os.getpid(), "sut": target.sut.pid}
-        if target.upstream is not None:
-            processes["upstream"] = target.upstream.pid
-        threads = {"sut_loop": target.sut.pid} if target.mode == "gateway" else {}
-        sampler = CpuSampler(processes, threads)
+        sampler = self.sampler_for(target)
         t0, c0 = time.perf_counter(), sampler.read()
         report = anyio.run(lambda: run_load(driver, config, progress=sampler), backend="asyncio",
                            backend_options={"use_uvloop": True})
@@ -493,6 +511,7 @@ class Bench:
                 "label": targets[key].label,
                 "cpu_us": median([st.cpu_us.get("sut", 0.0) for st in done]),
                 "loop_us": median([st.cpu_us["sut_loop"] for st in done if "sut_loop" in st.cpu_us]),
+                "writer_us": median([st.cpu_us["writer"] for st in done if "writer" in st.cpu_us]),
                 "latency_ms": summary_ms(hists[key]),
                 "requests": sum(st.requests for st in done),
                 "errors": errors,
@@ -716,7 +735,7 @@ def render(results: dict[str, Any]) -> str:
                f"{'closed loop, cores':>18} │ {'CPU µs/txn @max':>17}")
     out.append(head)
     out.append("─" * len(head))
-    for key in ("echo", "relay", "gateway", "gateway_nometrics", "gateway_memory"):
+    for key in SYSTEMS:
         r = systems.get(key)
         if r is None:
             continue
@@ -740,6 +759,7 @@ def render(results: dict[str, Any]) -> str:
                "generator + upstream host on the other core (100 % = one core): the side near 100 % is the limit.")
     out.append("CPU µs/txn: CPU time per transaction of each process over the steady seconds of the max step.")
     rat = results["ratios"]
+    out += render_targets(results)
     out.append("")
     out.append("ratios (max sustainable rates measured side by side in this run)")
     out.append(f"  3/2 full gateway / bare relay       {fmt_ratio(rat['gateway_over_relay']):>6}"
@@ -780,6 +800,14 @@ def render(results: dict[str, Any]) -> str:
                    "CPU figures)")
         out.append(f"  CPU per transaction, on vs off: {fmt_pct(rat['metrics_cost_cpu_half'])} at 50 % of max, "
                    f"{fmt_pct(rat['metrics_cost_cpu_max'])} at the full gateway's max rate")
+    if "gateway" in systems and "gateway_trace" in systems:
+        out.append("trace recording cost ([trace] path set; the recorder's writer is a process of its own)")
+        out.append(f"  max rate: recording off {rat['max_metrics_on']:.0f}/s vs on {rat['max_trace']:.0f}/s")
+        for block, title in (("half", "50 % of max"), ("max", "the full gateway's max rate")):
+            if rat.get(f"trace_cost_cpu_{block}") is not None:
+                process, total = rat[f"trace_cost_cpu_{block}"], rat[f"trace_cost_total_{block}"]
+                out.append(f"  at {title}: gateway process CPU per transaction {fmt_pct(process)}, "
+                           f"gateway + trace writer (the machine's CPU) {fmt_pct(total)}")
     if "gateway" in systems and "gateway_memory" in systems:
         out.append("durable SQLite journal (synchronous=FULL) vs in-memory journal (target >= 0.80)")
         out.append(f"  max rate durable / in-memory: {rat['max_metrics_on']:.0f} / {rat['max_memory']:.0f} = "
@@ -834,6 +862,34 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_targets(results: dict[str, Any]) -> list[str]:
+    """Issue 13's table: SUT CPU per transaction at saturation (the closed-loop probe, 64 in flight) and
+    at the maximum sustainable rate, for each system, next to the targets."""
+    systems = results["systems"]
+
+    def cpu(key: str, where: str) -> str:
+        r = systems.get(key) or {}
+        step = r.get("closed_loop_probe") if where == "probe" else r.get("at_max")
+        value = (step or {}).get("cpu_us", {}).get("sut")
+        return "-" if value is None else f"{value:.0f}"
+
+    rows = (("1 raw framed echo (I/O floor), µs/msg", "echo", "-"),
+            ("1b codec echo server, µs/msg", "codec_echo", "<= 22"),
+            ("2 bare relay, µs/txn", "relay", "<= 40"),
+            ("3 full gateway, µs/txn", "gateway", "<= 120"),
+            ("3b gateway, metrics off, µs/txn", "gateway_nometrics", "-"),
+            ("3d gateway, trace recording on, µs/txn", "gateway_trace", "-"))
+    out = ["", "issue 13: SUT CPU per transaction, at saturation (closed-loop probe) and at the max step",
+           f"  {'figure':<42} {'saturation':>10} {'@max':>6}  target"]
+    for title, key, target in rows:
+        if key in systems:
+            out.append(f"  {title:<42} {cpu(key, 'probe'):>10} {cpu(key, 'max'):>6}  {target}")
+    rat = results["ratios"]
+    out.append(f"  {'full gateway max rate / raw echo max rate':<42} {fmt_ratio(rat['gateway_over_echo']):>10} "
+               f"{'':>6}  >= 0.25")
+    return out
+
+
 def fmt_pct(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1%}"
 
@@ -856,6 +912,14 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
 
     on, off, mem = mx("gateway"), mx("gateway_nometrics"), mx("gateway_memory")
 
+    def trace_cost(block: str, *, with_writer: bool) -> float | None:
+        variants = compare.get(block, {}).get("variants", {})
+        base, rec = variants.get("gateway", {}), variants.get("gateway_trace", {})
+        if not base.get("cpu_us") or not rec.get("cpu_us"):
+            return None
+        extra = (rec.get("writer_us") or 0.0) if with_writer else 0.0
+        return (rec["cpu_us"] + extra) / base["cpu_us"] - 1
+
     def cost(block: str) -> float | None:
         on_cpu, off_cpu = cpu_at(block, "gateway"), cpu_at(block, "gateway_nometrics")
         return on_cpu / off_cpu - 1 if on_cpu and off_cpu else None
@@ -873,6 +937,11 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
         "metrics_cost_at_max": (1 - on / off) if off else None,
         "metrics_cost_cpu_half": cost("half"),
         "metrics_cost_cpu_max": cost("max"),
+        "max_trace": mx("gateway_trace"),
+        "trace_cost_cpu_half": trace_cost("half", with_writer=False),
+        "trace_cost_total_half": trace_cost("half", with_writer=True),
+        "trace_cost_cpu_max": trace_cost("max", with_writer=False),
+        "trace_cost_total_max": trace_cost("max", with_writer=True),
         "durable_over_memory": ratio(on, mem),
         "cpu_memory_over_durable_half": ratio(cpu_at("half", "gateway_memory"), cpu_at("half", "gateway")),
         "cpu_memory_over_durable_max": ratio(cpu_at("max", "gateway_memory"), cpu_at("max", "gateway")),
@@ -944,20 +1013,24 @@ def main() -> int:
             targets: dict[str, Target] = {}
             if "echo" in only:
                 targets["echo"] = bench.start_echo()
+                targets["codec_echo"] = bench.start_codec_echo()
             if "relay" in only:
                 targets["relay"] = bench.start_relay()
-            variants: tuple[tuple[str, str, bool, bool], ...] = (("gateway", "3 full gateway", True, False),
-                        ("gateway_nometrics", "3b gateway, metrics off", False, False),
-                        ("gateway_memory", "3c gateway, in-memory journal", True, True))
+            variants: tuple[tuple[str, str, bool, bool, bool], ...] = (
+                ("gateway", "3 full gateway", True, False, False),
+                ("gateway_nometrics", "3b gateway, metrics off", False, False, False),
+                ("gateway_memory", "3c gateway, in-memory journal", True, True, False),
+                ("gateway_trace", "3d gateway, trace recording on", True, False, True))
             variants = variants if "variants" in only else variants[:1] if "gateway" in only else ()
             gateways: dict[str, Target] = {}
-            for key, label, metrics, memory in variants:
-                gateways[key] = bench.start_gateway(key, label, metrics=metrics, memory=memory)
+            for key, label, metrics, memory, trace in variants:
+                gateways[key] = bench.start_gateway(key, label, metrics=metrics, memory=memory, trace=trace)
             targets.update(gateways)
             if targets:
                 systems.update(bench.find_max(targets))
-            if "echo" in targets:
-                bench.stop(targets["echo"])
+            for floor in ("echo", "codec_echo"):
+                if floor in targets:
+                    bench.stop(targets[floor])
             full_max = systems.get("gateway", {}).get("max_rate", 0.0)
             # the relay too: at one common rate, CPU per transaction compares the same arrival pattern
             # (at its own, much higher max the relay batches far more than the gateway can at its max)

@@ -33,6 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
 from gateway.fastmetrics import FastCounter, FastGauge, FastHistogram
+from gateway.store.records import APPROVAL_RCS
 
 #: the clock of every duration measured on the money path (monotonic, sub-µs resolution)
 clock: Final = time.perf_counter
@@ -129,7 +130,7 @@ def outcome_class(rc: str | None) -> str:
     undelivered (no answer went out)."""
     if rc is None:
         return OUTCOME_UNDELIVERED
-    if rc == "00":
+    if rc in APPROVAL_RCS:
         return OUTCOME_APPROVED
     if rc == TIMEOUT_CODE:
         return OUTCOME_TIMEOUT

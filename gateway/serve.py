@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from gateway import gcpolicy
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.iso.stan import STAN_MAX, StanAllocator
 from gateway.metrics import Metrics, NullMetrics
@@ -40,6 +41,7 @@ from gateway.store.memory import MemoryStore
 from gateway.store.records import TxnRecord
 from gateway.store.sqlite import SqliteStore
 from gateway.trace.recorder import open_recorder
+from gateway.workers import WorkerRole, refuse_workers, run_supervisor
 
 log = logging.getLogger("gateway")
 
@@ -51,14 +53,20 @@ PAN_KEY_ENV = "GATEWAY_PAN_HASH_KEY"
 STAN_RESUME_MARGIN = 10_000
 
 
-def resume_host_stans(newest: list[TxnRecord]) -> StanAllocator:
+def resume_host_stans(newest: list[TxnRecord], slot: int = 0, slots: int = 1) -> StanAllocator:
     """Go on after the journal's newest request. Field 90 names an original by MTI + STAN + field 7 (to
     the second) + acquirer, so a gateway restarted within the same second must not hand out a STAN of
     its previous life: the host would take a new purchase for a duplicate, and that purchase's reversal
-    would undo an older one the customer holds a receipt for."""
+    would undo an older one the customer holds a receipt for.
+
+    Worker `slot` of `slots` (`serve --workers`) starts that far apart in the STAN cycle, so workers
+    sharing one acquirer id do not send the same STAN in the same second (a stopgap until STANs come
+    in blocks from the shared journal: sequences this far apart meet only after hundreds of thousands
+    of requests)."""
+    offset = slot * (STAN_MAX // max(slots, 1))
     if not newest or not newest[0].host_stan:
-        return StanAllocator()
-    return StanAllocator(start=(int(newest[0].host_stan) + STAN_RESUME_MARGIN) % STAN_MAX + 1)
+        return StanAllocator(start=offset + 1)
+    return StanAllocator(start=(int(newest[0].host_stan) + STAN_RESUME_MARGIN + offset) % STAN_MAX + 1)
 
 
 @dataclass(slots=True)
@@ -135,10 +143,12 @@ async def run_gateway(
     security: SecurityModule | None = None,
     metrics: Metrics | None = None,
     durable: bool = True,
+    role: WorkerRole | None = None,
     task_status: anyio.abc.TaskStatus[RunningGateway] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole gateway until cancelled. `await tg.start(run_gateway, config)` returns a
-    `RunningGateway` with the bound ports once terminals can connect."""
+    `RunningGateway` with the bound ports once terminals can connect. `role`: this process is one
+    worker of `serve --workers N` (gateway.workers)."""
     metrics = metrics if metrics is not None else (Metrics() if config.admin.metrics else NullMetrics())
     security = security if security is not None else SoftwareSecurityModule.from_config(
         config.security, config.terminals)
@@ -154,9 +164,14 @@ async def run_gateway(
         recorder = await open_recorder(config, metrics, tg)  # None unless [trace] path is set
         link.tap = service.tap = recorder
         recovered = await service.recover()
-        link.stans = resume_host_stans(await store.list_transactions(limit=1))
+        link.stans = resume_host_stans(await store.list_transactions(limit=1), *(
+            (role.slot, role.slots) if role is not None else (0, 1)))
         midnight = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         service.limits.seed(midnight.strftime("%Y%m%d"), await store.purchase_totals_since(midnight.timestamp()))
+        if config.store.url is not None:  # instances on one database share sessions, limits and STAN blocks
+            from gateway.store.shared_state import share_state
+            await tg.start(partial(share_state, config, store, security, service, link,
+                                   instance_id=getattr(store, "instance_id", "")))
         await tg.start(link.run)
         await tg.start(saf.run)
         await tg.start(watch_saf, store, metrics)
@@ -166,6 +181,7 @@ async def run_gateway(
                                stale_after=config.store.orphan_after))
         server = TerminalServer(config.terminal_side, service.handle_frame, metrics, admit=service.admit)
         server.tap = recorder
+        server.reuse_port = role is not None
         terminal_port = await tg.start(server.serve)
         committer = getattr(store, "committer", None)
 
@@ -189,11 +205,14 @@ async def run_gateway(
 # --- `gateway serve` ---------------------------------------------------------------------------------
 
 
-async def _serve_until_signalled(config: GatewayConfig) -> None:
+async def _serve_until_signalled(config: GatewayConfig, role: WorkerRole | None = None) -> None:
     """Serve until SIGTERM/SIGINT; the first one drains (see `gateway.shutdown`), a second one stops at
     once (start-up recovery settles whatever is left)."""
     async with anyio.create_task_group() as tg:
-        gateway = await tg.start(run_gateway, config)
+        gateway = await tg.start(partial(run_gateway, config, role=role))
+        gcpolicy.settle_after_startup()  # the serving process only (see gateway/gcpolicy.py)
+        if role is not None:
+            tg.start_soon(role.report_up, gateway.admin_port)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             draining = False
             async for signum in signals:
@@ -220,8 +239,19 @@ def _serve_command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"gateway: bad configuration: {problem}", flush=True)
         return 2
+    workers = getattr(args, "workers", 1)
     try:
-        anyio.run(_serve_until_signalled, config, backend=args.backend,
+        role = WorkerRole.from_environment()
+        refusal = refuse_workers(config, workers if role is None else role.slots)
+    except ConfigError as exc:
+        refusal = str(exc)
+    if refusal is not None:
+        print(f"gateway: cannot start: {refusal}", flush=True)
+        return 2
+    if workers > 1 and role is None:
+        return run_supervisor(config, args, workers)
+    try:
+        anyio.run(_serve_until_signalled, config, role, backend=args.backend,
                   backend_options={"use_uvloop": True} if args.backend == "asyncio" else {})
     except Exception as exc:
         cause = _root_cause(exc)
@@ -245,4 +275,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML file (default: built-in defaults + GATEWAY_* environment)")
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio",
                    help="event loop (asyncio runs on uvloop)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N gateway processes sharing the terminal port (SO_REUSEPORT), each with its own "
+                        "event loop and host connection, under one supervisor that merges their metrics on "
+                        "the admin port; N > 1 needs the PostgreSQL store ([store] url)")
     p.set_defaults(func=_serve_command)

@@ -34,9 +34,8 @@ from gateway import logs
 from gateway.config import GatewayConfig
 from gateway.core import decisions, translate
 from gateway.core.clock import local_now
-from gateway.core.limits import RiskLimits
-from gateway.core.sessions import SessionTable
 from gateway.core.settlement import reconcile
+from gateway.core.state import Limits, LocalLimits, LocalSessions, Sessions
 from gateway.iso.codec import Codec
 from gateway.iso.errors import IsoError
 from gateway.iso.framing import Frame
@@ -55,7 +54,7 @@ from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
 from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict, StoreError
-from gateway.store.records import QueuedReversal, RefusalRecord, TxnRecord, TxnState
+from gateway.store.records import APPROVAL_RCS, CHARGED_RCS, QueuedReversal, RefusalRecord, TxnRecord, TxnState
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
 
@@ -115,8 +114,9 @@ class GatewayService:
         self.dialect = load_dialect(config.terminal_side.dialect)
         self.codec = Codec(self.dialect)
         self.mac_len = self.dialect.mac_wire_len
-        self.sessions = SessionTable()
-        self.limits = RiskLimits(config.limits)
+        #: in this process; shared by the instances on one PostgreSQL database (gateway.store.shared_state)
+        self.sessions: Sessions = LocalSessions()
+        self.limits: Limits = LocalLimits(config.limits)
         #: originals still waiting for the host, so a terminal reversal can wait for them
         self.in_flight: dict[tuple[str, str, str], anyio.Event] = {}
         self._rrn_seq = 0
@@ -439,9 +439,13 @@ class GatewayService:
         if any(isinstance(p, UnsupportedFlow) for p in problems):
             return self._refused(msg, "40", f"unsupported: {problems[0]}"), None
         if flow.name == "sign_in":
-            return self._sign_in(msg, entry.merchant_id), None
+            return await self._sign_in(msg, entry.merchant_id), None
         session = self.sessions.get(entry.terminal_id)
         refusal = decisions.screen_session(msg, session)
+        if refusal is not None and await self.sessions.refresh(entry.terminal_id):
+            # signed in, or its batch moved on, on another instance sharing the sessions
+            session = self.sessions.get(entry.terminal_id)
+            refusal = decisions.screen_session(msg, session)
         if refusal is not None:
             why = ("not signed in" if session is None else
                    f"batch {decisions.batch_of(msg)} is not the signed-in batch {session.batch}")
@@ -450,7 +454,13 @@ class GatewayService:
             try:
                 mac = body[-self.mac_len :]
                 started = clock()
-                self.security.verify_terminal_mac(entry.terminal_id, body[: -self.mac_len], mac)
+                try:
+                    self.security.verify_terminal_mac(entry.terminal_id, body[: -self.mac_len], mac)
+                except MacError:
+                    # new working keys from a sign-in on another instance: once more with the shared ones
+                    if not await self.sessions.refresh(entry.terminal_id):
+                        raise
+                    self.security.verify_terminal_mac(entry.terminal_id, body[: -self.mac_len], mac)
                 self.metrics.stages.security.observe(clock() - started)
             except MacError:
                 self.metrics.mac_failures.inc()
@@ -470,10 +480,10 @@ class GatewayService:
             return await self._settlement(msg), None
         if flow.name in ("batch_upload", "batch_upload_end"):
             if flow.name == "batch_upload_end":
-                self.sessions.close_batch(entry.terminal_id)
+                await self.sessions.close_batch(entry.terminal_id)
             return Answer(decisions.answer(msg, RC_APPROVED)), None
         if flow.name == "sign_off":
-            self.sessions.sign_off(entry.terminal_id)
+            await self.sessions.sign_off(entry.terminal_id)
             self.security.drop_working_keys(entry.terminal_id)
             return Answer(decisions.answer(msg, RC_APPROVED)), None
         if flow.name == "echo":
@@ -482,7 +492,7 @@ class GatewayService:
 
     # --- sign-in -----------------------------------------------------------------------------------
 
-    def _sign_in(self, msg: Message, merchant_id: str) -> Answer:
+    async def _sign_in(self, msg: Message, merchant_id: str) -> Answer:
         terminal_id = msg.fields["41"]
         batch, key_mode = decisions.sign_in_request(msg, self.config.security.key_mode)
         try:
@@ -490,7 +500,7 @@ class GatewayService:
         except SecurityError as exc:
             log.error("working keys for terminal %s could not be issued: %s", terminal_id, exc)
             return self._refused(msg, exc.response_code, f"working keys could not be issued: {exc.kind}")
-        self.sessions.sign_in(terminal_id, merchant_id, batch, key_mode)
+        await self.sessions.sign_in(terminal_id, merchant_id, batch, key_mode)  # on record before the answer
         log.info("terminal %s signed in (batch %s, key mode %s)", terminal_id, batch, key_mode)
         return Answer(decisions.sign_in_answer(msg, block, self.config.host.acquirer_id, self._next_rrn()))
 
@@ -532,7 +542,7 @@ class GatewayService:
         day = local_now().day
         reserved = name == "purchase"
         if reserved:
-            rc = self.limits.reserve(terminal_id, amount, day)
+            rc = await self.limits.reserve(terminal_id, amount, day)
             if rc is not None:
                 log.info("terminal %s purchase of %d refused by risk limits", terminal_id, amount)
                 which = ("per-transaction" if amount > self.config.limits.per_transaction else "daily")
@@ -619,10 +629,26 @@ class GatewayService:
         original = None
         if batch and trace:
             # a void sent the moment its sale's answer arrived: let the sale's outcome be journalled first
-            await self._wait_in_flight((msg.fields["41"], batch, trace))
-            original = await self.store.find_original(msg.fields["41"], batch, trace)
+            key = (msg.fields["41"], batch, trace)
+            here = key in self.in_flight
+            await self._wait_in_flight(key)
+            original = await self.store.find_original(*key)
+            if (original is not None and original.state is TxnState.PENDING and not here
+                    and not self.journal_retry.holds(original.txn_id)):
+                original = await self._outcome_from_elsewhere(original)
         if original is None and "37" in msg.fields:
             original = await self.store.find_by_rrn(msg.fields["37"], terminal_id=msg.fields["41"])
+        return original
+
+    async def _outcome_from_elsewhere(self, original: TxnRecord) -> TxnRecord:
+        """A pending original that is not in flight here: another instance on the shared journal has it (its
+        answer is out, its outcome on its way into the journal). Polled until it is there, bounded."""
+        with anyio.move_on_after(self.config.reversal.original_wait):
+            delay = 0.005
+            while original.state is TxnState.PENDING:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                original = await self.store.get(original.txn_id) or original
         return original
 
     async def _exchange(self, msg: Message, host_req: Message, txn_id: int, flow: FlowSpec, pan: str | None,
@@ -661,7 +687,7 @@ class GatewayService:
         self.metrics.upstream.observe(clock() - sent_at)
         host = reply.message
         rc = host.fields.get("39", "96")
-        if rc == RC_APPROVED:
+        if rc in CHARGED_RCS:  # the customer was charged: an answer we cannot trust or carry is reversed
             problem = decisions.check_host_answer(host_req, host, reply.mac_ok)
             if problem is not None:
                 release()
@@ -675,7 +701,7 @@ class GatewayService:
                         txn_id, "host_rejected", rc=rc))
                 return self._refused(msg, "96", f"host approval not trusted (txn {txn_id}): {problem}"), None
         answer = translate.to_terminal(msg, host, self.config.host.acquirer_id, pan)
-        if rc != RC_APPROVED:
+        if rc not in APPROVAL_RCS:
             release()
             try:
                 await self._settle(txn_id, "decline", lambda: store.record_outcome(

@@ -145,7 +145,14 @@ def test_leak_sanitizer(tmp_path: Path) -> None:
 
     def run(extension: Path) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, str(HERE / "lsan_codec.py"), "--extension", str(extension), rounds]
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(3):
+            done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            # LeakSanitizer's own stop-the-world tracer sometimes dies (SIGSEGV) on a machine busy with
+            # other processes: "encountered a fatal error" is the tool failing, not a verdict on our
+            # code, so that run is repeated; a leak report or any other failure is taken as it is
+            if "LeakSanitizer has encountered a fatal error" not in done.stderr:
+                break
+        return done
 
     clean = run(build_instrumented(clang, tmp_path, "address"))
     assert clean.returncode == 0 and "workload done" in clean.stdout, clean.stderr[-6000:]

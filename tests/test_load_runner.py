@@ -92,8 +92,9 @@ async def test_open_loop_keeps_the_schedule_and_counts_the_queueing_behind_a_sta
     # ≈ 75 requests were due in the first 150 ms of the stall, so waited ≥ 50 ms (more when a busy
     # machine adds stalls of its own: those are real queueing too)
     assert count_at_or_above(report.histogram, 50_000) >= 60
-    # the requests not caught by the stall stay fast
-    assert lat["p50"] < 5
+    # the requests not caught by the stall stay fast: far below the stall (a schedule padded by it would
+    # put the median near 100 ms); not a few ms, which a machine busy with other work does not keep
+    assert lat["p50"] < 40
 
 
 class _LateTimers:
@@ -144,7 +145,8 @@ async def test_closed_loop_keeps_n_requests_in_flight():
     # each request starts while the five others are still out
     starts = driver.in_flight_at_start[6:]
     assert sum(starts) / len(starts) >= 5.5
-    assert report.requests >= 0.5 * 6 * 0.5 / 0.007  # ~6 per 5-7 ms
+    # enough rounds for that average to mean something (~400 on an idle machine, 60 seen on a busy one)
+    assert report.requests >= 6 * 5
     assert report.latency_ms["p50"] >= 4.5
 
 
@@ -243,9 +245,10 @@ async def test_requests_that_answer_in_time_are_never_cancelled():
     """Each request's deadline is its own: many requests in a row, each well within the timeout but
     together far longer than it, all succeed."""
     driver = ScriptedDriver(service=0.01)
-    with anyio.fail_after(10):
-        report = await run_load(driver, LoadConfig(concurrency=2, count=60, request_timeout=0.1))
-    assert report.errors == {} and report.ok == 60
+    with anyio.fail_after(20):  # 100 requests in a row per session: ≥ 1 s, twice the timeout
+        report = await run_load(driver, LoadConfig(concurrency=2, count=200, request_timeout=0.5))
+    assert report.errors == {} and report.ok == 200
+    assert report.elapsed_s > 0.5  # together longer than one request's timeout
 
 
 async def test_an_unreachable_target_is_a_load_error():

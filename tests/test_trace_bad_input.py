@@ -208,3 +208,35 @@ def test_check_of_a_bad_trace_fails_cleanly(tmp_path: Path, content: bytes) -> N
     done = gateway_cli("trace", "check", str(trace))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "gateway trace check:" in done.stderr
+
+
+# --- the output of an import ---------------------------------------------------------------------------
+
+
+def hex_dump(tmp_path: Path) -> Path:
+    req = Codec(load_dialect("cup-pos")).encode(cup.purchase(IDENT, "000001", "000001", 1000, pan=PAN))
+    dump = tmp_path / "frames.txt"
+    dump.write_text(make_framer("cup").encode(req, ENV).hex() + "\n")
+    return dump
+
+
+def test_import_into_its_own_input_is_refused_and_the_input_kept(tmp_path: Path) -> None:
+    dump = hex_dump(tmp_path)
+    before = dump.read_bytes()
+    done = gateway_cli("trace", "import", "--format", "hex", str(dump), "-o", str(dump))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "is the input" in done.stderr, done.stderr
+    assert dump.read_bytes() == before
+
+
+def test_a_failed_import_leaves_an_existing_trace_of_that_name_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "trace.jsonl"
+    done = gateway_cli("trace", "import", "--format", "hex", str(hex_dump(tmp_path)), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    kept = out.read_bytes()
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"\xd4\xc3\xb2\xa1\x02\x00")  # a cut capture header
+    done = gateway_cli("trace", "import", "--format", "pcap", "--port", "5000", str(bad), "-o", str(out))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert out.read_bytes() == kept, "the earlier trace was truncated or deleted by a failed import"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("trace.jsonl")] == ["trace.jsonl"]

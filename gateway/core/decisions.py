@@ -17,7 +17,7 @@ from gateway.core.clock import local_now
 from gateway.core.sessions import TerminalSession
 from gateway.iso.build import response
 from gateway.iso.message import Message
-from gateway.store.records import TxnKind, TxnRecord, TxnState
+from gateway.store.records import RC_PARTIAL_APPROVAL, TxnKind, TxnRecord, TxnState
 
 TERMINAL_DIALECT = "cup-pos"
 
@@ -87,6 +87,8 @@ def check_host_answer(host_request: Message, host_answer: Message, mac_ok: bool)
     """Why an approval from the host cannot be trusted, or None. An untrusted approval is reversed."""
     if not mac_ok:
         return "the host's MAC does not verify"
+    if host_answer.fields.get("39") == RC_PARTIAL_APPROVAL:
+        return "a partial approval (10), which the gateway does not offer terminals"
     for key in ("3", "4", "41"):
         if host_answer.fields.get(key, host_request.fields.get(key)) != host_request.fields.get(key):
             return f"field {key} differs from the request"

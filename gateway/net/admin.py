@@ -190,7 +190,7 @@ class AdminHandler:
             await self._send(stream, render_response(408, _TEXT, b"request not received in time\n"), slot)
             return
         try:
-            response = self.respond(head)
+            response = await self.respond_async(head)
         except Exception:  # a bug (or a failing collector) must not take the admin listener down
             log.exception("admin request failed")
             response = render_response(500, _TEXT, b"internal error\n")
@@ -209,6 +209,10 @@ class AdminHandler:
                 return bytes(buf[: end + 4])  # a GET has no body; anything after the head is ignored
             if len(buf) > self.max_request_bytes:
                 raise _BadRequest(431, "request head too large")
+
+    async def respond_async(self, head: bytes) -> bytes:
+        """`respond`, for a handler that must fetch something first (the worker group's, gateway.workers)."""
+        return self.respond(head)
 
     def respond(self, head: bytes) -> bytes:
         """The full response to one request head (sans-I/O, so it is testable without a socket)."""

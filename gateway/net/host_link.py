@@ -51,10 +51,12 @@ from gateway.iso.mti import is_request, match_class, response_mti
 from gateway.iso.spec import load_dialect
 from gateway.iso.stan import StanAllocator
 from gateway.metrics import CounterLike, Metrics, clock
+from gateway.net.loopclock import loop_clock
 from gateway.net.tls import TlsHandshakeError, client_context, failure_kind, handshake
 from gateway.ratelog import RateLimitedLog
 from gateway.security.errors import SecurityError
 from gateway.security.module import SecurityModule
+from gateway.store.records import CHARGED_RCS
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
 
@@ -62,8 +64,8 @@ log = logging.getLogger("gateway.host")
 
 
 #: answers that move or settle money and so must carry a valid MAC once zone keys are in use:
-#: an approval, and a reversal's "original not found" (the SAF takes it as final)
-MAC_REQUIRED_RCS = frozenset({"00", "25"})
+#: an approval (whole or partial), and a reversal's "original not found" (the SAF takes it as final)
+MAC_REQUIRED_RCS = CHARGED_RCS | {"25"}
 
 #: match key parts (config `match_key`) that are a request field; "mti_class" is derived from the MTI
 _KEY_FIELDS = {"stan": "11", "terminal": "41", "rrn": "37"}
@@ -205,7 +207,7 @@ class _LateAnswers:
 
 
 def _precious(answer: HostReply) -> bool:
-    return answer.mac_ok and answer.message.fields.get("39") == "00"
+    return answer.mac_ok and answer.message.fields.get("39") in CHARGED_RCS
 
 
 class HostLink:
@@ -248,7 +250,8 @@ class HostLink:
         self._ended_because: str | None = None
         #: the current connect attempt got as far as the TLS handshake and it has not ended (yet)
         self._handshaking = False
-        #: field 7 of the current second (formatting it costs more than everything else in `allocate`)
+        #: the event loop's clock (set per connection, in the loop: gateway/net/loopclock.py)
+        self._now: Callable[[], float] = anyio.current_time
 
     # --- public API --------------------------------------------------------------------------------
 
@@ -393,7 +396,8 @@ class HostLink:
                     conn = self._conn = _Connection(stream, tg.cancel_scope)
                     if self.tap is not None:
                         self.tap.opened(Leg.HOST, conn, str(self.config.address))
-                    self._last_rx = anyio.current_time()
+                    self._now = loop_clock()  # anyio.current_time without its cost: gateway/net/loopclock.py
+                    self._last_rx = self._now()
                     self._set_state(LinkState.UP)
                     tg.start_soon(self._read_loop, stream, tg.cancel_scope)
                     tg.start_soon(self._write_loop, conn)
@@ -493,7 +497,7 @@ class HostLink:
         logs.trace("host_out", msg)
         slot = _Pending(key, frame, self.metrics.message("host_out", msg.mti, msg.fields.get("39", "")), timeout)
         pending[key] = slot
-        self._add_deadline(conn, slot, anyio.current_time() + timeout)
+        self._add_deadline(conn, slot, self._now() + timeout)
         conn.submit(slot)
         if self.tap is not None:
             self.tap.frame(Leg.HOST, Direction.OUT, conn, body)
@@ -601,11 +605,12 @@ class HostLink:
     async def _read_loop(self, stream: anyio.abc.ByteStream, scope: anyio.CancelScope) -> None:
         decoder = self.framer.decoder()
         conn = self._conn
+        now = self._now
         received = False
         try:
             async for chunk in stream:
                 received = True
-                self._last_rx = anyio.current_time()
+                self._last_rx = now()
                 for frame in decoder.feed(chunk):
                     if self.tap is not None:
                         self.tap.frame(Leg.HOST, Direction.IN, conn, frame.body, frame.envelope)

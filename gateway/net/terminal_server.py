@@ -47,6 +47,7 @@ from gateway.config import TerminalSideConfig
 from gateway.iso.errors import FramingError
 from gateway.iso.framing import CupEnvelope, Frame, make_framer
 from gateway.metrics import NOOP, HistogramLike, Metrics, clock
+from gateway.net.loopclock import loop_clock
 from gateway.net.tls import TlsHandshakeError, handshake, peer_summary, server_context
 from gateway.ratelog import RateLimitedLog
 from gateway.trace.format import Direction, EventKind, Leg
@@ -99,6 +100,7 @@ class TerminalConnection:
         self.write_stage: HistogramLike = NOOP
         self._encode = encode
         self._write_timeout = write_timeout
+        self._now = loop_clock()  # the sweeper's clock (anyio.current_time), minus its per-call cost
         self.peer = peer
         #: set once the terminal has closed its side: an answer written after that may sit in a kernel
         #: buffer and "succeed" although nobody will ever read it, so we refuse to count it as delivered
@@ -127,7 +129,7 @@ class TerminalConnection:
         data = self._encode(body, envelope)
         batch = self._queued
         if batch is None:
-            batch = self._queued = _Batch(anyio.current_time() + self._write_timeout)
+            batch = self._queued = _Batch(self._now() + self._write_timeout)
             self._wake_writer()
         batch.parts.append(data)
         await batch.done.wait()
@@ -389,6 +391,8 @@ class TerminalServer:
         self.ssl_context = server_context(config.tls) if config.tls is not None else None
         #: around the accept loop only: `stop_accepting` ends it, the open connections go on
         self._accepting = anyio.CancelScope()
+        #: SO_REUSEPORT: the workers of `gateway serve --workers N` each bind the port (gateway.workers)
+        self.reuse_port = False
 
     def stop_accepting(self) -> None:
         """Graceful shutdown: close the listening socket (new terminals are refused) and keep serving
@@ -397,7 +401,8 @@ class TerminalServer:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         listen = self.config.listen
-        listener = await anyio.create_tcp_listener(local_host=listen.host, local_port=listen.port, reuse_port=False)
+        listener = await anyio.create_tcp_listener(local_host=listen.host, local_port=listen.port,
+                                                 reuse_port=self.reuse_port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         log.info("accepting terminals on %s:%s (%s)", listen.host, self.port,
                  "plain TCP" if self.config.tls is None else f"TLS, client certificates {self.config.tls.client_certs}")
@@ -558,7 +563,7 @@ class TerminalServer:
         decoder = self.framer.decoder()
         admit = self.admit
         receive = stream.receive
-        clock = anyio.current_time
+        clock = loop_clock()  # anyio.current_time, read twice per chunk: see gateway/net/loopclock.py
         while True:
             watched.waiting_since = clock()
             try:

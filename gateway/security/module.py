@@ -112,7 +112,7 @@ class SoftwareSecurityModule:
         self.store = store if store is not None else KeyStore.in_memory()
         self.terminal_mac_algorithm = terminal_mac
         self._layouts = layouts
-        self._persist_working_keys = persist_working_keys
+        self.persist_working_keys = persist_working_keys
 
     @classmethod
     def from_config(cls, config: SecurityConfig,
@@ -186,7 +186,7 @@ class SoftwareSecurityModule:
         stale = [u for u in WORKING_USAGES if u not in fresh]
         self.store.remove(stale, terminal_id, save=False)
         self.store.put_all([make_key(u, k, terminal_id) for u, k in fresh.items()],
-                           save=self._persist_working_keys)
+                           save=self.persist_working_keys)
         log.info("issued working keys for terminal %r (mode %s): %s", terminal_id, layout.mode,
                  " ".join(f"{u}={k.kcv.hex().upper()}" for u, k in fresh.items()))
         return block
@@ -196,7 +196,7 @@ class SoftwareSecurityModule:
         return find(KeyUsage.PIK, terminal_id) is not None and find(KeyUsage.MAK, terminal_id) is not None
 
     def drop_working_keys(self, terminal_id: str) -> None:
-        if self.store.remove(WORKING_USAGES, terminal_id, save=self._persist_working_keys):
+        if self.store.remove(WORKING_USAGES, terminal_id, save=self.persist_working_keys):
             log.info("dropped working keys of terminal %r", terminal_id)
 
     # --- per transaction ---------------------------------------------------------------------------

@@ -14,6 +14,10 @@ answer with a delay (or a disconnect) is carried out by a task of its own, so an
 delays go out of order, as a real host's would. The simulator is the far end of every end-to-end
 benchmark, so its per-message cost is kept low: no task, lock hand-over or extra write per ordinary
 answer, and the zone keys are kept with their cipher contexts.
+
+Zone keys are per link, as a real host keeps them: a connection that exchanged keys uses its own, so
+several gateway processes on one simulator (`serve --workers N`) do not replace each other's keys; a
+connection that exchanged none uses the ones issued last (as before, for a single link).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import random
 import ssl
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +70,9 @@ from gateway.sim.host_rules import (
     pan_of,
     read_toml,
 )
+
+#: the zone keys of the connection being served (None outside one: `handle` called directly)
+_LINK_KEYS: ContextVar[dict[str, DesKey] | None] = ContextVar("host_sim_link_keys", default=None)
 
 log = logging.getLogger("gateway.sim.host")
 
@@ -157,6 +165,8 @@ class HostReply:
     decision: Decision | None = None
     #: a `booked_late` request, decided only when its delay is over: (body, reject_first, wrong_mac)
     deferred: tuple[bytes, int, bool] | None = field(default=None, repr=False)
+    #: an `approve_as` fault: the code an approval goes out with instead of 00
+    approve_as: str | None = None
 
 
 @dataclass(slots=True)
@@ -237,6 +247,13 @@ class HostSimulator:
         """The ZPK or ZAK this host issued last (None before the key exchange)."""
         return self._zone_keys.get(usage)
 
+    def _key(self, usage: str) -> DesKey | None:
+        """The zone key of the current link: its own if it exchanged one, else the last issued."""
+        own = _LINK_KEYS.get()
+        if own is not None and usage in own:
+            return own[usage]
+        return self._zone_keys.get(usage)
+
     def verify_mac(self, body: bytes) -> bool:
         """Whether the MAC at the end of a request body verifies under the ZAK this host issued."""
         return self._mac_ok(body)
@@ -285,6 +302,7 @@ class HostSimulator:
                 return reply  # lost on the way in: the host never saw it
             reject_first = max((f.count for f in faults if f.kind == "reject_reversal"), default=0)
             wrong_mac = any(f.kind == "wrong_mac" for f in faults)
+            reply.approve_as = next((f.code for f in faults if f.kind == "approve_as"), None)
             booked_late = [f.seconds for f in faults if f.kind == "booked_late" and f.seconds > 0]
             if booked_late:
                 reply.delay += max(booked_late)
@@ -303,6 +321,8 @@ class HostSimulator:
     def _decide_into(self, reply: HostReply, body: bytes, request: Message, reject_first: int,
                      wrong_mac: bool) -> HostReply:
         answer, decision = self._decide(body, request, reject_first)
+        if reply.approve_as is not None and answer.fields.get("39") == "00" and request.mti[1] == "2":
+            answer.fields["39"] = reply.approve_as  # booked as approved all the same
         reply.decision = decision
         self.stats.responses[answer.fields.get("39", "")] += 1
         reply.body = self._encode(answer, wrong_mac=wrong_mac)
@@ -315,7 +335,7 @@ class HostSimulator:
         if mac_fields and not self._mac_ok(body):
             self.stats.mac_failures += 1
             return self._answer(request, self.config.mac_error_rc, mac=False), None
-        mac = bool(mac_fields) and "ZAK" in self._zone_keys
+        mac = bool(mac_fields) and self._key("ZAK") is not None
         if is_reversal(request.mti):
             decision = self.rules.reversal(request, reject_first=reject_first)
             return self._answer(request, decision.rc, mac=mac, decision=decision), decision
@@ -327,7 +347,7 @@ class HostSimulator:
         return self._answer(request, decision.rc, mac=mac, decision=decision), decision
 
     def _mac_ok(self, body: bytes) -> bool:
-        zak = self._zone_keys.get("ZAK")
+        zak = self._key("ZAK")
         n = self.dialect.mac_wire_len
         if zak is None or len(body) <= n:
             return False
@@ -341,7 +361,7 @@ class HostSimulator:
         block = request.fields.get("52")
         if block is None:
             return NO_PIN
-        zpk = self._zone_keys.get("ZPK")
+        zpk = self._key("ZPK")
         if zpk is None:
             self.stats.pin_failures += 1
             return PinInput(True, None)
@@ -364,7 +384,10 @@ class HostSimulator:
             except IsoError:
                 return self._answer(request, "30", mac=False)
             clear, under_zmk, kcv = make_zone_key_under_zmk(self.config.zmk, 16, KCV_LENGTH)
-            self._zone_keys[usage] = DesKey(clear, what=usage)
+            key = self._zone_keys[usage] = DesKey(clear, what=usage)
+            own = _LINK_KEYS.get()
+            if own is not None:
+                own[usage] = key
             self.stats.key_exchanges += 1
             log.info("host simulator: issued a new %s (kcv %s)", usage, kcv.hex().upper())
             return iso87.key_response(request, under_zmk, kcv)
@@ -411,7 +434,7 @@ class HostSimulator:
         if not mac_keys:
             return body
         n = self.dialect.mac_wire_len
-        zak = self._zone_keys.get("ZAK")
+        zak = self._key("ZAK")
         mac = retail_mac(zak, body[:-n]).hex().upper().encode("ascii")[:n] if zak else b"0" * n
         if wrong_mac:
             mac = bytes(b"0123456789ABCDEF"[(b"0123456789ABCDEF".index(c) + 1) % 16] for c in mac)
@@ -454,6 +477,7 @@ class HostSimulator:
                 await anyio.aclose_forcefully(raw)
                 raise
         self.stats.connections_opened += 1
+        _LINK_KEYS.set({})  # this connection's task (and the answer tasks it starts) see its own keys
         conn = _Connection(self, stream)
         self._open.add(conn)
         try:

@@ -46,11 +46,12 @@ PROCESSING_KINDS: Final[Mapping[str, TxnKind]] = {
 }
 
 FaultKind = Literal[
-    "delay", "late", "booked_late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal", "close_after"
+    "delay", "late", "booked_late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal", "close_after",
+    "approve_as",
 ]
 FAULT_KINDS: Final = frozenset(
     {"delay", "late", "booked_late", "drop", "disconnect", "garbage", "wrong_mac", "reject_reversal",
-     "close_after"}
+     "close_after", "approve_as"}
 )
 
 
@@ -134,7 +135,9 @@ class Fault:
     answers; `disconnect` closes the connection instead of answering; `garbage` sends a valid length
     prefix with a random body (`garbage="body"`) or an invalid length prefix (`garbage="length"`);
     `wrong_mac` corrupts the response MAC; `reject_reversal` answers 96 to the first `count` reversal
-    attempts for a transaction; `close_after` closes a connection once it has carried `count` requests.
+    attempts for a transaction; `close_after` closes a connection once it has carried `count` requests;
+    `approve_as` books an approval as usual but answers it with `code` instead of 00 (e.g. 11 VIP
+    approval, 10 partial approval, A2 "defective success": codes after which the customer is charged).
     With `process=False` the request is lost before the host acts on it (no ledger change).
     """
 
@@ -149,6 +152,7 @@ class Fault:
     limit: int | None = None
     garbage: Literal["body", "length"] = "body"
     process: bool = True
+    code: str = "00"  #: `approve_as`: the response code of the approval
 
     def __repr__(self) -> str:  # the PAN selector is card data: mask it like everywhere else
         pan = mask_pan(self.pan) if self.pan else None
@@ -278,7 +282,8 @@ def fault_from_dict(item: object, where: str = "fault") -> Fault:
     """A `Fault` from a TOML table / dict, with every value checked."""
     if not isinstance(item, Mapping):
         raise SimConfigError(f"{where}: expected a table")
-    known = {"kind", "seconds", "count", "pan", "mti", "rate", "nth", "every", "limit", "garbage", "process"}
+    known = {"kind", "seconds", "count", "pan", "mti", "rate", "nth", "every", "limit", "garbage", "process",
+             "code"}
     unknown = sorted(set(item) - known)
     if unknown:
         raise SimConfigError(f"{where}: unknown key(s): {', '.join(unknown)}")
@@ -307,6 +312,9 @@ def fault_from_dict(item: object, where: str = "fault") -> Fault:
     process = item.get("process", True)
     if not isinstance(process, bool):
         raise SimConfigError(f"{where}.process: expected true or false")
+    code = item.get("code", "00")
+    if not isinstance(code, str) or len(code) != 2:
+        raise SimConfigError(f"{where}.code: expected a 2-character response code")
     optional: dict[str, int | None] = {}
     for key in ("nth", "every", "limit"):
         optional[key] = _int(item, key, f"{where}.", 0) if key in item else None
@@ -325,6 +333,7 @@ def fault_from_dict(item: object, where: str = "fault") -> Fault:
         limit=optional["limit"],
         garbage=garbage,
         process=process,
+        code=code,
     )
 
 

@@ -46,7 +46,6 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
-import anyio.from_thread
 import anyio.lowlevel
 
 from gateway.store.base import NullObserver, StoreObserver
@@ -91,7 +90,8 @@ class _Batch(Generic[C]):
 
 class _CommitThread(Generic[C]):
     """The thread that owns the connection: takes batches from `inbox` (None: stop) and reports each,
-    applied or failed, with one `report(batch, seconds)` call scheduled on the event loop."""
+    applied or failed, with one `report(batch, seconds)` call scheduled on the event loop (without
+    waiting for it to run)."""
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class _CommitThread(Generic[C]):
         self._thread.start()
 
     def _serve(self) -> None:
-        inbox, apply_batch = self.inbox, self._apply_batch
+        inbox, apply_batch, report, token = self.inbox, self._apply_batch, self._report, self._token
         while True:
             batch = inbox.get()
             if batch is None:
@@ -125,10 +125,12 @@ class _CommitThread(Generic[C]):
                 for write in batch.writes:
                     write.result, write.error = None, failure
             elapsed = time.perf_counter() - started
-            # Blocks until the event loop has run the report; that costs no commit time, because the
-            # report is what hands this thread its next batch (at most one batch is ever in the thread).
+            # Scheduled, not waited for: the thread goes straight back to `inbox.get()`, and the report
+            # is what puts the next batch there, so at most one batch is ever in the thread all the
+            # same. (`anyio.from_thread.run_sync` would also park this thread on a Future per batch
+            # until the loop has run the report: a lock and a wake-up per commit for nothing.)
             try:
-                anyio.from_thread.run_sync(self._report, batch, elapsed, token=self._token)
+                token.backend_class.run_sync_soon(report, (batch, elapsed), token.native_token)
             except anyio.RunFinishedError:  # the event loop is gone, and with it every waiter
                 return
             except Exception:  # never die silently with a batch unreported: its writers would hang

@@ -37,9 +37,9 @@ from typing import Final
 
 from gateway.store.errors import LeaseLost, NotReversible, StateConflict
 from gateway.store.records import (
+    CHARGED_RCS,
     MISSING_SAF,
     ONLY_PARKED,
-    RC_LATE_APPROVAL,
     REOPENED_BY_LATE_APPROVAL,
     REVERSAL_STATES,
     REVERSIBLE_STATES,
@@ -151,7 +151,7 @@ def missing_saf(txn: TxnView) -> StateConflict:
 def late_answer(txn: TxnView, rc: str, *, authenticated: bool, now: float) -> tuple[Change, TxnView]:
     """`record_late_answer`: the transaction's change (late_rc/late_at, and `late_approved_at` for an
     authenticated approval, never cleared) and the view after it, for `reopen`."""
-    approved = authenticated and rc == RC_LATE_APPROVAL
+    approved = authenticated and rc in CHARGED_RCS
     approved_at = txn.late_approved_at if txn.late_approved_at is not None else (now if approved else None)
     change: Change = {"late_rc": rc, "late_at": now, "updated_at": now, "late_approved_at": approved_at}
     return change, TxnView(txn.txn_id, txn.state, txn.reversal_rc, approved_at)
@@ -160,7 +160,7 @@ def late_answer(txn: TxnView, rc: str, *, authenticated: bool, now: float) -> tu
 def wants_reopen(txn: TxnView, rc: str, *, authenticated: bool) -> bool:
     """Whether a late answer may reopen the transaction's reversal (then the backend reads the SAF
     entry and calls `reopen`): an authenticated approval of a transaction reversed on a 25."""
-    return (authenticated and rc == RC_LATE_APPROVAL and txn.state is TxnState.REVERSED
+    return (authenticated and rc in CHARGED_RCS and txn.state is TxnState.REVERSED
             and not_found_overtaken(txn.reversal_rc, txn.late_approved_at))
 
 

@@ -156,6 +156,39 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "state shared by instances: terminal sessions with sealed working keys, risk-limit usage, STAN blocks",
+        (
+            # one row per signed-in terminal; `working_keys` sealed under the LMK (gateway.security.working_keys);
+            # `generation` grows at every change, so an instance knows its copy is stale
+            """
+            CREATE TABLE terminal_session (
+                terminal_id TEXT PRIMARY KEY,
+                merchant_id TEXT NOT NULL,
+                batch TEXT NOT NULL,
+                key_mode TEXT NOT NULL,
+                generation BIGINT NOT NULL,
+                working_keys BYTEA NOT NULL,
+                instance_id TEXT NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )
+            """,
+            "CREATE SEQUENCE session_generation",
+            # approved and in-flight purchases per terminal and local day (the daily risk limit)
+            """
+            CREATE TABLE risk_usage (
+                terminal_id TEXT NOT NULL,
+                day TEXT NOT NULL,
+                used BIGINT NOT NULL CHECK (used >= 0),
+                PRIMARY KEY (terminal_id, day)
+            )
+            """,
+            # host STANs in blocks of 1,000: block k is k*1000 .. k*1000+999 (0 itself never issued), so the
+            # 1,000 blocks cover 000001-999999 once per cycle, and CYCLE wraps as STANs must
+            "CREATE SEQUENCE host_stan_block MINVALUE 0 MAXVALUE 999 START 0 CYCLE",
+        ),
+    ),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1].version

@@ -117,8 +117,14 @@ OPEN_SAF_STATES: Final = (SafState.PENDING, SafState.PARKED)
 #: the host's "original not found" to a reversal: final (nothing was booked) unless the host approves
 #: that original afterwards after all, e.g. when the reversal overtook a slow original on the host's side
 RC_ORIGINAL_NOT_FOUND: Final = "25"
-#: a late host answer with this code (and a MAC that verified) booked the original: money moved
-RC_LATE_APPROVAL: Final = "00"
+#: host answers that approve the whole amount (reference §5: 00; 11 VIP approval; A2/A4/A5/A6 "defective
+#: success", which terminals treat as success): the customer is charged, so each is delivered or reversed
+APPROVAL_RCS: Final = frozenset({"00", "11", "A2", "A4", "A5", "A6"})
+#: partial approval: part of the amount was charged. The gateway offers no partial approval to terminals,
+#: so such an answer is reversed as one it cannot carry (the terminal gets 96)
+RC_PARTIAL_APPROVAL: Final = "10"
+#: host answers after which money moved: a late one of these (with a MAC that verified) booked the original
+CHARGED_RCS: Final = APPROVAL_RCS | {RC_PARTIAL_APPROVAL}
 #: the last_error of a reversal reopened by a late approval
 REOPENED_BY_LATE_APPROVAL: Final = "the host approved the original after answering its reversal 25"
 
@@ -381,7 +387,7 @@ class TxnRecord(TxnRequest):
 
     @property
     def approved(self) -> bool:
-        return self.rc == "00"
+        return self.rc in APPROVAL_RCS
 
 
 #: column order of the journal table; the SQL backend selects exactly these

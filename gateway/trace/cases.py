@@ -9,7 +9,9 @@ Pairing on each leg is by connection, MTI class and STAN (and terminal, on the t
 leg is linked to the terminal leg the way the SUT itself links them, since the SUT allocates its own
 host STANs: an upstream financial request belongs to the open terminal request of the same terminal
 (same amount and card where both say); a reversal belongs to the case whose upstream request its field
-90 names (original STAN), or to the terminal reversal of that case when there is one.
+90 names (original STAN), or to the terminal reversal of that case when there is one. Where the
+trace gives a frame's `cause` (the seq of the frame that made the SUT send it), that decides instead:
+the upstream request belongs to the case of the frame it names, exactly.
 
 Memory stays bounded on any length of trace: a case is held only until it is complete (its answer
 came, its upstream exchanges are settled, an expected reversal was answered) or until `horizon`
@@ -192,6 +194,8 @@ class CaseAssembler:
         self._by_txn: OrderedDict[tuple[str, str, str], Case] = OrderedDict()
         #: recent cases by the RRN and auth code of their upstream answer (their terminal answer has them)
         self._by_reference: OrderedDict[tuple[str, str], Case] = OrderedDict()
+        #: recent cases by the seq of their terminal request and of their upstream requests (`cause`)
+        self._by_seq: OrderedDict[int, Case] = OrderedDict()
         self._sweeps = 0
         self.unpaired_answers = 0  #: answers no request of the trace explains (trace check reports them)
 
@@ -233,6 +237,7 @@ class CaseAssembler:
             case.after = tuple(self._answered_since.pop(rec.conn, ()))
             self._term_pending.setdefault(key, deque()).append(case)
             self._open_by_terminal.setdefault(tid, []).append(case)
+            self._remember(self._by_seq, rec.seq, case)
             txn = (tid, rec.fields.get("60", "")[2:8], stan)
             if rec.mti[1] == "4":
                 original = self._by_txn.get(txn)
@@ -321,12 +326,13 @@ class CaseAssembler:
         of the host answer the SUT got. Swap the upstream exchanges when they name another case's."""
         ref = _reference(answer.fields)
         mine = case.primary
-        if ref is None or mine is None or (mine.answer is not None and _reference(mine.answer.fields) == ref):
-            return
+        if ref is None or mine is None or mine.request.cause is not None or (
+                mine.answer is not None and _reference(mine.answer.fields) == ref):
+            return  # no reference to go by, linked by the SUT's own word (cause), or linked right
         other = self._by_reference.get(ref)
         theirs = other.primary if other is not None else None
         if other is None or other is case or theirs is None or other.terminal != case.terminal \
-                or theirs.request.fields.get("4") != mine.request.fields.get("4"):
+                or theirs.request.cause is not None or theirs.request.fields.get("4") != mine.request.fields.get("4"):
             return
         case.upstream[case.upstream.index(mine)] = theirs
         other.upstream[other.upstream.index(theirs)] = mine
@@ -342,7 +348,9 @@ class CaseAssembler:
             self._host_pending[key] = (Exchange(Leg.HOST, rec.conn, rec), None)
             return
         exchange = Exchange(Leg.HOST, rec.conn, rec)
-        owner = self._reversal_owner(rec) if rec.mti[1] == "4" else self._financial_owner(rec)
+        owner = self._by_seq.get(rec.cause) if rec.cause is not None else None
+        if owner is None:
+            owner = self._reversal_owner(rec) if rec.mti[1] == "4" else self._financial_owner(rec)
         if owner is None:
             flow = _flow(self.dialects["host"], rec)
             owner = Case(next(self._ids), CaseKind.UPSTREAM, rec.t, rec.conn, rec.fields.get("41", ""),
@@ -356,6 +364,7 @@ class CaseAssembler:
             owner.upstream.append(exchange)
         if rec.mti[1] != "4" and "11" in rec.fields:
             self._remember(self._by_host_stan, rec.fields["11"], owner)
+        self._remember(self._by_seq, rec.seq, owner)  # a reversal or repeat it causes names it
         self._host_pending[key] = (exchange, owner)
 
     def _financial_owner(self, rec: FrameRecord) -> Case | None:
@@ -438,7 +447,7 @@ class CaseAssembler:
 
     def _expire(self) -> None:
         cutoff = self._now - 2 * self.horizon
-        for table in (self._by_host_stan, self._by_txn, self._by_reference):
+        for table in (self._by_host_stan, self._by_txn, self._by_reference, self._by_seq):
             while table:
                 oldest = next(iter(table.values()))
                 if oldest.start >= cutoff:

@@ -57,7 +57,8 @@ class TraceEncoder:
         return self.seq
 
     def frame(self, t: float, leg: Leg, direction: Direction, conn: str, body: bytes,
-              envelope: CupEnvelope | None = None) -> Record:
+              envelope: CupEnvelope | None = None, cause: int | None = None) -> Record:
+        """`cause`: the seq of the record of the frame that made the SUT send this one (or None)."""
         codec = self._codec[leg]
         try:
             msg = codec.decode(body)
@@ -80,12 +81,13 @@ class TraceEncoder:
             except IsoError as exc:
                 return EventRecord(self._next(), t, leg, conn, EventKind.UNDECODABLE,
                                    f"{direction.value}: {msg.mti} cannot be framed ({exc})")
-            return self._record(t, leg, direction, conn, msg.mti, fields, wire, envelope, kinds, ())
-        return self.message(t, leg, direction, conn, msg, envelope, fields=fields, kinds=kinds)
+            return self._record(t, leg, direction, conn, msg.mti, fields, wire, envelope, kinds, (), cause)
+        return self.message(t, leg, direction, conn, msg, envelope, fields=fields, kinds=kinds, cause=cause)
 
     def message(self, t: float, leg: Leg, direction: Direction, conn: str, msg: Message,
                 envelope: CupEnvelope | None = None, masked: tuple[str, ...] = (), *,
-                fields: dict[str, str] | None = None, kinds: dict[str, SecretKind] | None = None) -> Record:
+                fields: dict[str, str] | None = None, kinds: dict[str, SecretKind] | None = None,
+                cause: int | None = None) -> Record:
         """A decoded message (imports that carry fields, not bytes, start here): re-encoded from its
         surrogate fields."""
         if fields is None or kinds is None:
@@ -96,14 +98,15 @@ class TraceEncoder:
         except IsoError as exc:
             return EventRecord(self._next(), t, leg, conn, EventKind.UNDECODABLE,
                                f"{direction.value}: {msg.mti} cannot be encoded ({exc})")
-        return self._record(t, leg, direction, conn, msg.mti, fields, wire, envelope, kinds, masked)
+        return self._record(t, leg, direction, conn, msg.mti, fields, wire, envelope, kinds, masked, cause)
 
     def _record(self, t: float, leg: Leg, direction: Direction, conn: str, mti: str, fields: dict[str, str],
                 wire: bytes, envelope: CupEnvelope | None, kinds: dict[str, SecretKind],
-                masked: tuple[str, ...]) -> FrameRecord:
+                masked: tuple[str, ...], cause: int | None = None) -> FrameRecord:
         env = None if envelope is None else {"tpdu": envelope.tpdu.hex().upper(),
                                              "header": envelope.header.hex().upper()}
-        return FrameRecord(self._next(), t, leg, direction, conn, mti, fields, wire.hex().upper(), env, kinds, masked)
+        return FrameRecord(self._next(), t, leg, direction, conn, mti, fields, wire.hex().upper(), env, kinds, masked,
+                           cause)
 
     def event(self, t: float, leg: Leg, conn: str, kind: EventKind, detail: str = "") -> EventRecord:
         return EventRecord(self._next(), t, leg, conn, kind, detail)

@@ -17,6 +17,12 @@ Secret fields hold surrogates of the same length and format (so the frame still 
 card is the same surrogate everywhere in the trace); `secrets` says which fields were replaced and how
 a replay must treat them (`SecretKind`). `wire` is the hex of the framed bytes *as re-encoded from the
 surrogate fields* (never the clear original), so `trace check` can re-encode and compare it.
+
+`cause` (optional) is the `seq` of the frame that made the SUT send this one, when the SUT said so:
+the host leg's 0200 caused by the terminal's 0200, a reversal 0400 caused by the 0200 that timed out,
+a repeat 0401 caused by its 0400. Readers pair legs by it where it is given and fall back to their
+heuristics where it is not (older traces, imports, `trace proxy`, which cannot know); a `cause` that
+names no frame seen (a rotated-away part) is ignored.
 """
 
 from __future__ import annotations
@@ -110,6 +116,7 @@ class FrameRecord:
     #: fields the source had masked or wiped (imports of masked logs): the value is a placeholder of a
     #: valid form that stands for a value nobody kept; compare such fields as `present`, never `same`
     masked: tuple[str, ...] = ()
+    cause: int | None = None  #: seq of the frame that made the SUT send this one (see the module doc)
 
     def to_json(self) -> dict[str, Any]:
         # enum members as they are: json writes a StrEnum as its string, and `.value` costs a property
@@ -122,6 +129,8 @@ class FrameRecord:
             out["secrets"] = self.secrets
         if self.masked:
             out["masked"] = list(self.masked)
+        if self.cause is not None:
+            out["cause"] = self.cause
         if self.wire:
             out["wire"] = self.wire
         return out
@@ -164,12 +173,15 @@ def parse_line(line: str, lineno: int) -> TraceHeader | Record:
             if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
                 raise TraceFormatError(f"line {lineno}: fields must be an object of strings")
             env = obj.get("envelope")
+            cause = obj.get("cause")
+            if cause is not None and (type(cause) is not int or cause < 1):
+                raise TraceFormatError(f"line {lineno}: cause must be the seq of a frame (a positive integer)")
             return FrameRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]),
                                dir=Direction(obj["dir"]), conn=str(obj["conn"]), mti=str(obj["mti"]),
                                fields={str(k): v for k, v in fields.items()},
                                wire=str(obj.get("wire", "")), envelope=dict(env) if env is not None else None,
                                secrets={str(k): SecretKind(v) for k, v in obj.get("secrets", {}).items()},
-                               masked=tuple(str(k) for k in obj.get("masked", ())))
+                               masked=tuple(str(k) for k in obj.get("masked", ())), cause=cause)
         if kind == "event":
             return EventRecord(seq=int(obj["seq"]), t=float(obj["t"]), leg=Leg(obj["leg"]), conn=str(obj["conn"]),
                                event=EventKind(obj["event"]), detail=str(obj.get("detail", "")))

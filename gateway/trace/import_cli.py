@@ -4,6 +4,7 @@ already has into a trace (masked like every trace; decoded leniently)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -43,13 +44,29 @@ def _import_command(args: argparse.Namespace) -> int:
     header = encoder.header(f"import:{args.format}", datetime.now(UTC).isoformat(timespec="seconds"),
                             lenient=True, imported_from=Path(args.input).name)
     out = Path(args.output)
+    if out.exists() and Path(args.input).exists() and out.samefile(args.input):
+        print(f"gateway trace import: the output {out} is the input: writing it would destroy what it reads",
+              file=sys.stderr)
+        return 2
+    # written beside the output and renamed over it when whole: a failed import leaves no half trace
+    # behind, and an earlier trace of that name as it was
+    part = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
-        with out.open("w", encoding="utf-8") as f:
+        f = part.open("w", encoding="utf-8")
+    except OSError as exc:
+        print(f"gateway trace import: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        with f:
             n = write_records(f, header, _records(args, encoder, leg))
+        os.replace(part, out)
     except (OSError, ValueError, EOFError) as exc:  # ImportFormatError is a ValueError
-        out.unlink(missing_ok=True)  # half a trace would pass for a whole one
+        part.unlink(missing_ok=True)
         print(f"gateway trace import: cannot read {args.input}: {exc}", file=sys.stderr)
         return 1
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     print(f"imported {n} records from {args.input} into {out}")
     return 0
 

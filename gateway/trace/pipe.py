@@ -2,7 +2,11 @@
 no pickling. Each record: `HEAD` (type, time, leg, direction, connection number, aux length, payload
 length), then aux (frame: the 11-byte CUP envelope or nothing; event: the event kind), then payload
 (frame: the message body; event: the detail, UTF-8). Sans-I/O: `pack_*` make bytes, `RecordReader`
-turns a stream of chunks back into records."""
+turns a stream of chunks back into records.
+
+Frames are numbered by their order in the stream, from 1 (the recorder's `frame()` returns the
+number); a `FRAME_CAUSED` record is a frame whose aux starts with the 8-byte number of the frame that
+caused it (the trace's `cause`), then the envelope."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from gateway.trace.format import Direction, EventKind, Leg
 HEAD: Final = struct.Struct(">BdBBIHI")
 FRAME: Final = 1
 EVENT: Final = 2
+FRAME_CAUSED: Final = 3
+CAUSE: Final = struct.Struct(">Q")
 LEGS: Final = (Leg.TERMINAL, Leg.HOST)
 DIRECTIONS: Final = (Direction.IN, Direction.OUT)
 LEG_CODE: Final = {Leg.TERMINAL: 0, Leg.HOST: 1}
@@ -32,6 +38,7 @@ class RawFrame:
     conn: str
     body: bytes
     envelope: CupEnvelope | None
+    cause: int | None = None  #: number of the frame (in this stream) that caused this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,15 @@ class RawEvent:
     conn: str
     kind: EventKind
     detail: str
+
+
+def pack_frame(t: float, leg: int, direction: int, conn: int, body: bytes, envelope: CupEnvelope | None,
+               cause: int | None = None) -> bytes:
+    env = b"" if envelope is None else envelope.tpdu + envelope.header
+    if cause is None:
+        return HEAD.pack(FRAME, t, leg, direction, conn, len(env), len(body)) + env + body
+    aux = CAUSE.pack(cause) + env
+    return HEAD.pack(FRAME_CAUSED, t, leg, direction, conn, len(aux), len(body)) + aux + body
 
 
 def pack_event(t: float, leg: int, conn: int, kind: EventKind, detail: str) -> bytes:
@@ -70,9 +86,13 @@ class RecordReader:
             aux = bytes(buf[pos + head : pos + head + aux_len])
             payload = bytes(buf[pos + head + aux_len : end])
             label = f"{LABEL_PREFIX[leg]}{conn}"
-            if kind == FRAME:
-                env = CupEnvelope(aux[:TPDU_LEN], aux[TPDU_LEN:]) if aux_len == ENVELOPE_LEN else None
-                out.append(RawFrame(t, LEGS[leg], DIRECTIONS[direction], label, payload, env))
+            if kind in (FRAME, FRAME_CAUSED):
+                cause = None
+                if kind == FRAME_CAUSED:
+                    (cause,) = CAUSE.unpack_from(aux)
+                    aux = aux[CAUSE.size :]
+                env = CupEnvelope(aux[:TPDU_LEN], aux[TPDU_LEN:]) if len(aux) == ENVELOPE_LEN else None
+                out.append(RawFrame(t, LEGS[leg], DIRECTIONS[direction], label, payload, env, cause))
             else:
                 out.append(RawEvent(t, LEGS[leg], label, EventKind(aux.decode("ascii")),
                                     payload.decode("utf-8", "replace")))

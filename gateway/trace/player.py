@@ -14,7 +14,7 @@ connection hands each answer to its waiter.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -41,6 +41,16 @@ log = logging.getLogger("gateway.trace.player")
 DEFAULT_ENVELOPE: Final = CupEnvelope.from_hex("6000010000", "603100310000")
 #: unpaired answers kept per connection (for match-key findings)
 UNPAIRED_LIMIT: Final = 64
+#: match keys of the requests sent on a connection, remembered (newest) to tell a second or late
+#: answer to one of them from another request's answer with a wrong match key
+ASKED_LIMIT: Final = 4096
+
+MatchKey = tuple[str, str, str]
+
+
+def match_key(msg: Message) -> MatchKey:
+    """What pairs an answer with its request on the terminal leg: MTI class, STAN, terminal."""
+    return match_class(msg.mti), msg.fields.get("11", ""), msg.fields.get("41", "")
 
 
 class PlayerError(Exception):
@@ -84,7 +94,7 @@ class Answer:
 
 @dataclass(slots=True, eq=False)
 class _Slot:
-    key: tuple[str, str, str]
+    key: MatchKey
     event: anyio.Event = field(default_factory=anyio.Event)
     answer: Answer | None = None
 
@@ -116,8 +126,9 @@ class TerminalPlayer:
         self.connect_timeout = connect_timeout
         self._stream: anyio.abc.SocketStream | None = None
         self._scope: anyio.CancelScope | None = None
-        self._slots: dict[tuple[str, str, str], deque[_Slot]] = {}
+        self._slots: dict[MatchKey, deque[_Slot]] = {}
         self.unpaired: deque[Answer] = deque(maxlen=UNPAIRED_LIMIT)
+        self._asked: OrderedDict[MatchKey, float] = OrderedDict()  #: match key -> when last sent
         self._send_lock = anyio.Lock()
         self.closed = False
 
@@ -174,8 +185,7 @@ class TerminalPlayer:
                 self._dispatch(Answer(msg, frame.body, frame.envelope, now))
 
     def _dispatch(self, answer: Answer) -> None:
-        msg = answer.message
-        key = (match_class(msg.mti), msg.fields.get("11", ""), msg.fields.get("41", ""))
+        key = match_key(answer.message)
         waiting = self._slots.get(key)
         while waiting and waiting[0].answer is not None:
             waiting.popleft()
@@ -256,8 +266,12 @@ class TerminalPlayer:
         msg = prepared.message
         slot: _Slot | None = None
         if expect_answer:
-            slot = _Slot(key=(match_class(msg.mti), msg.fields.get("11", ""), msg.fields.get("41", "")))
+            slot = _Slot(key=match_key(msg))
             self._slots.setdefault(slot.key, deque()).append(slot)
+            self._asked[slot.key] = anyio.current_time()
+            self._asked.move_to_end(slot.key)
+            if len(self._asked) > ASKED_LIMIT:
+                self._asked.popitem(last=False)
         try:
             async with self._send_lock:
                 await stream.send(prepared.frame)
@@ -284,11 +298,18 @@ class TerminalPlayer:
 
     def take_unpaired(self, request: Message) -> Answer | None:
         """The unpaired answer that most resembles the answer `request` should have had (same STAN,
-        or same terminal and MTI class): it came, but with a wrong match key."""
-        stan, tid, cls = request.fields.get("11", ""), request.fields.get("41", ""), match_class(request.mti)
+        or same terminal and MTI class): it came, but with a wrong match key. Only answers that came
+        after `request` was sent count, and never one whose match key is that of a request this
+        connection sent: that is a second or late answer to it (left for its own case to report), not
+        this request's answer under a wrong key."""
+        key = match_key(request)
+        stan, tid, cls = key[1], key[2], key[0]
+        sent_at = self._asked.get(key, float("-inf"))
         best: Answer | None = None
         best_score = 0
         for a in self.unpaired:
+            if a.at < sent_at or match_key(a.message) in self._asked:
+                continue
             f = a.message.fields
             score = (f.get("11") == stan) * 2 + (f.get("41") == tid) + (match_class(a.message.mti) == cls)
             if score > best_score:

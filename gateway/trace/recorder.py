@@ -33,7 +33,7 @@ import anyio.abc
 
 from gateway.iso.framing import CupEnvelope
 from gateway.trace.format import Direction, EventKind, Leg
-from gateway.trace.pipe import DIR_CODE, FRAME, HEAD, LEG_CODE, pack_event
+from gateway.trace.pipe import DIR_CODE, FRAME, HEAD, LEG_CODE, pack_event, pack_frame
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -75,6 +75,7 @@ class Recorder:
         self._next_label = [0, 0]
         self.dropped = 0
         self.written = 0
+        self._frames = 0  #: frames put in the buffer: the writer numbers them the same way
         self._last_drop_log = 0.0
         self._broken = False
         self._stop = threading.Event()
@@ -121,15 +122,20 @@ class Recorder:
             label = self._labels[conn] = self._next_label[code]
         return label
 
-    def _put(self, record: bytes) -> None:
+    def _put(self, record: bytes, frame: bool = False) -> int | None:
+        """Buffer a record; for a frame, its number in the writer's stream (None: dropped)."""
         if self._stop.is_set():  # closing: the gateway is stopping, nothing more is written
-            return
+            return None
         with self._lock:
             if self._pending_bytes + len(record) > self.settings.max_pending or self._broken:
                 self._dropped_one()
-                return
+                return None
             self._pending.append(record)
             self._pending_bytes += len(record)
+            if frame:
+                self._frames += 1
+                return self._frames
+        return None
 
     def _dropped_one(self) -> None:
         self.dropped += 1
@@ -151,10 +157,13 @@ class Recorder:
         self._put(pack_event(time.time(), LEG_CODE[leg], label, EventKind.CLOSE, detail))
 
     def frame(self, leg: Leg, direction: Direction, conn: object, body: bytes,
-              envelope: CupEnvelope | None = None) -> None:
+              envelope: CupEnvelope | None = None, cause: int | None = None) -> int | None:
+        if cause is not None:
+            return self._put(pack_frame(time.time(), LEG_CODE[leg], DIR_CODE[direction], self._label(leg, conn),
+                                        body, envelope, cause), frame=True)
         env = b"" if envelope is None else envelope.tpdu + envelope.header
-        self._put(HEAD.pack(FRAME, time.time(), LEG_CODE[leg], DIR_CODE[direction], self._label(leg, conn),
-                            len(env), len(body)) + env + body)
+        return self._put(HEAD.pack(FRAME, time.time(), LEG_CODE[leg], DIR_CODE[direction], self._label(leg, conn),
+                                   len(env), len(body)) + env + body, frame=True)
 
     def event(self, leg: Leg, conn: object, kind: EventKind, detail: str = "") -> None:
         self._put(pack_event(time.time(), LEG_CODE[leg], self._label(leg, conn), kind, detail))

@@ -5,7 +5,8 @@ Every stand-in is derived with HMAC-SHA256 under a per-trace random key (`Surrog
 draws one) that is never written anywhere: without it nobody can go from a surrogate back to a card,
 and a new trace (a new key) gives the same card a new surrogate. What each kind of field becomes:
 
-* PAN (2, 34, the PANs inside CUP batch-upload field 48, ICC tag 5A): same length, the same first 6
+* PAN (2, 34, 102/103 — every field the logs mask as a PAN, `PAN_LIKE_FIELDS` —, the PANs inside
+  CUP batch-upload field 48, ICC tag 5A): same length, the same first 6
   and last 4 digits (the 6+4 the project shows in logs anyway), the middle derived from the PAN, one
   middle digit chosen so the result is Luhn-valid; never equal to the real PAN; distinct PANs get
   distinct surrogates (collisions are detected and re-derived, up to `MAX_TRACKED` cards per trace).
@@ -32,7 +33,7 @@ import secrets as _secrets
 from collections.abc import Mapping
 from typing import Final
 
-from gateway.iso.message import Message
+from gateway.iso.message import PAN_LIKE_FIELDS, Message
 from gateway.iso.spec import Dialect
 from gateway.trace.format import SecretKind
 
@@ -291,8 +292,10 @@ def _is_hex(value: str) -> bool:
 
 # --- which fields, per dialect ----------------------------------------------------------------------
 
+#: the card-number fields are the logs' (2, 34, 102/103: where ISO 8583:1987 hosts carry a PAN)
 _GENERIC: Final[Mapping[str, SecretKind]] = {
-    "2": SecretKind.PAN, "34": SecretKind.PAN, "35": SecretKind.TRACK, "36": SecretKind.TRACK,
+    **{k: SecretKind.PAN for k in sorted(PAN_LIKE_FIELDS)},
+    "35": SecretKind.TRACK, "36": SecretKind.TRACK,
     "45": SecretKind.TRACK, "52": SecretKind.PIN, "55": SecretKind.CHIP, "96": SecretKind.KEY,
 }  # fmt: skip
 

@@ -24,8 +24,11 @@ class Tap(Protocol):
         """A connection ended; `detail` says why when known."""
 
     def frame(self, leg: Leg, direction: Direction, conn: object, body: bytes,
-              envelope: CupEnvelope | None = None) -> None:
-        """A whole message body (no length prefix) went in or out; `envelope` is the CUP TPDU + header."""
+              envelope: CupEnvelope | None = None, cause: int | None = None) -> int | None:
+        """A whole message body (no length prefix) went in or out; `envelope` is the CUP TPDU + header.
+        Returns the frame's number in the recording (None: not recorded), which a later `frame()` of
+        a message this one made the SUT send passes as its `cause` (the trace's causal link: the
+        upstream request of a terminal request, the reversal of a request that timed out)."""
 
     def event(self, leg: Leg, conn: object, kind: EventKind, detail: str = "") -> None:
         """Anything else the trace must show: a host timeout, an undecodable frame, an undelivered answer."""

@@ -12,12 +12,18 @@ import contextlib
 import json
 import os
 import sys
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.trace.encoder import TraceEncoder
+from gateway.trace.format import FrameRecord
 from gateway.trace.pipe import RawFrame, RecordReader
 from gateway.trace.tracefile import RotatingTraceWriter
+
+#: frame numbers remembered for `cause` links (a cause is a recent frame: the request of an answer
+#: in flight, the request a reversal undoes)
+CAUSE_WINDOW = 1 << 16
 
 
 def run(settings: dict[str, object], stream: object) -> int:
@@ -29,11 +35,20 @@ def run(settings: dict[str, object], stream: object) -> int:
                                  max_files=int(settings["max_files"]))  # type: ignore[call-overload]
     reader = RecordReader()
     read = stream.read1  # type: ignore[attr-defined]
+    frames = 0
+    seqs: OrderedDict[int, int] = OrderedDict()  #: frame number in the stream -> its record's seq
     try:
         while chunk := read(1 << 16):
             for raw in reader.feed(chunk):
                 if isinstance(raw, RawFrame):
-                    writer.write(encoder.frame(raw.t, raw.leg, raw.direction, raw.conn, raw.body, raw.envelope))
+                    frames += 1
+                    cause = seqs.get(raw.cause) if raw.cause is not None else None
+                    rec = encoder.frame(raw.t, raw.leg, raw.direction, raw.conn, raw.body, raw.envelope, cause)
+                    if isinstance(rec, FrameRecord):
+                        seqs[frames] = rec.seq
+                        if len(seqs) > CAUSE_WINDOW:
+                            seqs.popitem(last=False)
+                    writer.write(rec)
                 else:
                     writer.write(encoder.event(raw.t, raw.leg, raw.conn, raw.kind, raw.detail))
             writer.flush()
