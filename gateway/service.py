@@ -703,8 +703,11 @@ class GatewayService:
         answer = translate.to_terminal(msg, host, self.config.host.acquirer_id, pan)
         if rc not in APPROVAL_RCS:
             release()
-            await self._settle(txn_id, "decline", lambda: store.record_outcome(
-                txn_id, "declined", rc=rc, rrn=host.get("37")))
+            try:
+                await self._settle(txn_id, "decline", lambda: store.record_outcome(
+                    txn_id, "declined", rc=rc, rrn=host.get("37")))
+            except StateConflict as exc:  # settled meanwhile: the terminal still gets the host's word
+                await self._answer_after_settlement(txn_id, reply, exc)
             return Answer(answer), None
         rrn, auth_code = host.get("37"), host.get("38")
 
@@ -719,11 +722,17 @@ class GatewayService:
                         txn_id, "completed", rc=rc, rrn=rrn, auth_code=auth_code))
                 except StateConflict as exc:  # e.g. an operator or the terminal's own 0400 acted meanwhile
                     log.error("txn %s delivered but could not be marked completed: %s", txn_id, exc)
+                    await self._answer_after_settlement(txn_id, reply, exc)
                 return
             release()
             if flow.reversible:
-                await self._settle(txn_id, "reversal of an undeliverable approval", lambda: self._queue_reversal(
-                    txn_id, "96", state="undeliverable", rc=rc, rrn=rrn, auth_code=auth_code))
+                async def reverse_undeliverable() -> None:
+                    queued = await self._queue_reversal(txn_id, "96", state="undeliverable", rc=rc, rrn=rrn,
+                                                        auth_code=auth_code)
+                    if not queued.created:  # reversed meanwhile, maybe on a 25 that overtook this original
+                        await self._answer_after_settlement(txn_id, reply, None)
+
+                await self._settle(txn_id, "reversal of an undeliverable approval", reverse_undeliverable)
                 log.warning("approval of txn %s could not be delivered to terminal %s: reversal queued",
                             txn_id, terminal_id)
             else:
@@ -744,23 +753,39 @@ class GatewayService:
         async def journal_it() -> None:
             original = await self.store.find_by_host_stan(stan, terminal_id=host.fields.get("41")) if stan else None
             txn_id = original.txn_id if original is not None else None
-            amount = host.fields.get("4", "")
-            recorded = await self.store.record_late_answer(
-                txn_id, host.fields.get("39", "")[:2] or "??", auth_code=host.get("38"), rrn=host.get("37"),
-                host_mti=host.mti, host_stan=stan or None, terminal_id=host.get("41"),
-                amount=int(amount) if amount.isdigit() else None, authenticated=reply.mac_ok,
-            )
+            await self._record_late(txn_id, reply)
             # one line per episode, then a count: a storm of stray answers is thousands of them (the
-            # journal has each; a reopened reversal below is a line of its own)
+            # journal has each; a reopened reversal is a line of its own)
             self.faults.warning("late host answer", "late host answer %s stan %s (rc %s, txn %s%s) journalled, "
                                 "not forwarded", host.mti, stan, host.get("39"), txn_id,
                                 "" if reply.mac_ok else ", MAC not verified")
-            if recorded.reopened:
-                self._reversal_queued()
-                log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)
 
         await self.journal_retry.attempt(None, f"late host answer {host.mti} stan {stan} rc {host.get('39')}",
                                          journal_it, kind=Kind.LATE)
+
+    async def _record_late(self, txn_id: int | None, reply: HostReply) -> None:
+        """Journal a host answer as a late one; an authenticated approval of a transaction whose reversal
+        the host answered 25 (it overtook the original) reopens that reversal."""
+        host = reply.message
+        amount = host.fields.get("4", "")
+        recorded = await self.store.record_late_answer(
+            txn_id, host.fields.get("39", "")[:2] or "??", auth_code=host.get("38"), rrn=host.get("37"),
+            host_mti=host.mti, host_stan=host.get("11") or None, terminal_id=host.get("41"),
+            amount=int(amount) if amount.isdigit() else None, authenticated=reply.mac_ok,
+        )
+        if recorded.reopened:
+            self._reversal_queued()
+            log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)
+
+    async def _answer_after_settlement(self, txn_id: int, reply: HostReply, conflict: StateConflict | None) -> None:
+        """The host answered a request that was settled while it waited: reversed by another instance
+        that took this one for dead (stalled past store.orphan_after) or by an operator. For the journal
+        that answer is a late one: an approval then reopens a reversal the host had answered 25 because
+        it got there before this original (else the cardholder stays charged, or the host keeps money
+        the journal calls reversed)."""
+        log.warning("txn %s was settled while its host answer (rc %s) was on the way%s: journalled as a late answer",
+                    txn_id, reply.message.get("39"), f" ({conflict})" if conflict is not None else "")
+        await self._settle(txn_id, "answer after settlement", lambda: self._record_late(txn_id, reply))
 
     # --- terminal reversal -------------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ failing each other's key exchange.
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import signal
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -141,6 +143,7 @@ class Instance:
     host: LinkHost
     process: GatewayProcess
     up: bool = False  #: signed on to the host and taking terminals
+    stalled: bool = False  #: SIGSTOPped right now (still "up": its listener queues connections)
     starts: list[float] = field(default_factory=list)  #: seconds from spawn to signed on, per lifetime
 
     async def start(self, bound: float) -> None:
@@ -158,6 +161,22 @@ class Instance:
     async def kill(self) -> None:
         self.up = False
         await self.process.kill()
+
+    async def stall(self, seconds: float) -> bool:
+        """SIGSTOP the running process for `seconds`, then SIGCONT it (unless it was killed meanwhile):
+        a stall past its lease and heartbeat. False when no process was running."""
+        proc = self.process.process
+        if proc is None or proc.returncode is not None:
+            return False
+        os.kill(proc.pid, signal.SIGSTOP)
+        self.stalled = True
+        try:
+            await anyio.sleep(seconds)
+        finally:
+            self.stalled = False
+            if proc.returncode is None:  # not killed (and reaped) meanwhile: still our child
+                os.kill(proc.pid, signal.SIGCONT)
+        return True
 
 
 # --- what a killed instance left open ----------------------------------------------------------------
@@ -282,7 +301,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def pick_victim(instances: list[Instance], rng: random.Random) -> Instance | None:
-    """A running instance to kill, only while another one runs to take its work over."""
-    live = [i for i in instances if i.up]
-    return rng.choice(live) if len(live) >= 2 else None
+def pick_victim(instances: list[Instance], rng: random.Random, *, stall: bool = False) -> Instance | None:
+    """A running instance to kill (or, `stall`, to stall: not one stalled already), only while another
+    one runs, not stalled, to take its work over."""
+    live = [i for i in instances if i.up and not (stall and i.stalled)]
+    victim = rng.choice(live) if live else None
+    if victim is None or not any(i.up and not i.stalled for i in instances if i is not victim):
+        return None
+    return victim

@@ -81,6 +81,10 @@ ORPHAN_AFTER = 1.5
 POLL = 0.2  #: SAF poll: each one of each instance is a claim query on the shared journal
 KILL_GAP = (0.3, 1.0)  #: seconds between kills
 HOLD_DOWN = (0.0, 0.5)  #: seconds a killed instance stays down before its restart begins
+#: besides the kills: an instance SIGSTOPped past its lease and heartbeat (others take its work over
+#: while it lives), then SIGCONTed, every few seconds
+STALL = (2.0, 3.0)
+STALL_GAP = (1.0, 4.0)
 FINAL_LOAD = 1.0
 START_WAIT = 30.0  #: bound on one start (imports alone take seconds on a loaded machine)
 DRAIN_WAIT = 30.0
@@ -117,6 +121,7 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
     pg = PgSettings(pg_url, LEASE, HEARTBEAT, ORPHAN_AFTER, POLL)
     book = TerminalBook()
     kills: list[Kill] = []
+    stalls: list[int] = []
     started = time.monotonic()
 
     with anyio.fail_after(BUDGET):
@@ -140,7 +145,7 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
                     for inst in instances:
                         starting.start_soon(inst.start, START_WAIT)
                 phases = [time.monotonic() - started]
-                await _load_under_kills(instances, drivers, pg_url, rng, kills)
+                await _load_under_kills(instances, drivers, pg_url, rng, kills, stalls)
                 phases.append(time.monotonic() - started)
                 await _settle_and_stop(instances, drivers, pg_url)
                 phases.append(time.monotonic() - started)
@@ -166,7 +171,8 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
     hops = sum(d.hops for d in drivers)
     mac_refusals = sum(d.mac_refusals for d in drivers)
     starts = [s for inst in instances for s in inst.starts]
-    print(f"\npg crash soak: {KILLS} kills of {SLOTS} instances ({lifetimes} lifetimes) in {elapsed:.1f}s (all up "
+    print(f"\npg crash soak: {KILLS} kills and {len(stalls)} stalls of {SLOTS} instances ({lifetimes} lifetimes) "
+          f"in {elapsed:.1f}s (all up "
           f"at {phases[0]:.1f}s, last kill's restart done at {phases[1]:.1f}s, stopped at {phases[2]:.1f}s; starts p50 "
           f"{percentile(starts, 0.5):.1f}s max {max(starts):.1f}s); {len(book.purchases)} purchases sent, {hops} hops "
           f"between instances, {mac_refusals} A0 from an instance holding an older session; {summary}")
@@ -179,8 +185,17 @@ async def test_instances_sigkilled_under_load_lose_and_double_no_reversal(pg_url
 
 
 async def _load_under_kills(instances: list[Instance], drivers: list, pg_url: str, rng: random.Random,
-                            kills: list[Kill]) -> None:
+                            kills: list[Kill], stalls: list[int]) -> None:
     stop = anyio.Event()
+
+    async def stall_now_and_then() -> None:
+        stall_rng = random.Random(rng.random())
+        while not stop.is_set():
+            await anyio.sleep(stall_rng.uniform(*STALL_GAP))
+            while (victim := pick_victim(instances, stall_rng, stall=True)) is None and not stop.is_set():
+                await anyio.sleep(0.05)
+            if victim is not None and not stop.is_set() and await victim.stall(stall_rng.uniform(*STALL)):
+                stalls.append(victim.slot)
 
     async def restart(inst: Instance, hold: float) -> None:
         await anyio.sleep(hold)
@@ -189,6 +204,7 @@ async def _load_under_kills(instances: list[Instance], drivers: list, pg_url: st
     async with anyio.create_task_group() as load:
         for driver in drivers:
             load.start_soon(driver.run, stop)
+        load.start_soon(stall_now_and_then)
         async with anyio.create_task_group() as restarts:  # its end waits for the last restart
             for _ in range(KILLS):
                 await anyio.sleep(rng.uniform(*KILL_GAP))
