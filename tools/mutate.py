@@ -15,7 +15,7 @@ target runs in a working directory of its own under .mutation/<target>/ (kept ou
 its modules mutated and only the test files that cover it selected, so results are cached per target
 and a second run only tests what changed.
 
-A mutant that no test can tell from the original is listed in tests/mutation/equivalent.toml with the
+A mutant that no test can tell from the original is listed in tests/mutation/equivalent/<target>.toml with the
 line it produces and a reason; a listed mutant whose line no longer matches counts as a survivor again.
 score = killed / (mutants - equivalent); a timeout is shown apart and not counted as a kill.
 """
@@ -36,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ROOT / "tests" / "mutation" / "targets.toml"
-EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.toml"
+#: one file per target, so that work on two modules never edits the same list
+EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent"
 #: where the targets' working directories go (a test points it at a temporary directory)
 WORK = Path(os.environ.get("GATEWAY_MUTATION_DIR", ROOT / ".mutation"))
 #: mutmut's exit codes, as its stats module reads them
@@ -81,9 +82,11 @@ def load_targets() -> tuple[dict[str, object], list[Target]]:
 
 
 def load_equivalents() -> dict[str, dict[str, str]]:
-    if not EQUIVALENT.exists():
-        return {}
-    return {e["mutant"]: e for e in tomllib.loads(EQUIVALENT.read_text()).get("equivalent", [])}
+    listed: dict[str, dict[str, str]] = {}
+    for path in sorted(EQUIVALENT.glob("*.toml")):
+        for entry in tomllib.loads(path.read_text()).get("equivalent", []):
+            listed[entry["mutant"]] = entry
+    return listed
 
 
 def mutated_files(target: Target) -> list[str]:
