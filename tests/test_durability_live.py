@@ -74,3 +74,34 @@ async def test_postgres_store_commits_with_a_durable_synchronous_commit(pg_url: 
         assert sync_commit in PG_DURABLE_COMMIT, f"synchronous_commit={sync_commit}: a commit may be lost"
         assert fsync == "on", "fsync=off on the server: nothing is durable"
         assert autocommit  # each batch is its own explicit transaction (no implicit one left open)
+
+
+async def test_postgres_store_makes_its_commits_durable_when_the_server_default_is_off(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A role or database set to synchronous_commit=off (a common "tuning") acknowledges a commit
+    before it is on disk; the store's writer connection asks for `on` itself and says so."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+    import psycopg
+
+    from gateway.store.postgres import PostgresStore
+
+    parts = urlsplit(pg_url)
+    query = dict(parse_qsl(parts.query))
+    query["options"] = (query.get("options", "") + " -csynchronous_commit=off").strip()
+    lax_url = urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+    with psycopg.connect(lax_url, autocommit=True) as plain:  # the setting the test means to override
+        row = plain.execute("SHOW synchronous_commit").fetchone()
+        assert row is not None and row[0] == "off"
+    async with PostgresStore.open(lax_url, instance_id="durability-off", pan_key=PAN_KEY) as store:
+        await store.record_request(request())
+        writer = store._writer
+        assert writer is not None
+
+        def synchronous_commit() -> str:
+            row = writer.execute("SHOW synchronous_commit").fetchone()
+            assert row is not None
+            return str(row[0])
+
+        assert await anyio.to_thread.run_sync(synchronous_commit) == "on"
+    assert any("synchronous_commit is off" in r.getMessage() for r in caplog.records)

@@ -524,6 +524,7 @@ class PostgresStore:
 
     def _connect_all(self) -> None:
         self._writer = self._connection()
+        self._make_commits_durable(self._writer)
         pg_migrations.migrate(self._writer)
         if not self.operator:
             self._session = session = self._connection()
@@ -532,6 +533,25 @@ class PostgresStore:
                                     kwargs={"autocommit": True}, timeout=self._connect_timeout,
                                     name=f"journal-read-{self.instance_id}")
         self._pool.open(wait=True, timeout=self._connect_timeout)
+
+    def _make_commits_durable(self, writer: Conn) -> None:
+        """Write-before-send needs a commit that is on disk when COMMIT returns.
+
+        A server (or role, or database) configured with synchronous_commit=off acknowledges a commit
+        before its WAL is flushed: a crash of the server then loses the last journalled requests while
+        their purchases are already at the host. The setting is per session, so the connection that
+        commits asks for `on` itself; stronger settings (remote_write, remote_apply) are kept. fsync=off
+        cannot be changed by a client: it is logged as an error at every start.
+        """
+        row = writer.execute("SHOW synchronous_commit").fetchone()
+        if row is not None and str(row[0]) == "off":
+            writer.execute("SET synchronous_commit = on")
+            log.warning("PostgreSQL journal: the server's synchronous_commit is off; the journal's writer"
+                        " connection sets it on (a commit is durable before the request is sent)")
+        row = writer.execute("SHOW fsync").fetchone()
+        if row is not None and str(row[0]) != "on":
+            log.error("PostgreSQL journal: the server runs with fsync=%s: no commit survives a crash of"
+                      " the server's machine; approvals may be charged with no journal record", row[0])
 
     def _lock_instance(self, session: Conn) -> None:
         row = session.execute("SELECT pg_try_advisory_lock(hashtextextended(%s || current_schema() || ' ' || %s, 0))",
