@@ -53,7 +53,14 @@ from gateway.ratelog import RateLimitedLog
 from gateway.security.errors import MacError, PinFormatError, SecurityError
 from gateway.security.module import SecurityModule
 from gateway.store.base import Store
-from gateway.store.errors import DuplicateRequest, NotReversible, StateConflict, StoreError
+from gateway.store.errors import (
+    CREDIT_REFUSALS,
+    DuplicateRequest,
+    NotReversible,
+    OriginalRefused,
+    StateConflict,
+    StoreError,
+)
 from gateway.store.records import APPROVAL_RCS, CHARGED_RCS, QueuedReversal, RefusalRecord, TxnRecord, TxnState
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
@@ -63,11 +70,7 @@ log = logging.getLogger("gateway.flow")
 RC_APPROVED = "00"
 
 #: the reasons behind `decisions.original_problem`'s codes (a void's or refund's original), for the record
-ORIGINAL_PROBLEMS = {
-    "25": "original not found",
-    "12": "original is not a completed purchase, or was voided already",
-    "64": "amount does not fit the original",
-}
+ORIGINAL_PROBLEMS = CREDIT_REFUSALS
 #: the reasons behind `decisions.terminal_reversal_rc`'s refusals
 REVERSAL_PROBLEMS = {
     "25": "original never seen by the gateway",
@@ -577,6 +580,12 @@ class GatewayService:
             txn_id = await self.store.record_request(record)
             self.metrics.stages.journal.observe(clock() - started)
             logs.note(txn_id=txn_id)
+        except OriginalRefused as exc:
+            # another void or refund of the same sale was journalled between our check and this write
+            # (another connection, or another instance on a shared journal): the journal's check wins
+            release()
+            log.info("terminal %s %s refused with %s at the journal: %s", terminal_id, name, exc.rc, exc)
+            return self._refused(msg, exc.rc, f"original check at the journal: {exc}", pan=card.pan), None
         except DuplicateRequest:
             release()
             self.faults.warning(f"94:{terminal_id}", "terminal %s repeated batch/stan %s: 94", terminal_id,

@@ -178,6 +178,7 @@ async def test_void_and_refund_reference_their_original(kind: str, tmp_path: Pat
     async with open_store(kind, tmp_path) as store:
         sale = await store.record_request(request("000001", amount=800))
         await store.record_outcome(sale, "completed", rc="00", rrn="RRN000000001", auth_code="A1B2C3")
+        # a void the host declined: the sale stands, so a partial refund of it may follow
         void = await store.record_request(
             request(
                 "000002",
@@ -191,6 +192,7 @@ async def test_void_and_refund_reference_their_original(kind: str, tmp_path: Pat
                 orig_auth_code="A1B2C3",
             )
         )
+        await store.record_outcome(void, "declined", rc="05")
         refund = await store.record_request(
             request(
                 "000003",

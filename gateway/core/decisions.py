@@ -17,7 +17,7 @@ from gateway.core.clock import local_now
 from gateway.core.sessions import TerminalSession
 from gateway.iso.build import response
 from gateway.iso.message import Message
-from gateway.store.records import RC_PARTIAL_APPROVAL, TxnKind, TxnRecord, TxnState
+from gateway.store.records import RC_PARTIAL_APPROVAL, TxnKind, TxnRecord, TxnState, credit_refusal
 
 TERMINAL_DIALECT = "cup-pos"
 
@@ -97,24 +97,10 @@ def check_host_answer(host_request: Message, host_answer: Message, mac_ok: bool)
 
 def original_problem(request: Message, original: TxnRecord | None, earlier: Sequence[TxnRecord], *,
                      flow_name: str) -> str | None:
-    """For voids and refunds: 25 no original, 12 the original is not a completed purchase or was
-    already voided, 64 the amount does not fit (a void must equal the original; refunds together may
-    not exceed it). `earlier` are the voids/refunds already journalled against the original; those
-    completed or still in flight count."""
-    if original is None:
-        return "25"
-    if original.kind != TxnKind.PURCHASE or original.state is not TxnState.COMPLETED:
-        return "12"
-    # a void or refund still at the host counts as if it succeeds: two refunds sent back to back must
-    # not both pass the check before either is answered
-    standing = [r for r in earlier if r.state in (TxnState.COMPLETED, TxnState.PENDING)]
-    if any(r.kind == TxnKind.VOID for r in standing):
-        return "12"
-    amount = int(request.fields.get("4", "0") or 0)
-    if flow_name == "void":
-        return "64" if amount != original.amount else None
-    refunded = sum(r.amount for r in standing if r.kind == TxnKind.REFUND)
-    return "64" if refunded + amount > original.amount else None
+    """For voids and refunds, before the request goes out: `records.credit_refusal`'s answer (25, 12,
+    64 or None) for the request's amount (field 4)."""
+    kind = TxnKind.VOID if flow_name == "void" else TxnKind.REFUND
+    return credit_refusal(kind, int(request.fields.get("4", "0") or 0), original, earlier)
 
 
 def terminal_reversal_rc(request: Message, original: TxnRecord | None, unknown_rc: str,

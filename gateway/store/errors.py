@@ -7,6 +7,8 @@ store holds only masked PANs and keyed fingerprints, and validation messages nev
 
 from __future__ import annotations
 
+from typing import Final
+
 
 class StoreError(Exception):
     """Base of everything `gateway.store` raises."""
@@ -68,6 +70,27 @@ class DuplicateRequest(StoreError):
         self.batch = batch
         self.stan = stan
         super().__init__(f"terminal {terminal_id} batch {batch} stan {stan} is already journalled")
+
+
+class OriginalRefused(StoreError):
+    """A void or refund the journal refused at the moment of writing it, because of what was already
+    journalled against its original (another void or refund got there first, possibly on another
+    instance of the gateway): `rc` is the answer for the terminal, 12 or 64."""
+
+    kind = "original_refused"
+
+    def __init__(self, orig_txn_id: int, rc: str) -> None:
+        self.orig_txn_id = orig_txn_id
+        self.rc = rc
+        super().__init__(f"original txn {orig_txn_id}: {CREDIT_REFUSALS.get(rc, rc)}")
+
+
+#: why `records.credit_refusal` refuses, by its response code
+CREDIT_REFUSALS: Final = {
+    "25": "original not found",
+    "12": "original is not a completed purchase, or was voided already",
+    "64": "amount does not fit the original",
+}
 
 
 class StoreClosed(StoreError):

@@ -20,9 +20,10 @@ import anyio.lowlevel
 from gateway.iso.totals import SettlementTotals
 from gateway.store import machine
 from gateway.store.base import NullObserver, StoreObserver
-from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, StoreError
+from gateway.store.errors import DuplicateRequest, InvalidRecord, NotFound, OriginalRefused, StoreError
 from gateway.store.machine import SafView, TxnView
 from gateway.store.records import (
+    CHECKED_CREDIT_KINDS,
     DEFAULT_MAX_REFUSALS,
     OPEN_SAF_STATES,
     REQUEST_COLUMNS,
@@ -49,6 +50,7 @@ from gateway.store.records import (
     check_rc,
     check_reason,
     clip_text,
+    credit_refusal,
     pan_fingerprint,
     parse_enum,
     parse_outcome,
@@ -147,6 +149,11 @@ class MemoryStore:
             raise DuplicateRequest(*key)
         if rec.orig_txn_id is not None and rec.orig_txn_id not in self._txns:
             raise InvalidRecord("no such journal entry", field="orig_txn_id")
+        if rec.kind in CHECKED_CREDIT_KINDS and rec.orig_txn_id is not None:
+            earlier = [t for t in self._txns.values() if t.orig_txn_id == rec.orig_txn_id]
+            refusal = credit_refusal(rec.kind, rec.amount, self._txns[rec.orig_txn_id], earlier)
+            if refusal is not None:
+                raise OriginalRefused(rec.orig_txn_id, refusal)
         now = self._clock()
         txn_id = len(self._txns) + 1
         self._txns[txn_id] = TxnRecord(

@@ -57,6 +57,7 @@ from gateway.store.errors import (
     DuplicateRequest,
     InvalidRecord,
     NotFound,
+    OriginalRefused,
     StateConflict,
     StoreClosed,
     StoreError,
@@ -65,6 +66,7 @@ from gateway.store.errors import (
 from gateway.store.group_commit import DEFAULT_MAX_BATCH, GroupCommitter, Write
 from gateway.store.machine import Change, SafView, TxnView
 from gateway.store.records import (
+    CHECKED_CREDIT_KINDS,
     CREDIT_KINDS,
     DEBIT_KINDS,
     DEFAULT_MAX_REFUSALS,
@@ -98,6 +100,7 @@ from gateway.store.records import (
     check_rc,
     check_reason,
     clip_text,
+    credit_refusal,
     outcome_sources,
     pan_fingerprint,
     parse_enum,
@@ -246,6 +249,15 @@ def _done(value: T) -> Callable[[], T]:
 
 
 def _op_record_request(conn: Conn, values: tuple[object, ...], rec: TxnRequest) -> Finisher:
+    if rec.kind in CHECKED_CREDIT_KINDS and rec.orig_txn_id is not None:
+        # Another instance may journal a void or refund of the same sale at the same moment: every such
+        # write locks the original's row first, and (READ COMMITTED) the read after the lock sees what
+        # the other committed. A round trip, on the rare credit path only.
+        original = _one_txn(conn, "txn_id = %s FOR UPDATE", (rec.orig_txn_id,))
+        earlier = _txns(conn, "orig_txn_id = %s", (rec.orig_txn_id,))
+        refusal = credit_refusal(rec.kind, rec.amount, original, earlier) if original else None
+        if refusal is not None:  # (no such original: the foreign key refuses the insert below)
+            raise OriginalRefused(rec.orig_txn_id, refusal)
     cur = conn.execute(_INSERT_TXN, values)
 
     def finish() -> int:

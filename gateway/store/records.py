@@ -151,6 +151,34 @@ CREDIT_KINDS: Final = frozenset({TxnKind.VOID, TxnKind.REFUND, TxnKind.COMPLETIO
 DOMESTIC_CARD_ORGS: Final = frozenset({"CUP", "000", ""})
 
 
+#: the kinds whose amount is checked against their original's, before they go out and again when written
+CHECKED_CREDIT_KINDS: Final = frozenset({TxnKind.VOID, TxnKind.REFUND})
+
+
+def credit_refusal(kind: TxnKind | str, amount: int, original: TxnRecord | None,
+                   earlier: Iterable[TxnRecord]) -> str | None:
+    """For a void or refund of `amount` against `original`: 25 no original, 12 the original is not a
+    completed purchase or was voided already, 64 the amount does not fit (a void must equal the
+    original; refunds together may not exceed it). `earlier` are the voids/refunds already journalled
+    against the original: those completed or still in flight count, so two refunds sent back to back
+    cannot both pass before either is answered. The service asks before sending; the stores ask again
+    inside the write that journals the request, where no other void or refund can slip in between.
+    A void after a standing refund is refused too (12): it would credit the whole sale again."""
+    if original is None:
+        return "25"
+    if original.kind != TxnKind.PURCHASE or original.state is not TxnState.COMPLETED:
+        return "12"
+    standing = [r for r in earlier if r.state in (TxnState.COMPLETED, TxnState.PENDING)]
+    if any(r.kind == TxnKind.VOID for r in standing):
+        return "12"
+    if kind == TxnKind.VOID:
+        if any(r.kind == TxnKind.REFUND for r in standing):
+            return "12"  # the void credits the whole sale: with a refund standing it would credit more
+        return "64" if amount != original.amount else None
+    refunded = sum(r.amount for r in standing if r.kind == TxnKind.REFUND)
+    return "64" if refunded + amount > original.amount else None
+
+
 def outcome_allowed(current: TxnState, new: TxnState) -> bool:
     """Whether `record_outcome` may move a transaction from `current` to `new`. Repeating the same
     outcome is allowed (a retried write after an error that left the caller unsure)."""

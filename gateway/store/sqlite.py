@@ -36,6 +36,7 @@ from gateway.store.errors import (
     DuplicateRequest,
     InvalidRecord,
     NotFound,
+    OriginalRefused,
     StateConflict,
     StoreClosed,
     StoreError,
@@ -44,6 +45,7 @@ from gateway.store.errors import (
 from gateway.store.group_commit import DEFAULT_MAX_BATCH, GroupCommitter, Write
 from gateway.store.machine import Change, SafView, TxnView
 from gateway.store.records import (
+    CHECKED_CREDIT_KINDS,
     CREDIT_KINDS,
     DEBIT_KINDS,
     DEFAULT_MAX_REFUSALS,
@@ -77,6 +79,7 @@ from gateway.store.records import (
     check_rc,
     check_reason,
     clip_text,
+    credit_refusal,
     outcome_sources,
     pan_fingerprint,
     parse_enum,
@@ -226,6 +229,14 @@ def _persist(conn: sqlite3.Connection, saf: SafView, step: machine.Step | None) 
 
 
 def _op_record_request(conn: sqlite3.Connection, values: tuple[object, ...], rec: TxnRequest) -> int:
+    if rec.kind in CHECKED_CREDIT_KINDS and rec.orig_txn_id is not None:
+        # the one writer's transaction: no other void or refund can be journalled between this read
+        # and the insert (and this batch's earlier writes are visible to it)
+        original = _txns(conn, "txn_id = ?", (rec.orig_txn_id,))
+        earlier = _txns(conn, "orig_txn_id = ?", (rec.orig_txn_id,))
+        refusal = credit_refusal(rec.kind, rec.amount, original[0], earlier) if original else None
+        if refusal is not None:  # (no such original: the foreign key refuses the insert below)
+            raise OriginalRefused(rec.orig_txn_id, refusal)
     try:
         cur = conn.execute(_INSERT_TXN, values)
     except sqlite3.IntegrityError as exc:

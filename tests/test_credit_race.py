@@ -1,0 +1,266 @@
+"""Voids and refunds of one sale that race each other: the journal, not only the service's check before
+sending, decides which may go out (two refunds of 500 against an 800 sale must not both reach the host,
+whether they come on two connections of one gateway or to two gateways on one PostgreSQL journal).
+
+The service checks the original before it sends (`decisions.original_problem`), but that read and the
+write that journals the request are apart: two requests can both pass the read. Every store therefore
+checks again inside the write (`records.credit_refusal`), where SQLite's one writer, the memory store's
+single thread and PostgreSQL's row lock on the original leave no gap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pg_support
+import psycopg
+import pytest
+from test_store_support import BACKENDS, backend, open_store, request
+
+from gateway.lab import CARD_CUP, open_lab
+from gateway.store import TxnKind, TxnState
+from gateway.store.errors import OriginalRefused
+from gateway.store.postgres import PostgresStore
+from gateway.store.records import REQUEST_COLUMNS, TxnRecord, credit_refusal
+from gateway.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.anyio
+
+SALE = 800
+
+
+@pytest.fixture(params=BACKENDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return backend(request)
+
+
+def refund(stan: str, sale: int, amount: int) -> Any:
+    return request(stan, kind="refund", terminal_mti="0220", processing_code="200000", amount=amount,
+                   orig_txn_id=sale, orig_rrn="RRN000000001", orig_date="1123")
+
+
+def void(stan: str, sale: int, amount: int = SALE) -> Any:
+    return request(stan, kind="void", processing_code="200000", amount=amount, orig_txn_id=sale,
+                   orig_batch="000001", orig_stan="000001", orig_rrn="RRN000000001", orig_auth_code="A1B2C3")
+
+
+async def completed_sale(store: Any) -> int:
+    sale: int = await store.record_request(request("000001", amount=SALE))
+    await store.record_outcome(sale, "completed", rc="00", rrn="RRN000000001", auth_code="A1B2C3")
+    return sale
+
+
+# --- the rule ----------------------------------------------------------------------------------------
+
+
+def _txn(kind: TxnKind, state: TxnState, amount: int) -> TxnRecord:
+    fields = {name: getattr(request("000001"), name) for name in REQUEST_COLUMNS}
+    fields.update(kind=kind, amount=amount)
+    return TxnRecord(**fields, txn_id=1, state=state, created_at=0.0, updated_at=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kind_", "amount", "original", "earlier", "expected"),
+    [
+        ("refund", 300, None, [], "25"),
+        ("refund", 300, (TxnKind.PURCHASE, TxnState.PENDING), [], "12"),
+        ("refund", 300, (TxnKind.PURCHASE, TxnState.REVERSED), [], "12"),
+        ("refund", 300, (TxnKind.REFUND, TxnState.COMPLETED), [], "12"),
+        ("refund", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [], None),
+        ("refund", SALE + 1, (TxnKind.PURCHASE, TxnState.COMPLETED), [], "64"),
+        # refunds in flight count as well as completed ones; declined, timed out or reversed ones do not
+        ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.PENDING, 500)], "64"),
+        ("refund", 300, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.PENDING, 500)], None),
+        ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.COMPLETED, 500)], "64"),
+        ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.DECLINED, 500)], None),
+        ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.REVERSED, 500)], None),
+        ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.PENDING, SALE)], "12"),
+        ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.DECLINED, SALE)], None),
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [], None),
+        ("void", SALE - 1, (TxnKind.PURCHASE, TxnState.COMPLETED), [], "64"),
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.COMPLETED, SALE)], "12"),
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.PENDING, SALE)], "12"),
+        # a void credits the whole sale: with a refund standing (or in flight) it would credit more
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.PENDING, 100)], "12"),
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.COMPLETED, 100)], "12"),
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.DECLINED, 100)], None),
+    ],
+)
+def test_credit_refusal_rule(kind_: str, amount: int, original: tuple[TxnKind, TxnState] | None,
+                             earlier: list[tuple[TxnKind, TxnState, int]], expected: str | None) -> None:
+    orig = _txn(original[0], original[1], SALE) if original else None
+    before = [_txn(k, s, a) for k, s, a in earlier]
+    assert credit_refusal(kind_, amount, orig, before) == expected
+
+
+# --- every store, inside its write --------------------------------------------------------------------
+
+
+async def test_two_refunds_that_together_exceed_the_sale_cannot_both_be_journalled(
+        kind: str, tmp_path: Path) -> None:
+    """Submitted at once (on SQLite and PostgreSQL they land in one commit batch: the second write must
+    see the first one of the same batch)."""
+    async with open_store(kind, tmp_path) as store:
+        sale = await completed_sale(store)
+        results: dict[str, object] = {}
+
+        async def journal(stan: str) -> None:
+            try:
+                results[stan] = await store.record_request(refund(stan, sale, 500))
+            except OriginalRefused as exc:
+                results[stan] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(journal, "000002")
+            tg.start_soon(journal, "000003")
+        refused = [r for r in results.values() if isinstance(r, OriginalRefused)]
+        assert len(refused) == 1, results
+        assert refused[0].rc == "64" and refused[0].orig_txn_id == sale
+        refs = await store.find_referencing(sale)
+        assert [(r.kind, r.amount, r.state) for r in refs] == [(TxnKind.REFUND, 500, TxnState.PENDING)]
+        # the one journalled is still pending: a refund of the 300 left fits, one cent more does not
+        await store.record_request(refund("000004", sale, 300))
+        with pytest.raises(OriginalRefused) as err:
+            await store.record_request(refund("000005", sale, 1))
+        assert err.value.rc == "64"
+
+
+async def test_a_void_is_refused_while_a_refund_stands_and_a_refund_while_a_void_does(
+        kind: str, tmp_path: Path) -> None:
+    async with open_store(kind, tmp_path) as store:
+        sale = await completed_sale(store)
+        first = await store.record_request(refund("000002", sale, 300))
+        with pytest.raises(OriginalRefused) as err:
+            await store.record_request(void("000003", sale))
+        assert err.value.rc == "12"
+        await store.record_outcome(first, "declined", rc="05")  # the refund did not happen after all
+        voided = await store.record_request(void("000004", sale))
+        with pytest.raises(OriginalRefused) as err:
+            await store.record_request(refund("000005", sale, 100))
+        assert err.value.rc == "12"
+        with pytest.raises(OriginalRefused) as err:
+            await store.record_request(void("000006", sale))
+        assert err.value.rc == "12"
+        refs = await store.find_referencing(sale)
+        assert [(r.txn_id, r.kind) for r in refs] == [(first, TxnKind.REFUND), (voided, TxnKind.VOID)]
+        # a refused write left nothing behind, not even its STAN: the terminal may use it again
+        assert await store.find_original("T0000001", "000001", "000005") is None
+
+
+async def test_sqlite_refused_write_does_not_fail_the_rest_of_its_batch(tmp_path: Path) -> None:
+    """The check raises before the insert (no savepoint for this write): a purchase in the same commit
+    batch is journalled."""
+    async with SqliteStore.open(tmp_path / "journal.db", pan_key=b"k" * 32) as store:
+        sale = await completed_sale(store)
+        await store.record_request(refund("000002", sale, SALE))
+        ids: list[int] = []
+
+        async def other_purchase() -> None:
+            ids.append(await store.record_request(request("000009", amount=1)))
+
+        async def refused_refund() -> None:
+            with pytest.raises(OriginalRefused):
+                await store.record_request(refund("000003", sale, 1))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refused_refund)
+            tg.start_soon(other_purchase)
+        rec = await store.get(ids[0])
+        assert rec is not None and rec.state is TxnState.PENDING and rec.amount == 1
+
+
+# --- two gateways on one PostgreSQL journal ------------------------------------------------------------
+
+
+async def _waiting_for_locks(url: str, count: int) -> None:
+    """Until `count` sessions of this database wait for a row lock (bounded)."""
+    with anyio.fail_after(10):
+        while True:
+            with psycopg.connect(pg_support.database(), autocommit=True) as conn:
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND datname = current_database()").fetchone()
+            if row is not None and row[0] >= count:
+                return
+            await anyio.sleep(0.02)
+
+
+async def test_two_instances_refunding_one_sale_at_the_same_moment_journal_one(tmp_path: Path) -> None:
+    """Both instances' writes reach the database while a third session holds the sale's row: both pass
+    any read made before the lock. Released, exactly one refund is journalled; the other instance gets
+    64. (Without the row lock both reads see no refund and both inserts succeed.)"""
+    url = await anyio.to_thread.run_sync(pg_support.schema_url, pg_support.database(), str(tmp_path))
+    async with (PostgresStore.open(url, pan_key=b"k" * 32, instance_id="a") as a,
+                PostgresStore.open(url, pan_key=b"k" * 32, instance_id="b") as b):
+        sale = await completed_sale(a)
+        blocker = await anyio.to_thread.run_sync(lambda: psycopg.connect(url))
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: blocker.execute("SELECT txn_id FROM txn WHERE txn_id = %s FOR UPDATE", (sale,)))
+            results: dict[str, object] = {}
+
+            async def journal(store: PostgresStore, stan: str) -> None:
+                try:
+                    results[stan] = await store.record_request(refund(stan, sale, 500))
+                except OriginalRefused as exc:
+                    results[stan] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(journal, a, "000002")
+                tg.start_soon(journal, b, "000003")
+                await _waiting_for_locks(url, 2)
+                await anyio.to_thread.run_sync(blocker.commit)
+        finally:
+            await anyio.to_thread.run_sync(blocker.close)
+        refused = [r for r in results.values() if isinstance(r, OriginalRefused)]
+        assert len(refused) == 1 and refused[0].rc == "64", results
+        refs = await b.find_referencing(sale)
+        assert [(r.kind, r.amount) for r in refs] == [(TxnKind.REFUND, 500)]
+
+
+# --- the service: the terminal gets the journal's answer ------------------------------------------------
+
+
+async def test_racing_refunds_through_the_gateway_get_one_approval_and_one_64(tmp_path: Path) -> None:
+    """Two refunds of 60 % of a sale from two connections, held until both passed the service's own check
+    (as when they arrive together): the host sees one, the terminal gets 64 for the other, and the
+    refusal is on record."""
+    async with open_lab(tmp_path, terminals=1) as lab:
+        t = lab.terminal()
+        await t.connect()
+        assert (await t.sign_in()).rc == "00"
+        sale = await t.purchase(10_000, CARD_CUP)
+        assert sale.approved
+        store = lab.gateway.store
+        both_checked = anyio.Event()
+        arrived = 0
+        real_find = store.find_referencing
+
+        async def find_referencing_together(txn_id: int) -> Any:
+            nonlocal arrived
+            found = await real_find(txn_id)
+            arrived += 1
+            if arrived == 2:
+                both_checked.set()
+            with anyio.fail_after(5):
+                await both_checked.wait()
+            return found
+
+        store.find_referencing = find_referencing_together
+        balance = lab.host.balance(CARD_CUP.pan)
+        answers: list[Any] = []
+
+        async def refund_6000() -> None:
+            answers.append(await t.refund(6_000, CARD_CUP, original=sale))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refund_6000)
+            tg.start_soon(refund_6000)
+        assert sorted(a.rc for a in answers) == ["00", "64"]
+        assert lab.host.balance(CARD_CUP.pan) == balance + 6_000  # the host credited one refund only
+        refs = await real_find((await store.find_by_rrn(sale.rrn, terminal_id=t.ident.terminal_id)).txn_id)
+        assert [(r.kind, r.amount, r.state) for r in refs] == [(TxnKind.REFUND, 6_000, TxnState.COMPLETED)]
+        with anyio.fail_after(5):
+            while not (refusals := await store.refusals(terminal_id=t.ident.terminal_id)):
+                await anyio.sleep(0.02)
+        assert [r.rc for r in refusals] == ["64"] and "original check at the journal" in refusals[0].reason
