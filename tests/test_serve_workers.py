@@ -192,6 +192,8 @@ async def test_two_workers_serve_merge_metrics_restart_and_drain(
     drained = re.findall(r"drained in [0-9.]+s: (\d+) answered, (\d+) reversals queued", gateway.text)
     assert len(drained) == 2 and sum(int(a) for a, _ in drained) == TERMINALS, drained  # both, the round's
     assert all(q == "0" for _, q in drained), drained
+    # the workers share the group's stderr: each line says whose it is
+    assert set(re.findall(r"worker (\d) [\w.]+: drained in", gateway.text)) == {"0", "1"}, gateway.tail()
     assert journal_states(pg_url) == {"completed": 3 * TERMINALS}
     booked = [e for e in host.rules.ledger.values() if e.kind == "purchase" and e.approved]
     assert len(booked) == 3 * TERMINALS and not any(e.reversed for e in booked)
