@@ -221,6 +221,7 @@ async def test_two_instances_refunding_one_sale_at_the_same_moment_journal_one(t
 # --- the service: the terminal gets the journal's answer ------------------------------------------------
 
 
+@pytest.mark.secret_scan
 async def test_racing_refunds_through_the_gateway_get_one_approval_and_one_64(tmp_path: Path) -> None:
     """Two refunds of 60 % of a sale from two connections, held until both passed the service's own check
     (as when they arrive together): the host sees one, the terminal gets 64 for the other, and the
