@@ -222,7 +222,9 @@ def run_target(target: Target, settings: dict[str, object], args: argparse.Names
         if not todo:
             break
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        cmd = [str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(args.jobs), *todo]
+        # mutmut's own CLI, with its timeout signal kept off processes it did not start (see the file)
+        cmd = [sys.executable, str(ROOT / "tools" / "mutmut_guarded.py"), "run", "--max-children", str(args.jobs),
+               *todo]
         log = work / "run.log"
         with log.open("w") as out:
             subprocess.run(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
