@@ -186,3 +186,46 @@ async def test_advices_go_as_0420_then_0421():
     await run_until(sender_for(store, link, metrics, upstream_mti="0420"), store, lambda e: e.state.value == "done")
     assert [m.mti for m in link.sent] == ["0420", "0421"]
     assert link.sent[0].fields.get("32") == "00000001234"
+
+
+async def test_every_attempt_is_timestamped_in_the_journal():
+    """`gateway saf list` shows when each reversal was last tried: a failed try, the parking one, the ack."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    before = time.time()
+    entry = await run_until(sender_for(store, ScriptedLink("91"), metrics, backoff=(30.0,)), store,
+                            lambda e: e.attempts == 1)
+    assert entry.last_attempt_at is not None and before <= entry.last_attempt_at <= time.time()
+
+    for script, done in (("timeout", "parked"), ("00", "done")):
+        store = MemoryStore(pan_key=PAN_KEY)
+        await queued(store)
+        before = time.time()
+        entry = await run_until(sender_for(store, ScriptedLink(script), metrics), store,
+                                lambda e, done=done: e.state.value == done)
+        assert entry.last_attempt_at is not None and before <= entry.last_attempt_at <= time.time(), script
+
+
+async def test_the_operator_log_names_the_reversal_its_attempt_and_what_comes_next(caplog):
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    txn = await queued(store)
+    caplog.set_level("INFO", logger="gateway.saf")
+    link = ScriptedLink("91", "timeout", "00")
+    await run_until(sender_for(store, link, metrics, backoff=(0.0, 0.25), max_attempts=5), store,
+                    lambda e: e.state.value == "done")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.saf"]
+    assert lines == [
+        ("WARNING", f"reversal of txn {txn} attempt 1 failed (host answered 91); next in 0.0s"),
+        ("WARNING", f"reversal of txn {txn} attempt 2 failed (timeout: no answer within 0.01s); next in 0.2s"),
+        ("INFO", f"reversal of txn {txn} acknowledged by the host (rc 00, attempt 3)"),
+    ]
+
+
+async def test_a_parked_reversal_is_logged_as_an_error_for_an_operator(caplog):
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    txn = await queued(store)
+    caplog.set_level("INFO", logger="gateway.saf")
+    await run_until(sender_for(store, ScriptedLink("96"), metrics, max_attempts=2), store,
+                    lambda e: e.state.value == "parked")
+    errors = [r.getMessage() for r in caplog.records if r.name == "gateway.saf" and r.levelname == "ERROR"]
+    assert errors == [f"reversal of txn {txn} parked for an operator: gave up after 2 attempts: host answered 96"]
