@@ -448,3 +448,15 @@ async def test_a_stale_view_of_one_reversal_does_not_delay_the_others_in_that_re
                             lambda e: len(sent_at_read) == 2)
     assert entry.txn_id == first
     assert sorted(sent_at_read.values()) == [1, 2]
+
+
+async def test_an_answer_without_a_response_code_is_a_failed_attempt_that_says_so():
+    class Silent(ScriptedLink):
+        async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
+            self.sent.append(msg)
+            return HostReply(Message("0410", {"11": msg.fields["11"]}), mac_ok=True)
+
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    entry = await run_until(sender_for(store, Silent("00"), metrics, backoff=(30.0,)), store, lambda e: e.attempts == 1)
+    assert (entry.state.value, entry.last_error) == ("pending", "host answered without a response code")
