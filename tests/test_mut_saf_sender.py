@@ -460,3 +460,15 @@ async def test_an_answer_without_a_response_code_is_a_failed_attempt_that_says_s
     await queued(store)
     entry = await run_until(sender_for(store, Silent("00"), metrics, backoff=(30.0,)), store, lambda e: e.attempts == 1)
     assert (entry.state.value, entry.last_error) == ("pending", "host answered without a response code")
+
+
+async def test_a_25_after_a_late_approval_uses_one_attempt_not_more():
+    """With two attempts allowed, a 25 the journal refuses (the original was approved late) leaves one
+    attempt: the repeat goes out and the host's 00 ends the reversal, instead of it being parked."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    txn = await queued(store)
+    await store.record_late_answer(txn, "00")
+    link = ScriptedLink("25", "00")
+    entry = await run_until(sender_for(store, link, metrics, max_attempts=2), store,
+                            lambda e: e.state.value in ("done", "parked"))
+    assert (entry.state.value, entry.ack_rc, entry.total_attempts) == ("done", "00", 2)
