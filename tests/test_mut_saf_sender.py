@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.net.host_link import HostNotSent, HostReply, HostTimeout
 from gateway.net.saf_sender import SafSender
 from gateway.store import MemoryStore
+from gateway.store.errors import LeaseLost, StateConflict, StoreIOError
 from gateway.store.records import SafEntry
 
 pytestmark = pytest.mark.anyio
@@ -70,8 +71,8 @@ def value(metrics: Metrics, name: str) -> float:
     raise AssertionError(f"{name} not exposed")
 
 
-async def queued(store: MemoryStore) -> int:
-    txn = await store.record_request(request("000001"))
+async def queued(store: MemoryStore, stan: str = "000001") -> int:
+    txn = await store.record_request(request(stan))
     await store.queue_reversal(txn, "98", state="timed_out")
     return txn
 
@@ -186,3 +187,288 @@ async def test_advices_go_as_0420_then_0421():
     await run_until(sender_for(store, link, metrics, upstream_mti="0420"), store, lambda e: e.state.value == "done")
     assert [m.mti for m in link.sent] == ["0420", "0421"]
     assert link.sent[0].fields.get("32") == "00000001234"
+
+
+async def test_every_attempt_is_timestamped_in_the_journal():
+    """`gateway saf list` shows when each reversal was last tried: a failed try, the parking one, the ack."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    before = time.time()
+    entry = await run_until(sender_for(store, ScriptedLink("91"), metrics, backoff=(30.0,)), store,
+                            lambda e: e.attempts == 1)
+    assert entry.last_attempt_at is not None and before <= entry.last_attempt_at <= time.time()
+
+    for script, done in (("timeout", "parked"), ("00", "done")):
+        store = MemoryStore(pan_key=PAN_KEY)
+        await queued(store)
+        before = time.time()
+        entry = await run_until(sender_for(store, ScriptedLink(script), metrics), store,
+                                lambda e, done=done: e.state.value == done)
+        assert entry.last_attempt_at is not None and before <= entry.last_attempt_at <= time.time(), script
+
+
+async def test_the_operator_log_names_the_reversal_its_attempt_and_what_comes_next(caplog):
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    txn = await queued(store)
+    caplog.set_level("INFO", logger="gateway.saf")
+    link = ScriptedLink("91", "timeout", "00")
+    await run_until(sender_for(store, link, metrics, backoff=(0.0, 0.25), max_attempts=5), store,
+                    lambda e: e.state.value == "done")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.saf"]
+    assert lines == [
+        ("WARNING", f"reversal of txn {txn} attempt 1 failed (host answered 91); next in 0.0s"),
+        ("WARNING", f"reversal of txn {txn} attempt 2 failed (timeout: no answer within 0.01s); next in 0.2s"),
+        ("INFO", f"reversal of txn {txn} acknowledged by the host (rc 00, attempt 3)"),
+    ]
+
+
+async def test_a_parked_reversal_is_logged_as_an_error_for_an_operator(caplog):
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    txn = await queued(store)
+    caplog.set_level("INFO", logger="gateway.saf")
+    await run_until(sender_for(store, ScriptedLink("96"), metrics, max_attempts=2), store,
+                    lambda e: e.state.value == "parked")
+    errors = [r.getMessage() for r in caplog.records if r.name == "gateway.saf" and r.levelname == "ERROR"]
+    assert errors == [f"reversal of txn {txn} parked for an operator: gave up after 2 attempts: host answered 96"]
+
+
+class HeldLink(ScriptedLink):
+    """Answers 00 at once, except the first reversal, which waits for `release` (an answer in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__("00")
+        self.first_out = anyio.Event()
+        self.release = anyio.Event()
+        self.reads_when_sent: list[int] = []
+        self.store: CountingStore | None = None
+
+    async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
+        if self.store is not None:
+            self.reads_when_sent.append(self.store.reads)
+        if not self.first_out.is_set():
+            self.first_out.set()
+            self.sent.append(Message(msg.mti, dict(msg.fields)))
+            await self.release.wait()
+            return HostReply(Message("0410", {"39": "00"}), mac_ok=True)
+        return await super().request(msg, timeout)
+
+
+class CountingStore(MemoryStore):
+    """Counts queue reads; can fail the first ones, and can fail writes the sender makes."""
+
+    def __init__(self, *, failing_reads: int = 0, fail_write: Exception | None = None) -> None:
+        super().__init__(pan_key=PAN_KEY)
+        self.reads = 0
+        self.failing_reads = failing_reads
+        self.fail_write = fail_write
+        self.write_failed = anyio.Event()
+        self.failed_writes = 0
+
+    async def due_reversals(self, now: float, limit: int = 64) -> list[SafEntry]:
+        self.reads += 1
+        if self.reads <= self.failing_reads:
+            raise StoreIOError("database is locked")
+        return await super().due_reversals(now, limit)
+
+    def _fail(self) -> None:
+        if self.fail_write is not None:
+            self.failed_writes += 1
+            self.write_failed.set()
+            raise self.fail_write
+
+    async def mark_reversal_attempt(self, saf_id: int, now: float, next_attempt_at: float, error: str) -> int:
+        self._fail()
+        return await super().mark_reversal_attempt(saf_id, now, next_attempt_at, error)
+
+    async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
+        self._fail()
+        return await super().ack_reversal(saf_id, rc, attempt_at=attempt_at)
+
+
+async def test_a_link_that_comes_up_later_gets_the_reversal():
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    link = ScriptedLink("00", ready=False)
+    sender = sender_for(store, link, metrics)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        await anyio.sleep(0.05)  # down for several polls
+        assert link.tries == 0
+        link.ready = True
+        with anyio.fail_after(5):
+            while (await store.list_saf())[0].state.value != "done":
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    assert [m.mti for m in link.sent] == ["0400"]
+
+
+async def test_an_unreadable_queue_is_logged_once_and_read_again_at_the_next_poll(caplog):
+    store, metrics = CountingStore(failing_reads=3), Metrics(process_metrics=False)
+    await queued(store)
+    caplog.set_level("INFO", logger="gateway.saf")
+    entry = await run_until(sender_for(store, ScriptedLink("00"), metrics), store, lambda e: e.state.value == "done")
+    assert entry.total_attempts == 1 and store.reads > 3
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == ["could not read the reversal queue; trying again at the next poll"]
+    assert errors[0].exc_info is not None and isinstance(errors[0].exc_info[1], StoreIOError)
+
+
+async def test_a_reversal_waiting_for_its_answer_does_not_hold_up_the_others():
+    store, metrics = CountingStore(), Metrics(process_metrics=False)
+    link = HeldLink()
+    sender = sender_for(store, link, metrics)
+    first = await queued(store)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        with anyio.fail_after(5):
+            await link.first_out.wait()
+            second = await queued(store, "000002")
+            sender.wake()
+            while {e.txn_id for e in await store.list_saf("done")} != {second}:
+                await anyio.sleep(0.005)
+            link.release.set()
+            while len(await store.list_saf("done")) != 2:
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    # one attempt each: the first was never sent again while its answer was out
+    assert len(link.sent) == 2
+    assert {(e.txn_id, e.total_attempts) for e in await store.list_saf()} == {(first, 1), (second, 1)}
+
+
+async def test_no_more_than_a_queue_reads_worth_of_reversals_is_in_flight():
+    """A host that holds every answer gets at most 64 reversals at once (one queue read), not the backlog."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    for i in range(70):
+        txn = await store.record_request(request(f"{i + 1:06d}"))
+        await store.queue_reversal(txn, "98", state="timed_out")
+    gate = anyio.Event()
+    in_flight: list[Message] = []
+
+    class Holding(ScriptedLink):
+        async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
+            in_flight.append(msg)
+            await gate.wait()
+            return HostReply(Message("0410", {"39": "00"}), mac_ok=True)
+
+    sender = sender_for(store, Holding("00"), metrics)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender.run)
+        with anyio.fail_after(5):
+            while len(in_flight) < 64:
+                await anyio.sleep(0.005)
+        await anyio.sleep(0.05)  # several more polls: none adds to what is out
+        assert len(in_flight) == 64
+        gate.set()
+        with anyio.fail_after(5):
+            while len(await store.list_saf("done")) != 70:
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("fault, line", [
+    (LeaseLost(1, "gw-b", "record an attempt"),
+     "reversal of txn {txn}: SAF entry 1 is leased by gw-b: cannot record an attempt; left to it"),
+    (StateConflict("SAF entry", 1, "dropped", "record an attempt"),
+     "reversal of txn {txn} moved on meanwhile: SAF entry 1 is dropped: cannot record an attempt"),
+], ids=["lease lost", "moved on"])
+async def test_an_entry_another_instance_or_an_operator_took_is_let_go_without_counting(caplog, fault, line):
+    store, metrics = CountingStore(fail_write=fault), Metrics(process_metrics=False)
+    txn = await queued(store)
+    caplog.set_level("INFO", logger="gateway.saf")
+    async with anyio.create_task_group() as tg:
+        await tg.start(sender_for(store, ScriptedLink("91"), metrics).run)
+        with anyio.fail_after(5):
+            await store.write_failed.wait()
+        tg.cancel_scope.cancel()
+    entry = (await store.list_saf())[0]
+    assert (entry.attempts, entry.state.value) == (0, "pending")
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert infos and set(infos) == {line.format(txn=txn)}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_failing_journal_gives_one_traceback_a_bug_one_per_reversal(caplog):
+    """A journal that fails every write is one episode (one traceback, then counts); an unexpected error
+    is logged in full for each reversal it hits (they may be different bugs)."""
+    for fault, tracebacks in ((StoreIOError("disk full"), 1), (RuntimeError("bug"), 2)):
+        caplog.clear()
+        store, metrics = CountingStore(fail_write=fault), Metrics(process_metrics=False)
+        first, second = await queued(store), await queued(store, "000002")
+        caplog.set_level("INFO", logger="gateway.saf")
+        async with anyio.create_task_group() as tg:
+            await tg.start(sender_for(store, ScriptedLink("00"), metrics).run)
+            with anyio.fail_after(5):
+                while store.failed_writes < 2:
+                    await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+        full = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+        assert len(full) == tracebacks, (fault, full)
+        assert set(full) <= {f"reversal attempt for txn {t} failed inside the gateway" for t in (first, second)}
+        assert len(set(full)) == tracebacks
+        assert all(e.state.value == "pending" for e in await store.list_saf())
+
+
+async def test_a_stale_view_of_one_reversal_does_not_delay_the_others_in_that_read():
+    """The queue read that overlapped an acknowledgement skips that reversal (its view may be stale) but
+    sends the other due ones from the same read."""
+    first_out, second_read, acked = anyio.Event(), anyio.Event(), anyio.Event()
+    sent_at_read: dict[int, int] = {}
+
+    class Store(MemoryStore):
+        reads = 0
+        second_txn = 0
+
+        async def due_reversals(self, now: float, limit: int = 64) -> list[SafEntry]:
+            self.reads += 1
+            if self.reads != 2:
+                return await super().due_reversals(now, limit)
+            await self.queue_reversal(self.second_txn, "98", state="timed_out")  # due from this read on
+            snapshot = await super().due_reversals(time.time(), limit)
+            second_read.set()
+            await acked.wait()  # the first one's acknowledgement commits while this read is open
+            return snapshot
+
+        async def ack_reversal(self, saf_id: int, rc: str, *, attempt_at: float | None = None) -> bool:
+            done = await super().ack_reversal(saf_id, rc, attempt_at=attempt_at)
+            acked.set()
+            return done
+
+    class Link(ScriptedLink):
+        async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
+            sent_at_read[int(msg.fields["90"][4:10])] = store.reads
+            if not first_out.is_set():
+                first_out.set()
+                await second_read.wait()
+            return HostReply(Message("0410", {"39": "00"}), mac_ok=True)
+
+    store = Store(pan_key=PAN_KEY)
+    first = await queued(store)
+    store.second_txn = await store.record_request(request("000002"))
+    entry = await run_until(sender_for(store, Link("00"), Metrics(process_metrics=False)), store,
+                            lambda e: len(sent_at_read) == 2)
+    assert entry.txn_id == first
+    assert sorted(sent_at_read.values()) == [1, 2]
+
+
+async def test_an_answer_without_a_response_code_is_a_failed_attempt_that_says_so():
+    class Silent(ScriptedLink):
+        async def request(self, msg: Message, timeout: float | None = None) -> HostReply:
+            self.sent.append(msg)
+            return HostReply(Message("0410", {"11": msg.fields["11"]}), mac_ok=True)
+
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued(store)
+    entry = await run_until(sender_for(store, Silent("00"), metrics, backoff=(30.0,)), store, lambda e: e.attempts == 1)
+    assert (entry.state.value, entry.last_error) == ("pending", "host answered without a response code")
+
+
+async def test_a_25_after_a_late_approval_uses_one_attempt_not_more():
+    """With two attempts allowed, a 25 the journal refuses (the original was approved late) leaves one
+    attempt: the repeat goes out and the host's 00 ends the reversal, instead of it being parked."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    txn = await queued(store)
+    await store.record_late_answer(txn, "00")
+    link = ScriptedLink("25", "00")
+    entry = await run_until(sender_for(store, link, metrics, max_attempts=2), store,
+                            lambda e: e.state.value in ("done", "parked"))
+    assert (entry.state.value, entry.ack_rc, entry.total_attempts) == ("done", "00", 2)

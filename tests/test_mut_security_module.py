@@ -151,3 +151,42 @@ def test_working_keys_never_reach_the_disk_when_not_persisted(tmp_path, tmk):
     hsm.issue_working_keys(TID, "004")
     assert hsm.has_working_keys(TID)
     assert not SoftwareSecurityModule(KeyStore.open(path, lmk)).has_working_keys(TID)
+
+
+def _usages_on_disk(path, lmk) -> set[tuple[KeyUsage, str]]:
+    return {(k.usage, k.owner) for k in KeyStore.open(path, lmk).entries()}
+
+
+def test_unpersisted_working_keys_never_reach_the_store_file(tmp_path, tmk, zmk):
+    """With persistence off (the shared-session setup keeps them on the database), no save for another
+    key may write the terminals' session keys: not a host key exchange, not a key import, not another
+    process's change merged in. Once this was broken: installing a ZAK wrote every terminal's MAK."""
+    lmk = LocalMasterKey.generate()
+    path = tmp_path / "keys.store"
+    hsm = SoftwareSecurityModule(KeyStore.create(path, lmk), persist_working_keys=False)
+    assert not hsm.persist_working_keys
+    hsm.import_clear_key("TMK", tmk, TID)
+    hsm.import_clear_key("ZMK", zmk)
+    hsm.issue_working_keys(TID, "004")
+    _, under, kcv = alg.make_zone_key_under_zmk(zmk)
+    hsm.install_host_key("ZAK", under, kcv)          # saves the store
+    hsm.import_clear_key("TMK", alg.generate_key(16), "87654321")  # saves it again
+    # another process (the key CLI) adds a key meanwhile; our next save merges its file in
+    SoftwareSecurityModule(KeyStore.open(path, lmk)).import_clear_key("TMK", alg.generate_key(16), "33334444")
+    hsm.import_clear_key("TMK", alg.generate_key(16), "11112222")
+    on_disk = _usages_on_disk(path, lmk)
+    assert {u for u, _ in on_disk} == {KeyUsage.TMK, KeyUsage.ZMK, KeyUsage.ZAK}
+    # and the module still signs with the keys it keeps in memory, through those merges
+    assert hsm.has_working_keys(TID)
+    hsm.verify_terminal_mac(TID, b"0200 abc", hsm.generate_terminal_mac(TID, b"0200 abc"))
+
+
+def test_persisted_working_keys_are_on_the_store_file(tmp_path, tmk):
+    """The other side: with persistence on (the default), a restarted gateway finds the sessions."""
+    lmk = LocalMasterKey.generate()
+    path = tmp_path / "keys.store"
+    hsm = SoftwareSecurityModule(KeyStore.create(path, lmk))
+    assert hsm.persist_working_keys
+    hsm.import_clear_key("TMK", tmk, TID)
+    hsm.issue_working_keys(TID, "004")
+    assert SoftwareSecurityModule(KeyStore.open(path, lmk)).has_working_keys(TID)

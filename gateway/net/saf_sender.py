@@ -141,7 +141,7 @@ class SafSender:
             await self._failed(entry, attempts + 1, f"timeout: {exc}")
             return
         self.metrics.reversals_sent.inc()
-        rc = reply.message.get("39", "")
+        rc = reply.message.get("39")
         if rc in FINAL_RCS and reply.mac_ok:
             if await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time()):
                 self.metrics.reversals_acknowledged.inc()
@@ -150,7 +150,8 @@ class SafSender:
             else:
                 await self._failed(entry, attempts + 1, f"host answered {rc} but approved the original late")
         else:
-            await self._failed(entry, attempts + 1, f"host answered {rc}" + ("" if reply.mac_ok else " (bad MAC)"))
+            said = rc if rc is not None else "without a response code"  # the operator sees this line
+            await self._failed(entry, attempts + 1, f"host answered {said}" + ("" if reply.mac_ok else " (bad MAC)"))
 
     async def _failed(self, entry: SafEntry, attempts: int, error: str) -> None:
         saf_id = entry.saf_id

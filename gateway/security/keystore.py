@@ -215,6 +215,10 @@ class KeyStore:
         self._signature: tuple[int, int, int] | None = None
         #: serialises changes and saves (a sign-in may run in a worker thread); lookups stay lock-free
         self._mutex = threading.RLock()
+        #: usages kept in memory only: never written to the file, and never replaced by what is on it
+        #: (working keys, when the module does not persist them: a save for any other key must not
+        #: put every terminal's session keys on disk)
+        self.volatile: frozenset[KeyUsage] = frozenset()
 
     # --- opening -----------------------------------------------------------------------------------
 
@@ -347,8 +351,10 @@ class KeyStore:
 
     def _merge_disk(self) -> None:
         disk, signature = self._read()
-        merged: dict[_Slot, Key] = {}
+        merged: dict[_Slot, Key] = {slot: key for slot, key in self._keys.items() if slot[0] in self.volatile}
         for slot, key in disk.items():
+            if slot[0] in self.volatile:
+                continue  # ours stand (a stale copy a persisting run left must not come back)
             mine = self._keys.get(slot)
             # keep our object when it is the same key: it carries warmed-up cipher contexts
             merged[slot] = mine if mine is not None and mine.cipher.same_key(key.cipher) else key
@@ -388,6 +394,7 @@ class KeyStore:
                 "created": k.created,
             }
             for k in self.entries()
+            if k.usage not in self.volatile
         ]
         plaintext = json.dumps({"version": _FORMAT_VERSION, "keys": entries}, separators=(",", ":")).encode()
         header = MAGIC + self._lmk.check

@@ -114,6 +114,17 @@ class SoftwareSecurityModule:
         self._layouts = layouts
         self.persist_working_keys = persist_working_keys
 
+    @property
+    def persist_working_keys(self) -> bool:
+        """Whether terminals' working keys are written to the key store file. When not, the store
+        keeps them in memory only, so saving any other key (a host key exchange, an import) cannot
+        write them either."""
+        return not self.store.volatile
+
+    @persist_working_keys.setter
+    def persist_working_keys(self, persist: bool) -> None:
+        self.store.volatile = frozenset() if persist else frozenset(WORKING_USAGES)
+
     @classmethod
     def from_config(cls, config: SecurityConfig,
                     terminals: Iterable[TerminalEntry] = ()) -> SoftwareSecurityModule:
