@@ -286,3 +286,13 @@ def test_card_data_without_field_53_takes_the_track_as_clear_and_binds_the_pin_t
     assert card.pan == "6222021234567890123"
     assert card.fields == {"track2": track, "pin_block": "1111111111111111"}
     assert security.calls == [("pin", "10000001", "a1b2c3d4e5f60718", "6222021234567890123")]
+
+
+def test_the_pan_of_a_track_is_what_precedes_its_first_separator():
+    # the codec lets a second separator through in the discretionary data; the account number (for
+    # the mask and the fingerprint the journal keeps) is still the digits before the first one
+    security = _RecordingSecurity()
+    for track in ("6222021234567890123D3012101D000", "6222021234567890123=3012101=000"):
+        card = translate.card_data(Message("0200", {"35": track, "41": "10000001"}), security)  # type: ignore[arg-type]
+        assert card.pan == "6222021234567890123"
+    assert security.calls == []
