@@ -45,5 +45,17 @@ assert _pure.CUP.implementation == "pure" and _pure.ISO87.implementation == "pur
 # the same test functions (with their parametrisation, which names the pure codecs), collected here
 globals().update({name: obj for name, obj in vars(_pure).items() if name.startswith("test_")})
 
-CUP = _pure.CUP
-ISO87 = _pure.ISO87
+
+@pytest.fixture(autouse=True)
+def fresh_pure_codecs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets pure codecs built inside it, with empty plan caches: codecs built once at import
+    would answer every later test from plans cached by the first, so a broken bitmap walk or check
+    selection would go unseen. The objects are refilled in place because the parametrised tests hold
+    them since collection."""
+    monkeypatch.setattr(_compiled, "COMPILED", None)
+    for name, dialect in (("CUP", "cup-pos"), ("ISO87", "iso87-ascii")):
+        fresh = Codec(load_dialect(dialect))
+        assert fresh.implementation == "pure"
+        held = getattr(_pure, name)
+        for slot in ("decode", "dialect", "encode", "implementation", "lenient"):
+            setattr(held, slot, getattr(fresh, slot))
