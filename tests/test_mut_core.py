@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import datetime
 
 import pytest
 from test_store_support import PAN_KEY, request
@@ -296,3 +297,53 @@ def test_the_pan_of_a_track_is_what_precedes_its_first_separator():
         card = translate.card_data(Message("0200", {"35": track, "41": "10000001"}), security)  # type: ignore[arg-type]
         assert card.pan == "6222021234567890123"
     assert security.calls == []
+
+
+# --- a sign-in's key mode, the local time of a given moment ------------------------------------------
+
+@pytest.mark.parametrize("mode", ["001", "003", "004"])
+def test_the_sign_in_key_mode_is_60_3_whatever_follows_it(mode):
+    assert decisions.sign_in_request(Message("0800", {"60": "00000042" + mode}), "009") == ("000042", mode)
+    # 60 may carry more after 60.3 (a network management code): the mode is still those 3 digits
+    assert decisions.sign_in_request(Message("0800", {"60": "00000042" + mode + "0"}), "009") == ("000042", mode)
+    assert decisions.sign_in_request(Message("0800", {"60": "00000042" + "002"}), mode) == ("000042", mode)
+
+
+def test_local_time_fields_of_a_given_moment():
+    assert decisions.local_time_fields(datetime(2026, 12, 2, 9, 5, 7)) == {"field_12": "090507", "field_13": "1202"}
+
+
+# --- the host's approval is trusted only when it echoes what was asked --------------------------------
+
+HOST_REQUEST = Message("0200", {"3": "000000", "4": "000000001000", "41": "10000001"})
+
+
+def test_a_partial_approval_is_not_trusted_and_says_why():
+    host = Message("0210", dict(HOST_REQUEST.fields, **{"39": "10", "4": "000000000500"}))
+    assert decisions.check_host_answer(HOST_REQUEST, host, True) == \
+        "a partial approval (10), which the gateway does not offer terminals"
+
+
+@pytest.mark.parametrize(("key", "value"), [("3", "200000"), ("4", "000000009999"), ("41", "10000002")])
+def test_an_approval_for_another_processing_code_amount_or_terminal_is_not_trusted(key, value):
+    host = Message("0210", dict(HOST_REQUEST.fields, **{"39": "00", key: value}))
+    assert decisions.check_host_answer(HOST_REQUEST, host, True) == f"field {key} differs from the request"
+
+
+def test_an_approval_that_leaves_out_the_echoed_fields_is_trusted():
+    # hosts need not echo 3, 4 and 41: what is absent cannot differ
+    assert decisions.check_host_answer(HOST_REQUEST, Message("0210", {"39": "00"}), True) is None
+
+
+# --- 63.1, the card organisation, from the BIN: it decides the terminal's settlement group -----------
+
+@pytest.mark.parametrize(("pan", "org"), [
+    ("6222021234567890123", "CUP"), ("4111111111111111", "VIS"),
+    ("5105105105105100", "MCC"), ("5200828282828210", "MCC"), ("5300000000000006", "MCC"),
+    ("5400000000000005", "MCC"), ("5500000000000004", "MCC"), ("2221000000000009", "MCC"),
+    ("3530111333300000", "JCB"), ("340000000000009", "AMX"), ("370000000000002", "AMX"),
+    ("3600000000000008", "000"), ("5600000000000003", "000"), ("6011000000000004", "000"),
+    ("", "000"), (None, "000"),
+])
+def test_card_organisation_by_bin(pan, org):
+    assert translate.card_org(pan) == org
