@@ -18,9 +18,7 @@ from types import ModuleType
 import pytest
 
 from gateway.iso import _compiled
-from gateway.iso.codec import Codec, PureCodec, codec_implementation
-from gateway.iso.errors import CodecError
-from gateway.iso.message import Message
+from gateway.iso.codec import Codec
 from gateway.iso.spec import load_dialect
 
 
