@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import datetime
 
 import pytest
 from test_store_support import PAN_KEY, request
@@ -17,6 +18,7 @@ from gateway.core import clock, decisions, translate
 from gateway.core.limits import RiskLimits
 from gateway.core.reversal import build_host_reversal
 from gateway.core.sessions import SessionTable, next_batch
+from gateway.core.state import LocalLimits, LocalSessions
 from gateway.iso.build import TerminalIdent, cup
 from gateway.iso.message import Message
 from gateway.store import MemoryStore
@@ -189,3 +191,159 @@ def test_the_local_and_utc_fields_are_those_of_the_current_second(monkeypatch):
         time.strftime("%Y%m%d", local), time.strftime("%m%d%H%M%S", local), time.strftime("%H%M%S", local),
         time.strftime("%m%d", local))
     assert clock.utc_mmddhhmmss() == "0102030405"
+
+
+# --- a sign-in answer: the acquirer, the RRN, the key block as upper hex, our local time ------------
+
+def test_the_sign_in_answer_carries_acquirer_rrn_keys_and_local_time(monkeypatch):
+    second = 946_782_245
+    monkeypatch.setattr(time, "time", lambda: second + 0.25)
+    local = time.localtime(second)
+    req = cup.sign_in(TerminalIdent("10000001", "898100012340001"), "000001", "000042", "004")
+    out = decisions.sign_in_answer(req, bytes.fromhex("0a1b2c3d4e5f"), "12345678", "000000123456")
+    assert {k: out.fields.get(k) for k in ("39", "32", "37", "62", "12", "13")} == {
+        "39": "00", "32": "12345678", "37": "000000123456", "62": "0A1B2C3D4E5F",
+        "12": time.strftime("%H%M%S", local), "13": time.strftime("%m%d", local)}
+
+
+# --- an empty amount field is an amount of zero, like a missing one ---------------------------------
+
+EMPTY_AMOUNT = Message("0200", {"3": "200000", "4": "", "11": "000011"})
+
+
+def test_an_empty_amount_is_zero_for_voids_and_terminal_reversals():
+    assert decisions.original_problem(EMPTY_AMOUNT, record(amount=0), [], flow_name="void") is None
+    assert decisions.original_problem(EMPTY_AMOUNT, record(amount=1), [], flow_name="void") == "64"
+    assert decisions.terminal_reversal_rc(EMPTY_AMOUNT, record(amount=0), "25") == "00"
+    assert decisions.terminal_reversal_rc(EMPTY_AMOUNT, record(amount=1), "25") == "64"
+
+
+# --- a zero release for a terminal with nothing reserved leaves nothing reserved --------------------
+
+def test_releasing_nothing_for_an_idle_terminal_reserves_nothing():
+    limits = RiskLimits(LimitsConfig(per_transaction=1_000, per_day=1_000))
+    assert limits.reserve("10000001", 1_000, "20261202") is None
+    limits.release("10000002", 0, "20261202")
+    assert limits.used("10000002") == 0
+    assert limits.reserve("10000002", 1_000, "20261202") is None  # its whole day is still there
+
+
+# --- one instance's sessions and limits behave as the tables they wrap -------------------------------
+
+@pytest.mark.anyio
+async def test_local_sessions_keep_what_the_sign_in_said_and_never_refresh():
+    sessions = LocalSessions()
+    session = await sessions.sign_in("10000001", "898100012340001", "000042", "003")
+    assert sessions.get("10000001") == session
+    assert (session.terminal_id, session.merchant_id, session.batch, session.key_mode) == (
+        "10000001", "898100012340001", "000042", "003")
+    # a single instance has no shared copy: nothing else can have signed the terminal in
+    assert await sessions.refresh("10000001") is False
+    assert await sessions.refresh("10000009") is False
+    assert await sessions.close_batch("10000001") == "000043"
+    assert len(sessions) == 1
+    await sessions.sign_off("10000001")
+    assert sessions.get("10000001") is None and len(sessions) == 0
+
+
+@pytest.mark.anyio
+async def test_local_limits_count_per_terminal_and_per_day():
+    limits = LocalLimits(LimitsConfig(per_transaction=1_000, per_day=1_500))
+    assert await limits.reserve("10000001", 1_000, "20261202") is None
+    assert await limits.reserve("10000002", 1_000, "20261202") is None  # another terminal, its own day
+    assert (limits.used("10000001"), limits.used("10000002")) == (1_000, 1_000)
+    assert await limits.reserve("10000001", 600, "20261202") == "61"
+    # the next day starts from nothing
+    assert await limits.reserve("10000001", 1_000, "20261203") is None
+    assert limits.used("10000001") == 1_000 and limits.used("10000002") == 0
+    limits.release("10000001", 400, "20261203")
+    assert limits.used("10000001") == 600
+    limits.seed("20261203", {"10000002": 900})
+    assert await limits.reserve("10000002", 700, "20261203") == "61"
+
+
+# --- card data without field 53: a clear track, a PIN block bound to the PAN ---------------------------
+
+class _RecordingSecurity:
+    """The two security-module calls card_data makes, recorded (it must not decrypt a clear track)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def decrypt_track2(self, terminal_id: str, track: str) -> str:
+        self.calls.append(("decrypt", terminal_id, track))
+        return track
+
+    def translate_pin_to_host(self, terminal_id: str, pin_block: bytes, pan: str | None) -> bytes:
+        self.calls.append(("pin", terminal_id, pin_block.hex(), str(pan)))
+        return b"\x11" * 8
+
+
+def test_card_data_without_field_53_takes_the_track_as_clear_and_binds_the_pin_to_the_pan():
+    track = "6222021234567890123D30121010000000000"
+    req = Message("0200", {"35": track, "41": "10000001", "52": "A1B2C3D4E5F60718"})
+    security = _RecordingSecurity()
+    card = translate.card_data(req, security)  # type: ignore[arg-type]
+    assert card.pan == "6222021234567890123"
+    assert card.fields == {"track2": track, "pin_block": "1111111111111111"}
+    assert security.calls == [("pin", "10000001", "a1b2c3d4e5f60718", "6222021234567890123")]
+
+
+def test_the_pan_of_a_track_is_what_precedes_its_first_separator():
+    # the codec lets a second separator through in the discretionary data; the account number (for
+    # the mask and the fingerprint the journal keeps) is still the digits before the first one
+    security = _RecordingSecurity()
+    for track in ("6222021234567890123D3012101D000", "6222021234567890123=3012101=000"):
+        card = translate.card_data(Message("0200", {"35": track, "41": "10000001"}), security)  # type: ignore[arg-type]
+        assert card.pan == "6222021234567890123"
+    assert security.calls == []
+
+
+# --- a sign-in's key mode, the local time of a given moment ------------------------------------------
+
+@pytest.mark.parametrize("mode", ["001", "003", "004"])
+def test_the_sign_in_key_mode_is_60_3_whatever_follows_it(mode):
+    assert decisions.sign_in_request(Message("0800", {"60": "00000042" + mode}), "009") == ("000042", mode)
+    # 60 may carry more after 60.3 (a network management code): the mode is still those 3 digits
+    assert decisions.sign_in_request(Message("0800", {"60": "00000042" + mode + "0"}), "009") == ("000042", mode)
+    assert decisions.sign_in_request(Message("0800", {"60": "00000042" + "002"}), mode) == ("000042", mode)
+
+
+def test_local_time_fields_of_a_given_moment():
+    assert decisions.local_time_fields(datetime(2026, 12, 2, 9, 5, 7)) == {"field_12": "090507", "field_13": "1202"}
+
+
+# --- the host's approval is trusted only when it echoes what was asked --------------------------------
+
+HOST_REQUEST = Message("0200", {"3": "000000", "4": "000000001000", "41": "10000001"})
+
+
+def test_a_partial_approval_is_not_trusted_and_says_why():
+    host = Message("0210", dict(HOST_REQUEST.fields, **{"39": "10", "4": "000000000500"}))
+    assert decisions.check_host_answer(HOST_REQUEST, host, True) == \
+        "a partial approval (10), which the gateway does not offer terminals"
+
+
+@pytest.mark.parametrize(("key", "value"), [("3", "200000"), ("4", "000000009999"), ("41", "10000002")])
+def test_an_approval_for_another_processing_code_amount_or_terminal_is_not_trusted(key, value):
+    host = Message("0210", dict(HOST_REQUEST.fields, **{"39": "00", key: value}))
+    assert decisions.check_host_answer(HOST_REQUEST, host, True) == f"field {key} differs from the request"
+
+
+def test_an_approval_that_leaves_out_the_echoed_fields_is_trusted():
+    # hosts need not echo 3, 4 and 41: what is absent cannot differ
+    assert decisions.check_host_answer(HOST_REQUEST, Message("0210", {"39": "00"}), True) is None
+
+
+# --- 63.1, the card organisation, from the BIN: it decides the terminal's settlement group -----------
+
+@pytest.mark.parametrize(("pan", "org"), [
+    ("6222021234567890123", "CUP"), ("4111111111111111", "VIS"),
+    ("5105105105105100", "MCC"), ("5200828282828210", "MCC"), ("5300000000000006", "MCC"),
+    ("5400000000000005", "MCC"), ("5500000000000004", "MCC"), ("2221000000000009", "MCC"),
+    ("3530111333300000", "JCB"), ("340000000000009", "AMX"), ("370000000000002", "AMX"),
+    ("3600000000000008", "000"), ("5600000000000003", "000"), ("6011000000000004", "000"),
+    ("", "000"), (None, "000"),
+])
+def test_card_organisation_by_bin(pan, org):
+    assert translate.card_org(pan) == org
