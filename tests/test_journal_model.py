@@ -13,13 +13,15 @@ Invariants, besides "the store agrees with the model":
 - the daily limit never overshoots: what stands charged is within it, and the limits in memory never
   count less than what the journal says stands (after a crash they are seeded from the journal).
 
-Run against the memory and SQLite stores, and PostgreSQL with fewer examples (a schema per example).
+Run against the memory and SQLite stores, and PostgreSQL with fewer examples (a schema per example);
+about 15 s in all by default, `GATEWAY_HEAVY=1` for ten times as many examples.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import os
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -50,6 +52,10 @@ REVERSAL = frozenset({T.REVERSAL_QUEUED, T.REVERSED, T.REVERSAL_FAILED, T.REVERS
 REVERSIBLE = frozenset({T.PENDING, T.COMPLETED, T.TIMED_OUT, T.UNDELIVERABLE, T.HOST_REJECTED})
 #: the outcomes the service records with queue_reversal(state=...) for a purchase
 REVERSED_OUTCOMES = (T.TIMED_OUT, T.UNDELIVERABLE, T.HOST_REJECTED)
+#: purchase amounts: hypothesis favours small integers, so the limits' edges and big (four- and
+#: five-digit) amounts are drawn on purpose; a store that loses big amounts must meet them in a short run
+AMOUNTS = st.one_of(st.sampled_from((999, 1_000, 4_999, 5_000, 5_001)), st.integers(1_000, 6_000),
+                    st.integers(1, 6_000))
 
 
 @dataclass
@@ -143,7 +149,7 @@ class JournalMachine(RuleBasedStateMachine):
 
     # --- the exchange -------------------------------------------------------------------------------
 
-    @rule(terminal=st.sampled_from(TERMINALS), amount=st.integers(1, 6_000))
+    @rule(terminal=st.sampled_from(TERMINALS), amount=AMOUNTS)
     def purchase_request(self, terminal: str, amount: int) -> None:
         """Screened by the risk limits as the service does (reserve before journalling)."""
         if self.limits.reserve(terminal, amount, DAY) is not None:
@@ -343,6 +349,12 @@ class JournalMachine(RuleBasedStateMachine):
                 assert (entry.state, entry.attempts, entry.total_attempts) == (
                     txn.saf.state, txn.saf.attempts, txn.saf.total), (txn, entry)
             assert rec.state not in REVERSED_OUTCOMES, f"txn {txn.txn_id} {rec.state} with no reversal step"
+        # what the limits are seeded from after a crash: every completed purchase, whatever its amount
+        standing: dict[str, int] = {}
+        for txn in self.txns.values():
+            if txn.state is T.COMPLETED:
+                standing[txn.terminal] = standing.get(txn.terminal, 0) + txn.amount
+        assert self.call(self.store.purchase_totals_since, 0.0) == standing
 
     @invariant()
     def every_approval_is_delivered_or_reversed(self) -> None:
@@ -362,8 +374,12 @@ class JournalMachine(RuleBasedStateMachine):
                                                                              self.limits.used(terminal))
 
 
-#: examples per backend: sized for ≤ 30 s in all on the shared CI machine
-EXAMPLES = {"memory": 60, "sqlite": 30, "postgres": 8}
+#: examples per backend: sized for about 15 s in all on the shared CI machine (the memory model is
+#: cheap; PostgreSQL makes a schema per example); `GATEWAY_HEAVY=1` runs ten times as many. At the default
+#: size it still fails on a store that drops big amounts from the seeded totals, or that does not reopen
+#: a 25 whose original the host approved late (both planted by hand on SQLite, issue 16).
+HEAVY = 10 if os.environ.get("GATEWAY_HEAVY") == "1" else 1
+EXAMPLES = {"memory": 60 * HEAVY, "sqlite": 20 * HEAVY, "postgres": 6 * HEAVY}
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])

@@ -1,0 +1,280 @@
+"""What the journal accepts and how it reads it back (`gateway/store/records.py`), for mutation testing
+(issue 16): the edges of every check a record passes before it is journalled (a malformed one must be
+refused with the field named, never half written; a clear PAN must never reach the disk), the credit
+rules (a void or refund can never credit more than the sale), the settlement split, and what a record
+read back says (repeat or first attempt, approved or not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from test_store_support import PAN_KEY, TEST_PAN, request
+
+from gateway.store.errors import InvalidRecord
+from gateway.store.records import (
+    MAX_TEXT,
+    SAF_COLUMNS,
+    TXN_COLUMNS,
+    QueuedReversal,
+    RefusalRecord,
+    ReversalInitiator,
+    SafEntry,
+    SafState,
+    TxnKind,
+    TxnQuery,
+    TxnRecord,
+    TxnState,
+    check_id,
+    check_ident,
+    check_late_args,
+    check_limit,
+    check_outcome_args,
+    check_reason,
+    clip_text,
+    credit_refusal,
+    is_domestic,
+    not_found_overtaken,
+    pan_fingerprint,
+    parse_enum,
+    parse_outcome,
+    printable,
+    saf_from_row,
+    txn_from_row,
+)
+
+T = TxnState
+
+
+def record(**overrides: object) -> TxnRecord:
+    fields = {f.name: getattr(request(), f.name) for f in dataclasses.fields(request())}
+    fields.update({"txn_id": 1, "state": T.COMPLETED, "created_at": 100.0, "updated_at": 100.0})
+    fields.update(overrides)
+    return TxnRecord(**fields)  # type: ignore[arg-type]
+
+
+def refused(field: str, fn: object, *args: object, **kwargs: object) -> InvalidRecord:
+    with pytest.raises(InvalidRecord) as err:
+        fn(*args, **kwargs)  # type: ignore[operator]
+    assert err.value.field == field, err.value
+    return err.value
+
+
+# --- requests at the edges --------------------------------------------------------------------------
+
+
+def test_the_largest_amount_and_zero_are_journalled() -> None:
+    assert request(amount=10**12 - 1).amount == 10**12 - 1
+    assert request(amount=0).amount == 0
+
+
+@pytest.mark.parametrize(("field", "good", "bad"), [
+    ("host_mti", None, "020"), ("host_stan", None, "00001"), ("transmission_datetime", None, "112310150"),
+    ("pos_entry_mode", "0211", "02111"), ("pos_entry_mode", "0", ""), ("pos_condition_code", "00", "000"),
+    ("orig_batch", "000001", "00001"), ("orig_stan", "000002", "0000021"), ("orig_rrn", "123456789012", ""),
+    ("orig_rrn", "1", "1234567890123"), ("orig_date", "0115", "01150"), ("orig_auth_code", "123456", "1234567"),
+    ("orig_auth_code", "1", ""), ("orig_txn_id", 9, True), ("card_org", "", "VISA"), ("card_org", "VIS", "\x00"),
+    ("terminal_id", "T0000002", "T00000001"), ("merchant_id", "M00000000000002", "M0000000000000"),
+    ("currency", "156", "15"), ("batch", "000002", "0000012"), ("processing_code", "200000", "2000000"),
+])
+def test_each_field_is_checked_at_its_edges(field: str, good: object, bad: object) -> None:
+    good_one: dict[str, Any] = {field: good}
+    assert getattr(request(**good_one), field) == good
+    refused(field, request, **{field: bad})
+
+
+def test_a_masked_pan_shows_at_most_ten_digits_in_at_most_19_characters() -> None:
+    assert request(pan_masked="622202*********4321").pan_masked == "622202*********4321"
+    refused("pan_masked", request, pan_masked="622202**********4321")  # 20 characters
+    refused("pan_masked", request, pan_masked="6222021****4321")  # 11 digits shown
+    refused("pan_masked", request, pan_masked=None)
+
+
+def test_a_fingerprint_is_64_lowercase_hex_or_empty() -> None:
+    fp = pan_fingerprint(PAN_KEY, TEST_PAN)
+    assert request(pan_fingerprint=fp).pan_fingerprint == fp
+    refused("pan_fingerprint", request, pan_fingerprint=fp[:63])
+    refused("pan_fingerprint", request, pan_fingerprint=fp + "0")
+    refused("pan_fingerprint", request, pan_fingerprint="g" * 64)
+    refused("pan_fingerprint", request, pan_fingerprint=None)
+
+
+def test_a_pan_fingerprint_takes_8_to_19_digits_and_a_key_of_16_bytes() -> None:
+    assert len(pan_fingerprint(b"k" * 16, "12345678")) == 64
+    assert len(pan_fingerprint(b"k" * 16, "1" * 19)) == 64
+    refused("pan_key", pan_fingerprint, b"k" * 15, "12345678")
+    refused("pan_key", pan_fingerprint, "k" * 16, "12345678")
+    refused("pan", pan_fingerprint, b"k" * 16, "1234567")
+    refused("pan", pan_fingerprint, b"k" * 16, "1" * 20)
+    refused("pan", pan_fingerprint, b"k" * 16, 12345678)
+
+
+# --- argument checks --------------------------------------------------------------------------------
+
+
+def test_ids_and_limits_are_integers_never_booleans() -> None:
+    assert check_id(0, "txn_id") == 0 and check_limit(1) == 1
+    refused("saf_id", check_id, True, "saf_id")
+    refused("txn_id", check_id, "7", "txn_id")
+    for bad in (0, -1, True, 1.0):
+        refused("limit", check_limit, bad)
+
+
+def test_a_reversal_reason_is_two_letters_or_digits() -> None:
+    assert check_reason("A0") == "A0"
+    for bad in ("9", "981", "9 ", None):
+        refused("reason", check_reason, bad)
+
+
+def test_a_reversal_ident_is_a_stan_and_a_field_7() -> None:
+    check_ident("000001", "0115120000")
+    refused("reversal_stan", check_ident, "00001", "0115120000")
+    refused("reversal_datetime", check_ident, "000001", "011512000")
+
+
+def test_an_outcome_carries_at_most_a_2_character_rc_6_character_code_and_12_character_rrn() -> None:
+    check_outcome_args(1, "00", "123456", "123456789012")
+    check_outcome_args(1, None, None, None)
+    refused("txn_id", check_outcome_args, "1", "00", None, None)
+    refused("rc", check_outcome_args, 1, "000", None, None)
+    refused("rc", check_outcome_args, 1, "0", None, None)
+    refused("auth_code", check_outcome_args, 1, "00", "1234567", None)
+    refused("rrn", check_outcome_args, 1, "00", None, "1234567890123")
+
+
+def test_a_late_answer_is_journalled_whatever_its_code_but_not_a_negative_amount() -> None:
+    check_late_args("", None)
+    check_late_args("00", 0)
+    refused("rc", check_late_args, "000", None)
+    refused("rc", check_late_args, None, None)
+    for bad in (-1, True, "5"):
+        refused("amount", check_late_args, "00", bad)
+
+
+def test_states_are_parsed_strictly() -> None:
+    assert parse_enum(SafState, "parked", "state") is SafState.PARKED
+    err = refused("state", parse_enum, SafState, "lost", "state")
+    assert "SafState" in str(err)
+    refused("state", parse_enum, SafState, 1, "state")
+    assert parse_outcome("declined") is T.DECLINED
+    err = refused("state", parse_outcome, "reversed")
+    assert "reversed is not an outcome" in str(err)
+
+
+def test_free_text_is_clipped_and_a_pan_in_it_is_masked() -> None:
+    text = clip_text(f"host said: card {TEST_PAN} refused", "last_error")
+    assert TEST_PAN not in text and "622202" in text and TEST_PAN[-4:] in text
+    assert clip_text("x" * (MAX_TEXT + 10), "last_error") == "x" * MAX_TEXT
+    assert clip_text("", "last_error") == ""
+    refused("reason", clip_text, "  ", "reason", required=True)
+    refused("note", clip_text, None, "note")
+    assert "non-empty" in str(refused("reason", clip_text, "", "reason", required=True))
+
+
+def test_a_refusal_keeps_what_the_terminal_sent_shown_safely() -> None:
+    rec = RefusalRecord(terminal_id="T\x01" + "x" * 20, mti="02000", rc="A0", reason=f"bad MAC {TEST_PAN}",
+                        batch="0000017", stan="12345678", merchant_id="M" * 20, amount=0)
+    assert rec.terminal_id == "T?" + "x" * 14 and rec.mti == "0200"
+    assert (rec.batch, rec.stan, rec.merchant_id) == ("000001", "123456", "M" * 15)
+    assert TEST_PAN not in rec.reason
+    assert printable(TEST_PAN, 19) != TEST_PAN and printable(12, 4) == "12"
+    with pytest.raises(InvalidRecord):
+        RefusalRecord(terminal_id="T1", mti="0200", rc="A0", reason="x", amount=10**12)
+    with pytest.raises(InvalidRecord):
+        RefusalRecord(terminal_id="T1", mti="0200", rc="A0", reason="x", amount=-1)
+    with pytest.raises(InvalidRecord):
+        RefusalRecord(terminal_id="T1", mti="0200", rc="A0", reason="x", kind="k" * 21)
+    assert RefusalRecord(terminal_id="T1", mti="0200", rc="A0", reason="x", amount=10**12 - 1).amount
+
+
+# --- credits ----------------------------------------------------------------------------------------
+
+
+def test_a_void_or_refund_needs_a_completed_purchase() -> None:
+    sale = record(amount=500)
+    assert credit_refusal(TxnKind.REFUND, 100, None, []) == "25"
+    assert credit_refusal(TxnKind.REFUND, 100, record(kind=TxnKind.PREAUTH), []) == "12"
+    assert credit_refusal(TxnKind.REFUND, 100, record(state=T.REVERSED), []) == "12"
+    assert credit_refusal(TxnKind.VOID, 500, sale, []) is None
+    assert credit_refusal(TxnKind.VOID, 499, sale, []) == "64"
+
+
+def test_refunds_together_never_exceed_the_sale_and_in_flight_ones_count() -> None:
+    sale = record(amount=500)
+    done = record(txn_id=2, kind=TxnKind.REFUND, amount=300, state=T.COMPLETED)
+    flying = record(txn_id=3, kind=TxnKind.REFUND, amount=100, state=T.PENDING)
+    failed = record(txn_id=4, kind=TxnKind.REFUND, amount=400, state=T.DECLINED)
+    assert credit_refusal(TxnKind.REFUND, 200, sale, [done]) is None
+    assert credit_refusal(TxnKind.REFUND, 201, sale, [done]) == "64"
+    assert credit_refusal(TxnKind.REFUND, 101, sale, [done, flying]) == "64"
+    assert credit_refusal(TxnKind.REFUND, 100, sale, [done, flying, failed]) is None
+
+
+def test_a_voided_sale_takes_no_more_credits_and_a_void_waits_for_no_refund() -> None:
+    sale = record(amount=500)
+    void = record(txn_id=2, kind=TxnKind.VOID, amount=500, state=T.PENDING)
+    refund = record(txn_id=3, kind=TxnKind.REFUND, amount=1, state=T.COMPLETED)
+    assert credit_refusal(TxnKind.REFUND, 1, sale, [void]) == "12"
+    assert credit_refusal(TxnKind.VOID, 500, sale, [void]) == "12"
+    assert credit_refusal(TxnKind.VOID, 500, sale, [refund]) == "12"
+    assert credit_refusal(TxnKind.VOID, 500, sale, [record(txn_id=2, kind=TxnKind.VOID, state=T.DECLINED)]) is None
+
+
+# --- reading back -----------------------------------------------------------------------------------
+
+
+def test_a_row_reads_back_as_the_record_with_its_enums() -> None:
+    rec = record(state=T.REVERSED, reversed_from=T.TIMED_OUT, reversal_initiator=ReversalInitiator.TERMINAL,
+                 rc="11")
+    row = tuple(str(v) if isinstance(v, TxnKind | TxnState | ReversalInitiator) else v
+                for v in (getattr(rec, c) for c in TXN_COLUMNS))
+    back = txn_from_row(row)
+    assert back == rec
+    assert back.kind is TxnKind.PURCHASE and back.state is T.REVERSED and back.reversed_from is T.TIMED_OUT
+    assert back.reversal_initiator is ReversalInitiator.TERMINAL
+    assert back.approved and not record(rc="10").approved and not record(rc=None).approved
+    plain = txn_from_row(tuple(getattr(record(), c) for c in TXN_COLUMNS))
+    assert plain.reversed_from is None and plain.reversal_initiator is None
+
+
+def entry(**overrides: object) -> SafEntry:
+    values: dict[str, object] = {"saf_id": 3, "txn_id": 1, "state": "pending", "reason": "98", "initiator": "gateway",
+                                 "attempts": 0, "total_attempts": 0, "queued_at": 1.0, "next_attempt_at": 1.0,
+                                 "updated_at": 1.0}
+    values.update(overrides)
+    row = tuple(values.get(c) for c in SAF_COLUMNS)
+    return saf_from_row(row, record())
+
+
+def test_a_reversal_is_sent_as_a_repeat_once_an_attempt_may_have_reached_the_host() -> None:
+    first = entry()
+    assert first.state is SafState.PENDING and first.initiator is ReversalInitiator.GATEWAY
+    assert not first.is_repeat
+    assert entry(attempts=1).is_repeat
+    assert entry(reversal_stan="000001").is_repeat
+    queued = QueuedReversal(first, created=False)
+    assert not queued and queued.saf_id == 3 and QueuedReversal(first, created=True)
+
+
+def test_a_25_stands_unless_the_original_was_approved_late() -> None:
+    assert not_found_overtaken("25", 5.0)
+    assert not not_found_overtaken("25", None)
+    assert not not_found_overtaken("00", 5.0)
+
+
+def test_an_operator_search_matches_every_given_filter_and_the_time_window() -> None:
+    rec = record(created_at=100.0)
+    assert TxnQuery().matches(rec)
+    assert TxnQuery(terminal_id="T0000001", amount=1000, since=100.0, until=100.5).matches(rec)
+    assert not TxnQuery(terminal_id="T0000002").matches(rec)
+    assert not TxnQuery(since=100.5).matches(rec)
+    assert not TxnQuery(until=100.0).matches(rec)  # until is exclusive
+    assert TxnQuery(amount=1000, state=T.COMPLETED).equalities() == {"amount": 1000, "state": T.COMPLETED}
+    assert TxnQuery(since=1.0).equalities() == {}
+
+
+def test_cards_with_an_unknown_organisation_settle_as_domestic() -> None:
+    assert is_domestic("CUP") and is_domestic("000") and is_domestic("")
+    assert not is_domestic("VIS")
