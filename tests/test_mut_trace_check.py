@@ -21,7 +21,6 @@ from gateway.trace.encoder import TraceEncoder
 from gateway.trace.format import (
     Direction,
     EventKind,
-    FrameRecord,
     Leg,
     Record,
     TraceFormatError,
@@ -29,7 +28,7 @@ from gateway.trace.format import (
     read_trace,
     write_records,
 )
-from tests.test_trace_offline import CUP, ENV, FRAMINGS, IDENT, ISO, LEGS, CARD_CUP
+from tests.test_trace_offline import CARD_CUP, CUP, ENV, FRAMINGS, IDENT, ISO, LEGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
