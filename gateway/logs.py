@@ -8,7 +8,8 @@ the masked message trace.
   masked message trace; `-vv` also lets other libraries' (asyncio's, ...) debug lines through.
 - `json`: one object per line with `time` (UTC, ISO 8601, ms), `level`, `logger`, `message`, and, when
   the line was logged while a transaction was being processed, its `txn_id`, `terminal`, `stan`, `mti`,
-  `flow` and `rc` as keys (whatever is known by then); `exception` holds a traceback.
+  `flow` and `rc` as keys (whatever is known by then); `exception` holds a traceback; a worker of
+  `serve --workers N` adds `worker` (its index; in text lines `worker K` before the logger's name).
 - The transaction context is a `ContextVar` the service sets once per terminal request
   (`begin_transaction`) and fills in as it goes (`note`): every log line of that request's task, the
   host link's included, carries it without being passed anything.
@@ -37,6 +38,10 @@ from gateway.iso.message import Message
 FORMATS: Final = ("text", "json")
 LEVEL_ENV: Final = "GATEWAY_LOG_LEVEL"
 FORMAT_ENV: Final = "GATEWAY_LOG_FORMAT"
+#: set by `gateway serve --workers N` for each worker ("index/N"): every line a worker logs says which
+#: worker it is, since the workers share the group's stderr (defined here, not in `gateway.workers`, so
+#: that logging needs nothing of the process group)
+WORKER_SLOT_ENV: Final = "GATEWAY_WORKER_SLOT"
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: the message trace's logger (a child of "gateway": on whenever the gateway logs at DEBUG)
 WIRE_LOGGER: Final = "gateway.wire"
@@ -153,10 +158,11 @@ class ThresholdFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """The classic line, with the transaction's identifiers appended in brackets when there are any."""
+    """The classic line, with the transaction's identifiers appended in brackets when there are any;
+    a worker of `serve --workers` puts `worker <index>` before the logger's name."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__(TEXT_FORMAT.replace("%(name)s", f"worker {worker} %(name)s") if worker else TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -169,6 +175,10 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line (keys described in the module docstring)."""
 
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
@@ -176,6 +186,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker:
+            out["worker"] = self.worker
         out.update(getattr(record, "txn", {}))
         wire = getattr(record, "wire", None)
         if wire is not None:
@@ -204,6 +216,12 @@ def levels_for(verbosity: int, command: str | None) -> tuple[int, int]:
     return level, logging.DEBUG if verbosity >= 2 else logging.WARNING
 
 
+def _worker_index(slot: str | None) -> str | None:
+    """"2/4" → "2"; anything malformed is left to `gateway.workers` to refuse (no tag here)."""
+    index = (slot or "").partition("/")[0].strip()
+    return index if index.isdigit() else None
+
+
 def parse_level(text: str) -> int:
     level = _LEVEL_NAMES.get(text.strip().lower())
     if level is None:
@@ -230,7 +248,8 @@ def configure(verbosity: int = 0, fmt: str | None = None, *, command: str | None
         level = parse_level(env[LEVEL_ENV])
     chosen = parse_format(fmt or env.get(FORMAT_ENV) or "text")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
+    worker = _worker_index(env.get(WORKER_SLOT_ENV))
+    handler.setFormatter(JsonFormatter(worker) if chosen == "json" else TextFormatter(worker))
     handler.addFilter(ThresholdFilter(level, others))
     handler.addFilter(ContextFilter())
     handler._gateway = True  # type: ignore[attr-defined]

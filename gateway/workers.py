@@ -69,6 +69,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gateway.config import ConfigError, GatewayConfig
+from gateway.logs import WORKER_SLOT_ENV
 from gateway.metrics import Metrics
 from gateway.net.admin import AdminHandler, parse_request_line, render_response
 
@@ -87,7 +88,7 @@ START_TIMEOUT: Final = 120.0
 #: a worker's /metrics or /readyz, fetched by the parent
 FETCH_TIMEOUT: Final = 3.0
 #: environment of a worker: its slot and the fd of its lifeline socket
-SLOT_ENV: Final = "GATEWAY_WORKER_SLOT"
+SLOT_ENV: Final = WORKER_SLOT_ENV
 LIFELINE_ENV: Final = "GATEWAY_WORKER_LIFELINE_FD"
 INSTANCE_ENV: Final = "GATEWAY_STORE__INSTANCE_ID"
 ADMIN_ENV: Final = "GATEWAY_ADMIN__LISTEN"

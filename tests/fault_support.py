@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 
 from gateway.config import load_config
+from gateway.workers import fetch
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -161,18 +162,10 @@ class PipedGateway:
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
-    """A GET on the child's admin endpoint: (status, body)."""
-    with anyio.fail_after(5):
-        async with await anyio.connect_tcp(LOOPBACK, port) as stream:
-            await stream.send(f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode())
-            data = bytearray()
-            try:
-                async for chunk in stream:
-                    data += chunk
-            except anyio.BrokenResourceError:
-                pass
-    head, _, body = bytes(data).partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body.decode()
+    """A GET on the child's admin endpoint: (status, body). The supervisor's own client (an OSError when
+    the answer is not HTTP)."""
+    status, body = await fetch(port, path, timeout=5)
+    return status, body.decode()
 
 
 async def wait_until_up(gateway: PipedGateway, admin_port: int, timeout: float = 15.0) -> None:

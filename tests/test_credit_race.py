@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
 import pg_support
@@ -75,6 +76,19 @@ def _txn(kind: TxnKind, state: TxnState, amount: int) -> TxnRecord:
         ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.COMPLETED, 500)], "64"),
         ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.DECLINED, 500)], None),
         ("refund", 500, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.REVERSED, 500)], None),
+        # a refund is not reversible: timed out, undeliverable or rejected after approval, the host may
+        # have credited it — a second one could credit twice (an operator settles those)
+        ("refund", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.REFUND, TxnState.TIMED_OUT, SALE)], "64"),
+        ("refund", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED),
+         [(TxnKind.REFUND, TxnState.UNDELIVERABLE, SALE)], "64"),
+        ("refund", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED),
+         [(TxnKind.REFUND, TxnState.HOST_REJECTED, SALE)], "64"),
+        # a void whose reversal is still open (queued, parked, dropped by an operator): the host may hold it
+        ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.REVERSAL_QUEUED, SALE)], "12"),
+        ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.REVERSAL_FAILED, SALE)], "12"),
+        ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED),
+         [(TxnKind.VOID, TxnState.REVERSAL_DROPPED, SALE)], "12"),
+        ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.REVERSED, SALE)], None),
         ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.PENDING, SALE)], "12"),
         ("refund", 100, (TxnKind.PURCHASE, TxnState.COMPLETED), [(TxnKind.VOID, TxnState.DECLINED, SALE)], None),
         ("void", SALE, (TxnKind.PURCHASE, TxnState.COMPLETED), [], None),
@@ -148,6 +162,20 @@ async def test_a_void_is_refused_while_a_refund_stands_and_a_refund_while_a_void
         assert await store.find_original("T0000001", "000001", "000005") is None
 
 
+async def test_a_refund_whose_outcome_is_unknown_still_counts_against_the_sale(kind: str, tmp_path: Path) -> None:
+    """A refund cannot be reversed: timed out (the terminal printed 98) the host may still have credited
+    it, so the cashier's retry of the full amount is refused until an operator settles the first."""
+    async with open_store(kind, tmp_path) as store:
+        sale = await completed_sale(store)
+        first = await store.record_request(refund("000002", sale, SALE))
+        await store.record_outcome(first, "timed_out")
+        with pytest.raises(OriginalRefused) as err:
+            await store.record_request(refund("000003", sale, SALE))
+        assert err.value.rc == "64"
+        refs = await store.find_referencing(sale)
+        assert [(r.txn_id, r.state) for r in refs] == [(first, TxnState.TIMED_OUT)]
+
+
 async def test_sqlite_refused_write_does_not_fail_the_rest_of_its_batch(tmp_path: Path) -> None:
     """The check raises before the insert (no savepoint for this write): a purchase in the same commit
     batch is journalled."""
@@ -185,11 +213,27 @@ async def _waiting_for_locks(url: str, count: int) -> None:
             await anyio.sleep(0.02)
 
 
-async def test_two_instances_refunding_one_sale_at_the_same_moment_journal_one(tmp_path: Path) -> None:
+#: a server whose default isolation is REPEATABLE READ (a DBA's choice): the journal's writes must still
+#: read, after their row lock, what the other instance committed meanwhile
+REPEATABLE_READ = "-cdefault_transaction_isolation=repeatable\\ read"
+
+
+@pytest.mark.parametrize("server_options", ["", REPEATABLE_READ], ids=["server-default", "repeatable-read"])
+async def test_two_instances_refunding_one_sale_at_the_same_moment_journal_one(
+        tmp_path: Path, server_options: str) -> None:
     """Both instances' writes reach the database while a third session holds the sale's row: both pass
     any read made before the lock. Released, exactly one refund is journalled; the other instance gets
-    64. (Without the row lock both reads see no refund and both inserts succeed.)"""
+    64. (Without the row lock both reads see no refund and both inserts succeed; under REPEATABLE READ
+    the read after the lock would still see the snapshot from before it.)"""
     url = await anyio.to_thread.run_sync(pg_support.schema_url, pg_support.database(), str(tmp_path))
+    if server_options:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        query["options"] = (query.get("options", "") + " " + server_options).strip()
+        url = urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+        with psycopg.connect(url, autocommit=True) as plain:  # the setting the test means to survive
+            row = plain.execute("SHOW default_transaction_isolation").fetchone()
+            assert row is not None and row[0] == "repeatable read"
     async with (PostgresStore.open(url, pan_key=b"k" * 32, instance_id="a") as a,
                 PostgresStore.open(url, pan_key=b"k" * 32, instance_id="b") as b):
         sale = await completed_sale(a)
@@ -221,6 +265,7 @@ async def test_two_instances_refunding_one_sale_at_the_same_moment_journal_one(t
 # --- the service: the terminal gets the journal's answer ------------------------------------------------
 
 
+@pytest.mark.secret_scan
 async def test_racing_refunds_through_the_gateway_get_one_approval_and_one_64(tmp_path: Path) -> None:
     """Two refunds of 60 % of a sale from two connections, held until both passed the service's own check
     (as when they arrive together): the host sees one, the terminal gets 64 for the other, and the

@@ -104,4 +104,10 @@ async def test_postgres_store_makes_its_commits_durable_when_the_server_default_
             return str(row[0])
 
         assert await anyio.to_thread.run_sync(synchronous_commit) == "on"
+        # the server restarts or the network breaks: the writer's next session must ask again
+        await anyio.to_thread.run_sync(writer.close)
+        await store.record_request(request("000002"))
+        writer = store._writer
+        assert writer is not None and not writer.closed
+        assert await anyio.to_thread.run_sync(synchronous_commit) == "on"
     assert any("synchronous_commit is off" in r.getMessage() for r in caplog.records)

@@ -160,6 +160,25 @@ def test_text_lines_append_the_context(restore_logging):
                          "[terminal=10000001 stan=000007 mti=0200]")
 
 
+def test_a_worker_of_a_group_tags_every_line(restore_logging):
+    stream = io.StringIO()
+    logs.configure(0, "text", command="serve", stream=stream, environ={logs.WORKER_SLOT_ENV: "1/2"})
+    logging.getLogger("gateway.flow").info("terminal signed in")
+    logging.getLogger("asyncio").warning("slow callback")  # other libraries' lines too
+    logs.configure(0, "json", command="serve", stream=stream, environ={logs.WORKER_SLOT_ENV: "1/2"})
+    logging.getLogger("gateway.flow").info("terminal signed in")
+    text1, text2, line = stream.getvalue().splitlines()
+    assert text1.endswith("INFO worker 1 gateway.flow: terminal signed in")
+    assert text2.endswith("WARNING worker 1 asyncio: slow callback")
+    assert json.loads(line)["worker"] == "1"
+    # a lone gateway (no slot, or a malformed one that `gateway.workers` refuses) has no tag
+    for environ in ({}, {logs.WORKER_SLOT_ENV: "x/2"}):
+        stream = io.StringIO()
+        logs.configure(0, "text", command="serve", stream=stream, environ=environ)
+        logging.getLogger("gateway.flow").info("up")
+        assert stream.getvalue().strip().endswith("INFO gateway.flow: up")
+
+
 def test_the_trace_masks_every_secret_field(restore_logging):
     stream = io.StringIO()
     logs.configure(2, "json", stream=stream)

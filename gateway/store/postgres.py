@@ -196,6 +196,13 @@ def _safs(conn: Conn, where: str, params: Sequence[object]) -> list[SafEntry]:
     return _saf_rows(conn.execute(f"{_SAF_SELECT} WHERE {where}", params).fetchall())
 
 
+#: every journal write's transaction. READ COMMITTED whatever the server's default_transaction_isolation:
+#: the writes lock a row (FOR UPDATE) and then read what others committed meanwhile (a void's or refund's
+#: earlier credits, a transaction's state); under REPEATABLE READ that read would see the snapshot from
+#: before the lock wait, and two instances could both pass a check only one may pass
+_BEGIN: Final = "BEGIN ISOLATION LEVEL READ COMMITTED"
+
+
 def _lock_txn(conn: Conn, txn_id: int) -> TxnView:
     row = conn.execute("SELECT state, reversal_rc, late_approved_at FROM txn WHERE txn_id = %s FOR UPDATE",
                        (txn_id,)).fetchone()
@@ -635,6 +642,7 @@ class PostgresStore:
         if conn.closed or conn.broken:  # the server restarted or the network broke: one new try per batch
             conn.close()
             self._writer = conn = self._connection()
+            self._make_commits_durable(conn)  # a session setting: the new session needs it too
         return conn
 
     def _apply_batch(self, writes: Sequence[Write[Conn]]) -> None:
@@ -679,7 +687,7 @@ class PostgresStore:
     def _pipelined(conn: Conn, writes: Sequence[Write[Conn]]) -> list[Finisher]:
         finishers: list[Finisher] = []
         with conn.pipeline():
-            conn.execute("BEGIN")
+            conn.execute(_BEGIN)
             for write in writes:
                 try:
                     finishers.append(write.op(conn, *write.args))
@@ -692,7 +700,7 @@ class PostgresStore:
 
     @staticmethod
     def _one_by_one(conn: Conn, writes: Sequence[Write[Conn]]) -> None:
-        conn.execute("BEGIN")
+        conn.execute(_BEGIN)
         for write in writes:
             conn.execute("SAVEPOINT w")
             try:

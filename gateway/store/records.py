@@ -153,6 +153,8 @@ DOMESTIC_CARD_ORGS: Final = frozenset({"CUP", "000", ""})
 
 #: the kinds whose amount is checked against their original's, before they go out and again when written
 CHECKED_CREDIT_KINDS: Final = frozenset({TxnKind.VOID, TxnKind.REFUND})
+#: the states of a void or refund after which it surely did not move money
+_NO_MONEY_MOVED: Final = frozenset({TxnState.DECLINED, TxnState.REVERSED})
 
 
 def credit_refusal(kind: TxnKind | str, amount: int, original: TxnRecord | None,
@@ -160,15 +162,18 @@ def credit_refusal(kind: TxnKind | str, amount: int, original: TxnRecord | None,
     """For a void or refund of `amount` against `original`: 25 no original, 12 the original is not a
     completed purchase or was voided already, 64 the amount does not fit (a void must equal the
     original; refunds together may not exceed it). `earlier` are the voids/refunds already journalled
-    against the original: those completed or still in flight count, so two refunds sent back to back
-    cannot both pass before either is answered. The service asks before sending; the stores ask again
-    inside the write that journals the request, where no other void or refund can slip in between.
-    A void after a standing refund is refused too (12): it would credit the whole sale again."""
+    against the original: every one counts unless it is known that no money moved (declined, or
+    reversed). In flight, timed out (a refund is not reversible: the host may have credited it),
+    undeliverable or rejected after the host approved it, or a void whose reversal is still open: the
+    host may hold it, so a second one could credit the cardholder twice; an operator settles those.
+    The service asks before sending; the stores ask again inside the write that journals the request,
+    where no other void or refund can slip in between. A void after a standing refund is refused too
+    (12): it would credit the whole sale again."""
     if original is None:
         return "25"
     if original.kind != TxnKind.PURCHASE or original.state is not TxnState.COMPLETED:
         return "12"
-    standing = [r for r in earlier if r.state in (TxnState.COMPLETED, TxnState.PENDING)]
+    standing = [r for r in earlier if r.state not in _NO_MONEY_MOVED]
     if any(r.kind == TxnKind.VOID for r in standing):
         return "12"
     if kind == TxnKind.VOID:
