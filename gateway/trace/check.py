@@ -39,6 +39,7 @@ from gateway.iso.framing import CupEnvelope
 from gateway.iso.message import Message
 from gateway.iso.mti import is_request, match_class, original_mti
 from gateway.iso.validate import echo_mismatches
+from gateway.store.records import CHARGED_RCS
 from gateway.trace.codecs import make_codec, make_trace_framer
 from gateway.trace.format import (
     Direction,
@@ -165,8 +166,10 @@ class Checker:
         self._link_by_seq = _Bounded(o.max_entries)  #: terminal request seq → _Link (a frame's `cause`)
         self.frames = 0
         self.events = 0
+        self.undecodable = 0  #: frames the recorder or importer could not decode (`undecodable` events)
         self._first_t: float | None = None
         self._now = 0.0
+        self._last_undecodable: EventRecord | None = None
 
     # --- findings ----------------------------------------------------------------------------------
 
@@ -381,7 +384,7 @@ class Checker:
                        got=rec.mti if k == "t" else _show(rec, k), rule="echo")
         rc = rec.fields.get("39", "")
         if rec.leg is Leg.HOST and req.dir is Direction.OUT and req.mti[1] in "12":
-            if rc == "00" and req.fields.get("3", "")[:2] in _REVERSIBLE_HOST:
+            if rc in CHARGED_RCS and req.fields.get("3", "")[:2] in _REVERSIBLE_HOST:
                 identity = _identity(req)
                 if _seen(identity) not in self._reversed:
                     self._approvals.put(identity, _Approval(rec, req.fields.get("41", "")))
@@ -401,10 +404,10 @@ class Checker:
                            rc: str | None = None) -> None:
         if rc is None and isinstance(rec, FrameRecord):
             rc = rec.fields.get("39", "")
-        if rc == "00" and link.timed_out:
+        if rc in CHARGED_RCS and link.timed_out:
             self._find("late", FindingKind.INVARIANT, "the terminal got an approval although its upstream request "
                        f"had timed out (request #{link.terminal.seq})", rec, rule="late")
-        if delivered and rc == "00" and link.host_key is not None:
+        if delivered and rc in CHARGED_RCS and link.host_key is not None:
             self._approvals.pop(link.host_key, None)  # delivered
         if link.link_key is not None:
             self._links.pop(link.link_key, None)  # the terminal has its answer: nothing more to link
@@ -412,7 +415,7 @@ class Checker:
     def _late_answer(self, entry: _Open, rec: FrameRecord) -> None:
         """An answer after its request's timeout: recorded, and its approval must be reversed."""
         req = entry.rec
-        if (rec.leg is Leg.HOST and rec.fields.get("39") == "00" and req.mti[1] in "12"
+        if (rec.leg is Leg.HOST and rec.fields.get("39") in CHARGED_RCS and req.mti[1] in "12"
                 and req.fields.get("3", "")[:2] in _REVERSIBLE_HOST):
             identity = _identity(req)
             if _seen(identity) not in self._reversed:
@@ -422,7 +425,10 @@ class Checker:
 
     def _event(self, rec: EventRecord) -> None:
         kind = rec.event
-        if kind is EventKind.TIMEOUT:
+        if kind is EventKind.UNDECODABLE:
+            self.undecodable += 1
+            self._last_undecodable = rec
+        elif kind is EventKind.TIMEOUT:
             parts = parse_match_key(rec.detail)
             entry = self._find_open(rec, parts)
             if entry is None:
@@ -506,6 +512,12 @@ class Checker:
 
     def results(self) -> list[CaseResult]:
         """Finish the stream (what is still open is reported) and give the cases."""
+        if self.undecodable and not self.frames:
+            # a stray undecodable line in a dump is tolerated, but a trace of nothing else checked
+            # nothing: passing it would certify a capture of the wrong dialect or framing as conformant
+            self._find("decode", FindingKind.DECODE,
+                       f"no frame of the trace decodes ({self.undecodable:,} undecodable, the last: "
+                       f"{self._last_undecodable.detail if self._last_undecodable else ''})", self._last_undecodable)
         for _, (_key, entry) in list(self._open_order.items()):
             self._find("pairing", FindingKind.MISSING_FRAME, "no answer and no timeout recorded (end of trace)",
                        entry.rec)

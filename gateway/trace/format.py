@@ -28,12 +28,15 @@ names no frame seen (a rotated-away part) is ignored.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, Final
+
+log = logging.getLogger("gateway.trace.format")
 
 FORMAT_VERSION: Final = 1
 
@@ -228,12 +231,32 @@ def _records(f: IO[str]) -> Iterator[Record]:
         try:
             for lineno, line in enumerate(f, start=2):
                 if line.strip():
-                    rec = parse_line(line, lineno)
+                    try:
+                        rec = parse_line(line, lineno)
+                    except TraceFormatError as exc:
+                        if line.endswith("\n"):
+                            raise
+                        # no newline: the file's last line, cut off by a crash mid-write; what came
+                        # before it is a whole trace, so it is read rather than lost with it
+                        log.warning("%s: the last line (%d) is cut off, read up to the line before: %s",
+                                    f.name, lineno, exc)
+                        return
                     if isinstance(rec, TraceHeader):
                         raise TraceFormatError(f"line {lineno}: a second trace header")
                     yield rec
         except UnicodeDecodeError:
             raise TraceFormatError(f"{f.name}: not UTF-8 text after line {lineno}") from None
+
+
+def validate_trace(path: Path) -> tuple[TraceHeader, int]:
+    """Read a whole trace once, as `read_trace` would (streamed): its header and its number of
+    records, or the `TraceFormatError` naming the first bad line. A replay calls it before it
+    listens or connects, so a malformed trace is refused at once, not after the SUT has signed on."""
+    header, records = read_trace(path)
+    n = 0
+    for _ in records:
+        n += 1
+    return header, n
 
 
 def write_records(out: IO[str], header: TraceHeader, records: Iterable[Record]) -> int:

@@ -33,7 +33,7 @@ from gateway.iso.mti import response_mti
 from gateway.sim.keyfile import LabKeys
 from gateway.trace.cases import DEFAULT_DIALECTS, Case, CaseAssembler, CaseKind, ConnEnd, Exchange, Item
 from gateway.trace.compare import Comparison, Seen, Where, compare, flow_of, message_key, substitute_refs
-from gateway.trace.format import FrameRecord, Leg, TraceHeader, read_trace
+from gateway.trace.format import FrameRecord, Leg, TraceFormatError, TraceHeader, read_trace, validate_trace
 from gateway.trace.pace import Pace
 from gateway.trace.player import Answer, PlayerError, TerminalPlayer, WorkingKeys, lab_terminal
 from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind, finding_order
@@ -586,6 +586,10 @@ async def replay(trace: Path | None, options: ReplayOptions, sink: CaseSink,
                  say: Callable[[str], None] = lambda line: None) -> ReplayStats:
     """Run a replay (a trace, its rules file's template cases, or both) and feed `sink` the results."""
     if trace is not None:
+        try:
+            validate_trace(trace)  # a bad line refuses the run now, before a trace host listens
+        except TraceFormatError as exc:
+            raise ReplayError(f"{trace}: not a valid trace: {exc}") from None
         header, records = read_trace(trace)
         if header.dialects.get(Leg.TERMINAL.value, "cup-pos") != "cup-pos":
             raise ReplayError(f"{trace}: the player speaks the CUP POS terminal dialect only "
