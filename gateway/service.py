@@ -816,6 +816,12 @@ class GatewayService:
                 queued = None
             if queued is not None and queued.created:
                 self._reversal_queued()
+                if original.kind == "purchase" and original.state is TxnState.COMPLETED:
+                    # the sale kept its risk-limit reservation when it completed; reversed, it no longer
+                    # counts (a restart seeds the limits from completed purchases only). A pending one
+                    # is left to its own exchange, which gives the reservation back when it fails.
+                    day = time.strftime("%Y%m%d", time.localtime(original.created_at))
+                    self.limits.release(terminal_id, original.amount, day)
                 log.info("terminal %s reversed stan %s (reason %s): forwarded via SAF",
                          terminal_id, stan, msg.get("39"))
         if rc != RC_APPROVED:
