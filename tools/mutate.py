@@ -6,7 +6,7 @@
     python tools/mutate.py --changed-since main    # only mutants in functions changed since main
     python tools/mutate.py --sample 40             # a fixed, seeded sample of 40 mutants per target
     python tools/mutate.py core --recheck          # re-run the survivors (after adding tests)
-    python tools/mutate.py core --survivors        # print each survivor's diff (and a stub to list it)
+    python tools/mutate.py core --survivors        # run nothing: each survivor's diff (and a stub to list it)
     python tools/mutate.py --report                # run nothing: the table of the results kept so far
 
 Uses mutmut (3.x): it runs, for each mutant, only the tests that call the mutated function, in
@@ -203,7 +203,9 @@ def function_of(mutant: str) -> str:
 
 def run_target(target: Target, settings: dict[str, object], args: argparse.Namespace) -> Tally:
     work = prepare(target, settings)
-    if not args.report:
+    # --survivors only reports, as --report does: re-running changed mutants first took a helper an hour
+    report_only = args.report or args.survivors
+    if not report_only:
         mutmut_python(work, GENERATE)
     state = results(work, target)
     chosen = sorted(state)
@@ -214,7 +216,11 @@ def run_target(target: Target, settings: dict[str, object], args: argparse.Names
     if sample and len(chosen) > sample:
         chosen = sorted(random.Random(f"mutate:{target.name}").sample(chosen, sample))
     rerun = SURVIVED | NO_TESTS | TIMEOUT if args.recheck else set()
-    todo = [] if args.report else [n for n in chosen if state[n] is None or state[n] in rerun]
+    todo = [] if report_only else [n for n in chosen if state[n] is None or state[n] in rerun]
+    if report_only and not state:
+        print(f"   no results kept for {target.name}: run `tools/mutate.py {target.name}` first", flush=True)
+    elif report_only and (unknown := sum(1 for n in chosen if state[n] is None)):
+        print(f"   {unknown} mutants have no result yet: run without --survivors/--report to test them", flush=True)
     print(f"== {target.name}: {len(state)} mutants, {len(chosen)} chosen, {len(todo)} to run", flush=True)
     # two passes: a changed test list or function makes mutmut drop the earlier results it can no
     # longer trust, which the second pass then re-checks
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, metavar="N", help="a fixed, seeded sample of N mutants per target")
     parser.add_argument("--recheck", action="store_true", help="re-run survivors, no-tests and timeouts")
     parser.add_argument("--report", action="store_true", help="run nothing: tally the results kept so far")
-    parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--survivors", action="store_true", help="run nothing: each survivor's diff")
     parser.add_argument("--jobs", type=int, default=1, help="mutmut's worker processes (default 1: shared CPUs)")
     parser.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when a target scores below PCT")
     args = parser.parse_args(argv)
