@@ -37,12 +37,25 @@ from gateway.store.records import SafState, TxnRequest, TxnState
 pytestmark = pytest.mark.anyio
 
 
-class JournalFault:
+class ArmedFault:
+    """A fault that strikes only inside `with fault.on():`, counting how often it struck."""
+
+    armed = False
+    failures = 0
+
+    @contextmanager
+    def on(self) -> Iterator[None]:
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+
+class JournalFault(ArmedFault):
     """While `armed`, the named journal operations fail their commit as a full disk does."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *ops: str) -> None:
-        self.armed = False
-        self.failures = 0
         for name in ops:
             original = getattr(sqlite_backend, f"_op_{name}")
 
@@ -53,14 +66,6 @@ class JournalFault:
                 return _original(conn, *args)
 
             monkeypatch.setattr(sqlite_backend, f"_op_{name}", faulty)
-
-    @contextmanager
-    def on(self) -> Iterator[None]:
-        self.armed = True
-        try:
-            yield
-        finally:
-            self.armed = False
 
 
 async def only_row(lab: Lab) -> Any:

@@ -13,8 +13,6 @@ the terminal got a defined response code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from test_e2e_reversal import (
     receipt,
     settled,
 )
-from test_journal_fault_steps import JournalFault, limit_used, only_row, ready
+from test_journal_fault_steps import ArmedFault, JournalFault, limit_used, only_row, ready
 
 from gateway.config import LimitsConfig
 from gateway.lab import CARD_CUP, CARD_VISA, Lab, open_lab
@@ -46,13 +44,11 @@ pytestmark = pytest.mark.anyio
 OPEN = frozenset({TxnState.PENDING, TxnState.REVERSAL_QUEUED})
 
 
-class ReadFault:
+class ReadFault(ArmedFault):
     """While `armed`, the named reads of the lab's real SQLite store fail as a journal read does when
     SQLite cannot read its file (`StoreIOError`, what `SqliteStore._read` raises for a `sqlite3.Error`)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, store: Any, *reads: str) -> None:
-        self.armed = False
-        self.failures = 0
         for name in reads:
             original = getattr(store, name)
 
@@ -63,14 +59,6 @@ class ReadFault:
                 return await _original(*args, **kwargs)
 
             monkeypatch.setattr(store, name, faulty)
-
-    @contextmanager
-    def on(self) -> Iterator[None]:
-        self.armed = True
-        try:
-            yield
-        finally:
-            self.armed = False
 
 
 async def charged_today(lab: Lab) -> int:
