@@ -232,9 +232,9 @@ def _op_record_request(conn: sqlite3.Connection, values: tuple[object, ...], rec
     if rec.kind in CHECKED_CREDIT_KINDS and rec.orig_txn_id is not None:
         # the one writer's transaction: no other void or refund can be journalled between this read
         # and the insert (and this batch's earlier writes are visible to it)
-        original = _txns(conn, "txn_id = ?", (rec.orig_txn_id,))
+        original = _one_txn(conn, "txn_id = ?", (rec.orig_txn_id,))
         earlier = _txns(conn, "orig_txn_id = ?", (rec.orig_txn_id,))
-        refusal = credit_refusal(rec.kind, rec.amount, original[0], earlier) if original else None
+        refusal = credit_refusal(rec.kind, rec.amount, original, earlier) if original else None
         if refusal is not None:  # (no such original: the foreign key refuses the insert below)
             raise OriginalRefused(rec.orig_txn_id, refusal)
     try:
