@@ -7,8 +7,10 @@ cancelled task, and on a store that never connected."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -20,10 +22,14 @@ from gateway.store import (
     NotFound,
     SafState,
     SqliteStore,
+    StateConflict,
     StoreClosed,
     StoreError,
+    TxnQuery,
+    TxnRequest,
     TxnState,
 )
+from gateway.store.errors import OriginalRefused
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +204,124 @@ async def test_aclose_of_a_store_that_never_connected_is_harmless(tmp_path: Path
     with pytest.raises(StoreClosed):
         await store.get(1)
     assert not (tmp_path / "j.db").exists()
+
+
+# --- credits: the re-check inside the write that journals a void or refund -----------------------------
+
+
+def credit(stan: str, kind: str, amount: int, orig: int) -> TxnRequest:
+    return request(stan, kind=kind, terminal_mti="0220" if kind == "refund" else "0200",
+                   processing_code="200000", amount=amount, orig_txn_id=orig)
+
+
+async def sale(store: Any, stan: str, amount: int = 800, outcome: str = "completed") -> int:
+    txn = await store.record_request(request(stan, amount=amount))
+    await store.record_outcome(txn, outcome, rc="00" if outcome == "completed" else "05")
+    return int(txn)
+
+
+async def refused(store: Any, rec: TxnRequest) -> str:
+    with pytest.raises(OriginalRefused) as err:
+        await store.record_request(rec)
+    assert err.value.orig_txn_id == rec.orig_txn_id
+    return err.value.rc
+
+
+async def test_refunds_together_never_exceed_the_sale(kind: str, tmp_path: Path) -> None:
+    """The store refuses, inside the journalling write, a credit the cardholder has no right to: the
+    service asked before sending, but only this check sees every void and refund already journalled."""
+    async with open_store(kind, tmp_path) as store:
+        s = await sale(store, "000001", 800)
+        first = await store.record_request(credit("000002", "refund", 500, s))
+        assert await refused(store, credit("000003", "refund", 301, s)) == "64"  # 500 + 301 > 800
+        last = await store.record_request(credit("000004", "refund", 300, s))  # exactly the rest
+        assert await refused(store, credit("000005", "refund", 1, s)) == "64"
+        assert [r.txn_id for r in await store.find_referencing(s)] == [first, last]  # refused: not journalled
+        # a refund the host declined moved no money: it does not count
+        other = await sale(store, "000006", 800)
+        declined = await store.record_request(credit("000007", "refund", 800, other))
+        await store.record_outcome(declined, "declined", rc="05")
+        await store.record_request(credit("000008", "refund", 800, other))
+        assert await refused(store, credit("000009", "refund", 800, other)) == "64"
+
+
+async def test_a_void_is_the_whole_sale_once_and_only_with_no_credit_standing(kind: str, tmp_path: Path) -> None:
+    async with open_store(kind, tmp_path) as store:
+        s = await sale(store, "000001", 800)
+        assert await refused(store, credit("000002", "void", 799, s)) == "64"  # a void is the whole amount
+        await store.record_request(credit("000003", "void", 800, s))
+        assert await refused(store, credit("000004", "void", 800, s)) == "12"  # voided already
+        assert await refused(store, credit("000005", "refund", 100, s)) == "12"  # nothing left to refund
+        refunded = await sale(store, "000006", 800)
+        await store.record_request(credit("000007", "refund", 100, refunded))
+        assert await refused(store, credit("000008", "void", 800, refunded)) == "12"  # it would credit 900
+
+
+async def test_only_a_completed_purchase_can_be_credited(kind: str, tmp_path: Path) -> None:
+    async with open_store(kind, tmp_path) as store:
+        declined = await sale(store, "000001", 800, outcome="declined")
+        assert await refused(store, credit("000002", "refund", 100, declined)) == "12"
+        pending = await store.record_request(request("000003", amount=800))
+        assert await refused(store, credit("000004", "void", 800, pending)) == "12"
+        assert await store.find_referencing(declined) == await store.find_referencing(pending) == []
+
+
+async def test_two_refunds_in_one_batch_are_checked_one_after_the_other(kind: str, tmp_path: Path) -> None:
+    """Submitted together, two refunds share a commit: the second is checked against the first."""
+    async with open_store(kind, tmp_path) as store:
+        s = await sale(store, "000001", 800)
+        outcomes: list[object] = []
+
+        async def refund(stan: str) -> None:
+            try:
+                outcomes.append(await store.record_request(credit(stan, "refund", 600, s)))
+            except OriginalRefused as exc:
+                outcomes.append(exc.rc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refund, "000002")
+            tg.start_soon(refund, "000003")
+        assert outcomes.count("64") == 1  # 600 + 600 > 800: one of the two, whichever came first
+        [accepted] = [o for o in outcomes if o != "64"]
+        assert [r.txn_id for r in await store.find_referencing(s)] == [accepted]
+
+
+# --- more typed errors, and the default pages ----------------------------------------------------------
+
+
+async def test_a_refused_outcome_names_the_state_it_found(kind: str, tmp_path: Path) -> None:
+    async with open_store(kind, tmp_path) as store:
+        txn = await store.record_request(request("000001"))
+        await store.record_outcome(txn, "declined", rc="05")
+        with pytest.raises(StateConflict) as err:
+            await store.record_outcome(txn, "completed", rc="00", auth_code="A1B2C3", rrn="123456789012")
+        assert (err.value.ident, err.value.current) == (txn, TxnState.DECLINED)
+        rec = await store.get(txn)
+        assert rec is not None and (rec.state, rec.rc, rec.auth_code, rec.rrn) == (TxnState.DECLINED, "05", None, None)
+
+
+async def test_what_is_not_a_request_is_refused_by_name(kind: str, tmp_path: Path) -> None:
+    async with open_store(kind, tmp_path) as store:
+        txn = await store.record_request(request("000001"))
+        journalled = await store.get(txn)
+        for wrong in (journalled, object()):  # a TxnRecord is a request already journalled
+            with pytest.raises(InvalidRecord) as err:
+                await store.record_request(wrong)
+            assert (err.value.field, err.value.reason) == ("record", "expected a TxnRequest")
+        saf_id = (await store.record_timeout_and_queue_reversal(txn)).saf_id
+        with pytest.raises(InvalidRecord) as err:
+            await store.record_reversal_ident(str(saf_id), "000123", "1123101500")  # type: ignore[arg-type]
+        assert err.value.field == "saf_id"
+        assert [r.txn_id for r in await store.list_transactions()] == [txn]
+
+
+async def test_searches_and_late_answers_come_a_hundred_to_a_page_by_default(kind: str, tmp_path: Path) -> None:
+    async with open_store(kind, tmp_path) as store:
+        async with anyio.create_task_group() as tg:
+            for i in range(1, 102):
+                tg.start_soon(store.record_request, request(f"{i:06d}"))
+                tg.start_soon(functools.partial(store.record_late_answer, None, "00", host_stan=f"{i:06d}"))
+        assert len(await store.search(TxnQuery(terminal_id="T0000001"))) == 100
+        assert len(await store.search(TxnQuery(terminal_id="T0000001"), limit=200)) == 101
+        assert len(await store.late_answers()) == 100
+        assert len(await store.late_answers(limit=200)) == 101

@@ -1,0 +1,160 @@
+"""Kill tests for gateway/store/postgres.py's mutation survivors (issue 16), against the real server (a
+schema of the test's own): a write the database refuses half-way leaves neither its state change nor its
+SAF entry; a lost writer connection fails its writes with the reason, and the store reconnects by itself;
+the instance lock stays on one session while it beats. (The contract every backend shares is in
+test_mut_store_sqlite.py, which runs on PostgreSQL too.)"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from test_store_support import PAN_KEY, request
+
+from gateway.store import InvalidRecord, StoreError, StoreIOError, TxnState
+from gateway.store.postgres import PostgresStore
+
+pytestmark = pytest.mark.anyio
+
+#: nothing listens on port 1 of the loopback: a connection there is refused at once
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"
+
+
+def store(url: str, instance_id: str = "gw", **options: Any) -> Any:
+    options.setdefault("pan_key", PAN_KEY)
+    options.setdefault("heartbeat_interval", 0.2)
+    options.setdefault("lease", 1.0)
+    return PostgresStore.open(url, instance_id=instance_id, **options)
+
+
+def side(url: str, *statements: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run statements on a connection of the test's own (as another process would); the last one's rows."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows: list[tuple[Any, ...]] = []
+        for text in statements:
+            cur = conn.execute(text, params if text is statements[-1] else ())
+            rows = cur.fetchall() if cur.description else []
+        return rows
+
+
+async def test_a_reversal_the_database_refuses_half_way_leaves_nothing(pg_url: str) -> None:
+    """The state change and the SAF entry commit together or not at all: here the SAF insert fails after
+    the transaction's UPDATE ran, inside the same write. The error says what failed and keeps its cause."""
+    async with store(pg_url) as s:
+        txn = await s.record_request(request("000001"))
+        other = await s.record_request(request("000002"))
+        await anyio.to_thread.run_sync(lambda: side(
+            pg_url,
+            "CREATE FUNCTION no_saf() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'disk says no'; END $$",
+            "CREATE TRIGGER no_saf BEFORE INSERT ON saf FOR EACH ROW EXECUTE FUNCTION no_saf()",
+        ))
+        try:
+            with pytest.raises(StoreError) as err:
+                await s.record_timeout_and_queue_reversal(txn)
+            cause = err.value.__cause__
+            assert isinstance(cause, psycopg.errors.RaiseException) and "disk says no" in str(cause)
+            assert str(err.value) == "journal write failed: RaiseException"
+            rec = await s.get(txn)
+            assert rec is not None
+            assert (rec.state, rec.reversal_reason, rec.reversed_from) == (TxnState.PENDING, None, None)
+            assert await s.list_saf() == []
+            await s.record_outcome(other, "completed", rc="00")  # the store goes on working
+        finally:
+            await anyio.to_thread.run_sync(lambda: side(pg_url, "DROP TRIGGER no_saf ON saf"))
+        assert (await s.record_timeout_and_queue_reversal(txn)).created
+        assert (await s.get(txn)).state is TxnState.REVERSAL_QUEUED  # type: ignore[union-attr]
+
+
+async def test_a_lost_writer_fails_its_writes_with_the_reason_and_the_store_reconnects(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server ends the commit connection (a restart, a failover): the batch on it fails as a journal
+    error (the caller knows nothing was journalled), and so does every batch while the server cannot be
+    reached; once it can, the next write reconnects, with nothing logged as a bug on the way."""
+    async with store(pg_url) as s:
+        txn = await s.record_request(request("000001"))
+        conn = s.writer_connection
+        assert conn is not None
+        lost_pid, url = conn.info.backend_pid, s.url
+        s.url = UNREACHABLE  # reconnections go nowhere until the url is put back
+        await anyio.to_thread.run_sync(lambda: side(pg_url, "SELECT pg_terminate_backend(%s)", params=(lost_pid,)))
+        with caplog.at_level(logging.WARNING, logger="gateway.store"):
+            with pytest.raises(StoreIOError) as first:
+                await s.record_outcome(txn, "completed", rc="00")
+            assert str(first.value).startswith("journal commit failed")
+            with pytest.raises(StoreIOError) as second:
+                await s.record_outcome(txn, "completed", rc="00")
+            assert str(second.value).startswith("journal unreachable")
+            s.url = url
+            await s.record_outcome(txn, "completed", rc="00")
+        rec = await s.get(txn)
+        assert rec is not None and (rec.state, rec.rc) == (TxnState.COMPLETED, "00")
+        conn = s.writer_connection
+        assert conn is not None and conn.info.backend_pid != lost_pid
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_heartbeats_keep_the_instance_lock_on_one_session(pg_url: str) -> None:
+    """A beat never lets go of the instance lock (a second gateway with the same id could take it in the
+    gap): the same backend holds it before and after."""
+    holders = (
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    async with store(pg_url, heartbeat_interval=30.0, lease=60.0) as s:
+        before = await anyio.to_thread.run_sync(lambda: side(pg_url, holders))
+        assert len(before) == 1
+        for _ in range(3):
+            await s.heartbeat()
+        assert await anyio.to_thread.run_sync(lambda: side(pg_url, holders)) == before
+        beats = await anyio.to_thread.run_sync(lambda: side(
+            pg_url, "SELECT heartbeat_at > extract(epoch FROM now()) - 60 FROM instance WHERE instance_id = 'gw'"))
+        assert beats == [(True,)]
+
+
+async def test_a_lost_transaction_fails_every_write_of_its_batch_and_journals_none(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deadlock or serialization failure takes the whole transaction: no write of the batch may be
+    reported journalled (nor half-committed), each fails as a journal error, and the next batch works."""
+    async with store(pg_url) as s:
+        await s.record_request(request("000001"))  # warmed up: the next two share a batch
+        await anyio.to_thread.run_sync(lambda: side(
+            pg_url,
+            "CREATE FUNCTION lost() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " IF NEW.terminal_stan = '000099' THEN RAISE EXCEPTION 'lost' USING ERRCODE = '40001'; END IF;"
+            " RETURN NEW; END $$",
+            "CREATE TRIGGER lost BEFORE INSERT ON txn FOR EACH ROW EXECUTE FUNCTION lost()",
+        ))
+        failures: dict[str, BaseException] = {}
+
+        async def write(stan: str) -> None:
+            try:
+                await s.record_request(request(stan))
+            except StoreError as exc:
+                failures[stan] = exc
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="gateway.store"):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(write, "000002")
+                    tg.start_soon(write, "000099")
+        finally:
+            await anyio.to_thread.run_sync(lambda: side(pg_url, "DROP TRIGGER lost ON txn"))
+        assert sorted(failures) == ["000002", "000099"]
+        assert all(isinstance(e, StoreIOError) and str(e).startswith("journal commit failed")
+                   for e in failures.values())
+        assert [r.terminal_stan for r in await s.list_transactions()] == ["000001"]
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        await s.record_request(request("000002"))  # the caller may write it again
+
+
+@pytest.mark.parametrize("instance_id", ["", "x" * 65, "gw\n1", 7])
+def test_a_bad_instance_id_is_refused_by_name(instance_id: object) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        PostgresStore(UNREACHABLE, instance_id=instance_id)  # type: ignore[arg-type]
+    assert err.value.field == "instance_id"
