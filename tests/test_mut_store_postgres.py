@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
 import psycopg
@@ -158,3 +159,34 @@ def test_a_bad_instance_id_is_refused_by_name(instance_id: object) -> None:
     with pytest.raises(InvalidRecord) as err:
         PostgresStore(UNREACHABLE, instance_id=instance_id)  # type: ignore[arg-type]
     assert err.value.field == "instance_id"
+
+
+def with_session_option(url: str, option: str) -> str:
+    """`url` with one more server setting for the sessions it opens (libpq's `options`, as a role's or
+    a database's ALTER ... SET would give them)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    query["options"] = [" ".join([*query.get("options", []), option])]
+    return urlunsplit(parts._replace(query=urlencode(query, doseq=True, quote_via=quote)))
+
+
+async def test_the_writer_makes_its_commits_durable_and_says_so_only_when_it_had_to(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Write-before-send needs a commit on disk when COMMIT returns: a server whose sessions default to
+    synchronous_commit=off gets `on` from the journal's writer, with a warning; a server set up right
+    gets no warning."""
+    with caplog.at_level(logging.WARNING, logger="gateway.store"):
+        async with store(pg_url) as s:
+            await s.record_request(request("000001"))
+        assert [r for r in caplog.records if "synchronous_commit" in r.getMessage()] == []
+        lax = with_session_option(pg_url, "-csynchronous_commit=off")
+        assert await anyio.to_thread.run_sync(lambda: side(lax, "SHOW synchronous_commit")) == [("off",)]
+        async with store(lax) as s:
+            conn = s.writer_connection
+            assert conn is not None
+            assert await anyio.to_thread.run_sync(
+                lambda: conn.execute("SHOW synchronous_commit").fetchone()) == ("on",)
+            await s.record_request(request("000002"))
+    [warned] = [r.getMessage() for r in caplog.records if "synchronous_commit" in r.getMessage()]
+    assert "synchronous_commit is off" in warned and "sets it on" in warned
