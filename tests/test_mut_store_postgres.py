@@ -190,3 +190,35 @@ async def test_the_writer_makes_its_commits_durable_and_says_so_only_when_it_had
             await s.record_request(request("000002"))
     [warned] = [r.getMessage() for r in caplog.records if "synchronous_commit" in r.getMessage()]
     assert "synchronous_commit is off" in warned and "sets it on" in warned
+
+
+class FakeServer:
+    """Stands for a writer connection on a server configured as given (fsync=off cannot be set per
+    session, and no test may reconfigure the shared server): answers SHOW, records SET."""
+
+    def __init__(self, **settings: str) -> None:
+        self.settings = settings
+        self.sets: list[str] = []
+        self.shown = ""
+
+    def execute(self, text: str) -> FakeServer:
+        if text.startswith("SET "):
+            self.sets.append(text)
+        self.shown = text.removeprefix("SHOW ")
+        return self
+
+    def fetchone(self) -> tuple[str]:
+        return (self.settings[self.shown],)
+
+
+def test_a_server_without_fsync_is_logged_as_an_error_naming_the_risk(caplog: pytest.LogCaptureFixture) -> None:
+    s = PostgresStore(UNREACHABLE, instance_id="gw")
+    server = FakeServer(synchronous_commit="on", fsync="off")
+    with caplog.at_level(logging.WARNING, logger="gateway.store"):
+        s._make_commits_durable(server)  # type: ignore[arg-type]
+    assert server.sets == []  # synchronous_commit was on already
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == (
+        "PostgreSQL journal: the server runs with fsync=off: no commit survives a crash of the server's"
+        " machine; approvals may be charged with no journal record")
