@@ -222,3 +222,12 @@ def test_a_server_without_fsync_is_logged_as_an_error_naming_the_risk(caplog: py
     assert record.getMessage() == (
         "PostgreSQL journal: the server runs with fsync=off: no commit survives a crash of the server's"
         " machine; approvals may be charged with no journal record")
+
+
+async def test_a_second_gateway_with_the_same_id_is_told_how_to_fix_it(pg_url: str) -> None:
+    async with store(pg_url, "gw-same"):
+        with pytest.raises(StoreError) as err:
+            async with store(pg_url, "gw-same"):
+                pass
+    assert str(err.value) == ("instance id 'gw-same' is in use by another running gateway on this journal: give"
+                              " each instance its own ([store] instance_id)")

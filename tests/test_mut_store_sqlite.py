@@ -116,7 +116,7 @@ async def test_only_a_new_refusal_record_is_journalled(kind: str, tmp_path: Path
         for wrong in (kept, object(), {"rc": "A0"}):  # a journalled Refusal, or not a record at all
             with pytest.raises(InvalidRecord) as err:
                 store.record_refusal_soon(wrong, on_error=failed)  # type: ignore[arg-type]
-            assert err.value.field == "record"
+            assert (err.value.field, err.value.reason) == ("record", "expected a RefusalRecord")
         assert [r.refusal_id for r in await store.refusals()] == [kept.refusal_id]
 
 
