@@ -18,10 +18,14 @@ from gateway.store.group_commit import MAX_COMMIT_DELAY, GroupCommitter
 pytestmark = pytest.mark.anyio
 
 
+def unexpected(exc: BaseException) -> None:
+    raise AssertionError(f"the write failed: {exc!r}")
+
+
 async def test_a_closed_committer_says_why_it_refuses_a_write() -> None:
     committer: GroupCommitter[list[object]] = GroupCommitter(FakeDb().apply)
     with pytest.raises(StoreClosed) as err:
-        committer.submit_soon(append(1), on_error=pytest.fail)
+        committer.submit_soon(append(1), on_error=unexpected)
     assert str(err.value) == "the store is not open for writes"
     with pytest.raises(StoreClosed) as err:
         await committer.submit(append(1))
@@ -35,7 +39,7 @@ async def test_a_lone_write_is_handed_to_the_idle_thread_by_itself() -> None:
         await tg.start(committer.run)
         with anyio.fail_after(2):
             assert await committer.submit(append("alone")) == 1
-        committer.submit_soon(append("soon"), on_error=pytest.fail)
+        committer.submit_soon(append("soon"), on_error=unexpected)
         with anyio.fail_after(2):
             while len(db.rows) < 2:
                 await anyio.sleep(0.005)
