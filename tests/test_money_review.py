@@ -1,0 +1,64 @@
+"""An adversarial review of the money path while the gateway runs (no crashes): races and odd host or
+terminal behaviour that could leave a cardholder charged without a receipt, credited twice, or a risk
+limit counting the wrong amount.
+
+Every test drives a real gateway over loopback sockets against the host simulator (the `open_lab`
+bench of the end-to-end tests) and reads both books at the end: the gateway's journal and the host's
+ledger and balances.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from test_e2e_reversal import FAST_SAF, FINAL_STATES, HOST_TIMEOUT, eventually
+
+from gateway.lab import CARD_CUP, Lab, open_lab
+from gateway.store.records import TxnKind, TxnRecord
+
+pytestmark = pytest.mark.anyio
+
+
+async def signed_in(lab: Lab, **options: object):  # type: ignore[no-untyped-def]
+    t = lab.terminal(auto_reverse=False, timeout=5.0, **options)
+    await t.connect()
+    await t.sign_in()
+    return t
+
+
+async def all_final(lab: Lab) -> list[TxnRecord]:
+    async def probe() -> list[TxnRecord] | None:
+        rows = await lab.gateway.store.list_transactions(limit=1000)
+        return rows if rows and all(r.state in FINAL_STATES for r in rows) else None
+
+    return await eventually(probe, "every journal row in a final state")
+
+
+# --- a sale's reversal while a void or refund of it stands ------------------------------------------
+
+
+@pytest.mark.parametrize("credit", ["void", "refund"])
+async def test_a_terminal_reversal_of_a_sale_already_credited_back_does_not_credit_it_again(
+        tmp_path: Path, credit: str) -> None:
+    """Sale 5,000 approved, then voided (or refunded in full): the cardholder has the money back. A
+    0400 for the sale afterwards (a faulty or dishonest terminal: it names the sale's batch, STAN and
+    amount) must not reverse the sale at the host as well, or the card is credited twice."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        sale = await t.purchase(5_000, CARD_CUP)
+        assert sale.approved
+        if credit == "void":
+            back = await t.void(sale)
+        else:
+            back = await t.refund(5_000, CARD_CUP, original=sale)
+        assert back.approved
+        assert lab.host.balance(CARD_CUP.pan) == opening  # sale and credit cancel out
+        await t.reversal(sale, "96")
+        await all_final(lab)
+        await anyio.sleep(0.3)  # let a reversal the SAF may have queued reach the host
+        assert lab.host.balance(CARD_CUP.pan) <= opening, (
+            "the card was credited more than the sale: credited back by the "
+            f"{credit} and again by the sale's reversal")
