@@ -13,10 +13,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_e2e_reversal import FAST_SAF, FINAL_STATES, HOST_TIMEOUT, eventually
+from test_e2e_reversal import FAST_SAF, FINAL_STATES, HOST_TIMEOUT, RawTerminal, eventually
 
 from gateway.lab import CARD_CUP, Lab, open_lab
-from gateway.store.records import TxnKind, TxnRecord
+from gateway.sim.host_rules import Fault
+from gateway.store.records import TxnKind, TxnRecord, TxnState
 
 pytestmark = pytest.mark.anyio
 
@@ -62,3 +63,31 @@ async def test_a_terminal_reversal_of_a_sale_already_credited_back_does_not_cred
         assert lab.host.balance(CARD_CUP.pan) <= opening, (
             "the card was credited more than the sale: credited back by the "
             f"{credit} and again by the sale's reversal")
+
+
+# --- the same purchase twice (same batch and STAN) -------------------------------------------------
+
+
+async def test_a_purchase_retransmitted_while_at_the_host_gets_no_refusal_before_its_answer(tmp_path: Path) -> None:
+    """A terminal sends its purchase, and the same frame again (same batch, STAN, amount) while the
+    first is still at the host. The card is charged once, by the first. A terminal matches the first
+    answer carrying its STAN: if that is the duplicate's 94, it shows "declined" and prints nothing,
+    while the gateway delivers the approval behind it and journals it completed: a charge without a
+    receipt. The first answer written for that STAN must be the charge's own outcome."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=2.0, reversal=FAST_SAF) as lab:
+        lab.host.add_fault(Fault("delay", seconds=0.4, pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        async with RawTerminal(lab) as t:
+            await t.sign_in()
+            request = t.purchase(2_500, CARD_CUP)
+            await t.send(request)
+            await anyio.sleep(0.1)  # the first is at the host now
+            await t.send(request)
+            first = await t.receive()
+            second = await t.receive()
+        assert {first.fields["11"], second.fields["11"]} == {request.fields["11"]}
+        rows = await all_final(lab)
+        charged = [r for r in rows if r.kind is TxnKind.PURCHASE and r.state is TxnState.COMPLETED]
+        assert len(charged) == 1  # one charge, delivered (as the gateway sees it)
+        assert first.fields["39"] == "00", (
+            f"the terminal's first answer for STAN {request.fields['11']} is {first.fields['39']} "
+            f"(then {second.fields['39']}), though its card is charged and the journal says delivered")
