@@ -91,3 +91,27 @@ async def test_a_purchase_retransmitted_while_at_the_host_gets_no_refusal_before
         assert first.fields["39"] == "00", (
             f"the terminal's first answer for STAN {request.fields['11']} is {first.fields['39']} "
             f"(then {second.fields['39']}), though its card is charged and the journal says delivered")
+
+
+# --- a host answer whose MAC does not verify -------------------------------------------------------
+
+
+async def test_a_decline_whose_mac_does_not_verify_is_not_taken_at_its_word(tmp_path: Path) -> None:
+    """The host books the purchase, and the 0210 that reaches the gateway says 05 with a MAC that does
+    not verify (corrupted or forged on the way: the MAC covers field 39, so the gateway cannot tell
+    what the host decided). Taken at its word, the terminal shows "declined" while the debit stands.
+    An answer that fails its MAC proves nothing: the charge must be reversed (and the terminal get no
+    approval), as for an approval whose MAC fails."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        # approve_as + wrong_mac: booked as approved, answered 05 under a MAC that fails
+        lab.host.add_fault(Fault("approve_as", code="05", pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        lab.host.add_fault(Fault("wrong_mac", pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        result = await t.purchase(3_000, CARD_CUP)
+        assert not result.approved
+        assert lab.host.faults.fired("wrong_mac") == 1
+        await all_final(lab)
+        await anyio.sleep(0.3)
+        assert lab.host.balance(CARD_CUP.pan) == opening, (
+            f"the terminal got {result.rc} on an answer whose MAC failed, and the host's debit stands")
