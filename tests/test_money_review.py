@@ -10,12 +10,14 @@ ledger and balances.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from test_e2e_reversal import FAST_SAF, FINAL_STATES, HOST_TIMEOUT, RawTerminal, eventually
 
-from gateway.lab import CARD_CUP, Lab, open_lab
+from gateway.iso.message import Message
+from gateway.lab import CARD_CUP, CARD_CUP_2, Lab, open_lab
 from gateway.sim.host_rules import Fault
 from gateway.store.records import TxnKind, TxnRecord, TxnState
 
@@ -115,3 +117,44 @@ async def test_a_decline_whose_mac_does_not_verify_is_not_taken_at_its_word(tmp_
         await anyio.sleep(0.3)
         assert lab.host.balance(CARD_CUP.pan) == opening, (
             f"the terminal got {result.rc} on an answer whose MAC failed, and the host's debit stands")
+
+
+def rewrite_approvals(lab: Lab, monkeypatch: pytest.MonkeyPatch, change: dict[str, str]) -> list[Message]:
+    """Make the host answer its purchase approvals with `change` applied to the 0210, under the host's own
+    valid MAC (the host itself says so: nothing was corrupted on the way). Returns the answers changed."""
+    host = lab.host
+    handle = host.handle
+    changed: list[Message] = []
+
+    def rewriting(body: bytes) -> Any:
+        reply = handle(body)
+        if reply.body is not None and reply.request is not None and reply.request.mti == "0200":
+            answer = host.codec.decode(reply.body)
+            if answer.fields.get("39") == "00":
+                answer.fields.update(change)
+                reply.body = host.encode_answer(answer)
+                changed.append(answer)
+        return reply
+
+    monkeypatch.setattr(host, "handle", rewriting)
+    return changed
+
+
+@pytest.mark.parametrize(("field", "value", "entry"), [("49", "840", "swipe"), ("2", CARD_CUP_2.pan, "manual")])
+async def test_an_approval_of_another_currency_or_card_is_not_delivered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, value: str, entry: str) -> None:
+    """The host approves, but its 0210 names another currency (49) or another card (2) than the
+    request: it approved some other transaction than the one the terminal asked for. Fields 3, 4 and 41
+    are checked this way (`check_host_answer`); an approval that does not echo what it approves must be
+    reversed like one of another amount, not printed as the cardholder's receipt."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        changed = rewrite_approvals(lab, monkeypatch, {field: value})
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        result = await t.purchase(4_000, CARD_CUP, entry=entry)  # type: ignore[arg-type]
+        assert len(changed) == 1 and field in lab.host.seen[-1].fields  # the request had it; the answer differs
+        await all_final(lab)
+        await anyio.sleep(0.3)
+        assert not result.approved and lab.host.balance(CARD_CUP.pan) == opening, (
+            f"an approval whose field {field} is {value!r}, not the request's "
+            f"{lab.host.seen[-1].fields[field]!r}, reached the terminal as {result.rc}")
