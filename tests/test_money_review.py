@@ -9,23 +9,31 @@ ledger and balances.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from test_e2e_reversal import FAST_SAF, FINAL_STATES, HOST_TIMEOUT, RawTerminal, eventually
+from test_store_support import PAN_KEY
+from test_store_support import request as store_request
 
+from gateway.iso.build.response import response
 from gateway.iso.message import Message
 from gateway.lab import CARD_CUP, CARD_CUP_2, Lab, open_lab
+from gateway.net.saf_sender import host_approved_original
+from gateway.sim.host import HostReply
 from gateway.sim.host_rules import Fault
+from gateway.sim.terminal import TerminalSimulator
+from gateway.store import MemoryStore
 from gateway.store.records import TxnKind, TxnRecord, TxnState
 
 pytestmark = pytest.mark.anyio
 
 
-async def signed_in(lab: Lab, **options: object):  # type: ignore[no-untyped-def]
-    t = lab.terminal(auto_reverse=False, timeout=5.0, **options)
+async def signed_in(lab: Lab) -> TerminalSimulator:
+    t = lab.terminal(auto_reverse=False, timeout=5.0)
     await t.connect()
     await t.sign_in()
     return t
@@ -158,3 +166,88 @@ async def test_an_approval_of_another_currency_or_card_is_not_delivered(
         assert not result.approved and lab.host.balance(CARD_CUP.pan) == opening, (
             f"an approval whose field {field} is {value!r}, not the request's "
             f"{lab.host.seen[-1].fields[field]!r}, reached the terminal as {result.rc}")
+
+
+# --- a reversal the host answers 25 though the gateway holds its approval --------------------------
+
+
+def not_found_once(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> list[Message]:
+    """The host answers the first reversal it gets with 25 ("original not found"), under its valid MAC,
+    without reversing anything (its lookup missed the original: another node, a booking not yet
+    visible); later reversals it handles as usual. Returns the reversals it answered 25."""
+    host = lab.host
+    handle = host.handle
+    refused: list[Message] = []
+
+    def first_not_found(body: bytes) -> Any:
+        request = host.codec.decode(body)
+        if request.mti in ("0400", "0401") and not refused:
+            refused.append(request)
+            answer = response(request, "25", "iso87-ascii")
+            answer.fields["64"] = "0" * 16  # the host's MAC goes here
+            return HostReply(request, host.encode_answer(answer))
+        return handle(body)
+
+    monkeypatch.setattr(host, "handle", first_not_found)
+    return refused
+
+
+@pytest.mark.parametrize("how", ["terminal_reversal", "undeliverable"])
+async def test_a_25_to_the_reversal_of_an_approval_in_hand_does_not_end_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """The gateway holds the host's own approval of the sale (MAC verified, auth code, rc 00): the host
+    booked it. Its reversal (the terminal's 0400, or the gateway's own for an approval it could not
+    deliver) is answered 25 "original not found". That answer contradicts what the gateway knows, as a
+    late approval does (which reopens a 25, README point 3); taken as final, the journal says reversed
+    while the host keeps the debit: a charge without a receipt. It must be retried."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        refused = not_found_once(lab, monkeypatch)
+        opening = lab.host.balance(CARD_CUP.pan)
+        if how == "terminal_reversal":
+            t = await signed_in(lab)
+            sale = await t.purchase(6_000, CARD_CUP)
+            assert sale.approved
+            assert (await t.reversal(sale, "96")).rc == "00"
+        else:
+            lab.host.add_fault(Fault("delay", seconds=0.25, pan=CARD_CUP.pan, mti=("0200",), limit=1))
+            async with RawTerminal(lab) as raw:
+                await raw.sign_in()
+                await raw.send(raw.purchase(6_000, CARD_CUP))
+                await raw.hang_up()
+        rows = await all_final(lab)
+        await anyio.sleep(0.5)  # a retried reversal has time to reach the host
+        assert len(refused) == 1
+        sale_row = next(r for r in rows if r.kind is TxnKind.PURCHASE)
+        assert sale_row.rc == "00" and sale_row.auth_code  # the approval the gateway holds
+        assert lab.host.balance(CARD_CUP.pan) == opening, (
+            f"the journal says {sale_row.state} (reversal answered {sale_row.reversal_rc}) while the host "
+            "keeps the debit it approved")
+
+
+@pytest.mark.parametrize(("how", "in_hand"), [
+    ("completed", True),  # delivered: every check passed
+    ("undeliverable", True),  # approved and checked, not written to the terminal
+    ("host_rejected_amount", True),  # the host's MAC verified; it approved another amount: it booked
+    ("host_rejected_mac", False),  # its MAC failed: the approval proves nothing
+    ("timed_out", False),  # no answer: a 25 may well be true
+    ("pending", False),  # start-up recovery: nothing known
+])
+async def test_which_originals_a_25_to_their_reversal_cannot_end(how: str, in_hand: bool) -> None:
+    """`host_approved_original`, over the rows a real store builds for each way a reversal is queued."""
+    async with MemoryStore.open(pan_key=PAN_KEY) as store:
+        txn_id = await store.record_request(store_request())
+        if how == "completed":
+            await store.record_outcome(txn_id, "completed", rc="00", auth_code="123456", rrn="000000000001")
+            await store.queue_reversal(txn_id, "96", initiator="terminal")
+        elif how == "undeliverable":
+            await store.queue_reversal(txn_id, "96", state="undeliverable", rc="00", auth_code="123456")
+        elif how == "host_rejected_amount":
+            await store.queue_reversal(txn_id, "06", state="host_rejected", rc="00")
+        elif how == "host_rejected_mac":
+            await store.queue_reversal(txn_id, "A0", state="host_rejected", rc="00")
+        elif how == "timed_out":
+            await store.record_timeout_and_queue_reversal(txn_id, "98")
+        else:
+            await store.queue_reversal(txn_id, "06", state="timed_out")
+        [entry] = await store.due_reversals(time.time() + 1, 10)
+        assert host_approved_original(entry) is in_hand
