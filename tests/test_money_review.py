@@ -21,7 +21,8 @@ from test_store_support import request as store_request
 
 from gateway.iso.build.response import response
 from gateway.iso.message import Message
-from gateway.lab import CARD_CUP, CARD_CUP_2, Lab, open_lab
+from gateway.iso.stan import StanAllocator
+from gateway.lab import CARD_CUP, CARD_CUP_2, CARD_LOW, Lab, open_lab
 from gateway.net.saf_sender import host_approved_original
 from gateway.sim.host import HostReply
 from gateway.sim.host_rules import Fault
@@ -251,3 +252,45 @@ async def test_which_originals_a_25_to_their_reversal_cannot_end(how: str, in_ha
             await store.queue_reversal(txn_id, "06", state="timed_out")
         [entry] = await store.due_reversals(time.time() + 1, 10)
         assert host_approved_original(entry) is in_hand
+
+
+# --- the risk-limit counter follows the money --------------------------------------------------------
+
+
+async def test_the_daily_limit_counts_exactly_what_stays_charged(tmp_path: Path) -> None:
+    """One terminal, every fate a purchase can have while the gateway runs: approved and kept, declined by
+    the issuer, timed out (reversed), approved but undeliverable (reversed), approved and then reversed
+    by the terminal's own 0400, approved but with a MAC that fails (reversed). The day's counter must
+    equal the debits still standing at the host, and the journal's charged total (what a restart seeds
+    it with): neither counting money that went back (the cap would refuse the merchant) nor missing money
+    that stays (the cap would overshoot)."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        terminal_id = lab.config.terminals[0].terminal_id
+        t = await signed_in(lab)
+        assert (await t.purchase(1_000, CARD_CUP)).approved  # stays
+        assert (await t.purchase(9_000, CARD_LOW)).rc == "51"  # the issuer declines
+        lab.host.add_fault(Fault("delay", seconds=HOST_TIMEOUT + 0.3, pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        assert (await t.purchase(2_000, CARD_CUP)).rc == "98"  # timed out: reversed by the gateway
+        lab.host.add_fault(Fault("wrong_mac", pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        assert (await t.purchase(4_000, CARD_CUP)).rc == "96"  # approval not trusted: reversed
+        sale = await t.purchase(8_000, CARD_CUP)
+        assert sale.approved
+        assert (await t.reversal(sale, "96")).rc == "00"  # the terminal's own 0400
+        lab.host.add_fault(Fault("delay", seconds=0.25, pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        async with RawTerminal(lab) as raw:  # approved, but nobody is there to take the answer
+            raw.stans = StanAllocator(100)  # past the STANs the other terminal simulator used
+            await raw.sign_in()
+            await raw.send(raw.purchase(16_000, CARD_CUP))
+            await raw.hang_up()
+        await eventually(lambda: _rows_settled(lab, 6), "six purchases in a final state")
+        await anyio.sleep(0.3)
+        standing = sum(e.amount for e in lab.host.ledger.values()
+                       if e.approved and e.delta < 0 and not e.reversed and e.terminal_id == terminal_id)
+        assert standing == 1_000
+        charged = (await lab.gateway.store.purchase_totals_since(0.0)).get(terminal_id, 0)
+        assert lab.gateway.service.limits.used(terminal_id) == charged == standing
+
+
+async def _rows_settled(lab: Lab, n: int) -> bool:
+    rows = [r for r in await lab.gateway.store.list_transactions(limit=1000) if r.kind is TxnKind.PURCHASE]
+    return len(rows) == n and all(r.state in FINAL_STATES for r in rows)
