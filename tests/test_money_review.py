@@ -294,3 +294,30 @@ async def test_the_daily_limit_counts_exactly_what_stays_charged(tmp_path: Path)
 async def _rows_settled(lab: Lab, n: int) -> bool:
     rows = [r for r in await lab.gateway.store.list_transactions(limit=1000) if r.kind is TxnKind.PURCHASE]
     return len(rows) == n and all(r.state in FINAL_STATES for r in rows)
+
+
+# --- a refund from another terminal of the merchant ------------------------------------------------
+
+
+async def test_refunds_of_one_sale_from_two_terminals_never_credit_more_than_the_sale(tmp_path: Path) -> None:
+    """Terminal A sells 10,000; the customer comes back to another till of the same merchant (terminal
+    B), which refunds the sale in full by its RRN; then A refunds it in full too. The gateway has the
+    sale in its journal and checks A's refund against the refunds it knows of, but B's refund, whose
+    original is not B's own, went to the host unchecked ("a sale we never saw") and is not counted
+    against the sale. Together they credit 20,000 for a 10,000 sale."""
+    async with open_lab(tmp_path, terminals=2, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        a = lab.terminal(lab.config.terminals[0].terminal_id, auto_reverse=False, timeout=5.0)
+        b = lab.terminal(lab.config.terminals[1].terminal_id, auto_reverse=False, timeout=5.0)
+        for t in (a, b):
+            await t.connect()
+            await t.sign_in()
+        opening = lab.host.balance(CARD_CUP.pan)
+        sale = await a.purchase(10_000, CARD_CUP)
+        assert sale.approved
+        first = await b.refund(10_000, CARD_CUP, original=sale)
+        second = await a.refund(10_000, CARD_CUP, original=sale)
+        await all_final(lab)
+        credited = lab.host.balance(CARD_CUP.pan) - (opening - 10_000)
+        assert credited <= 10_000, (
+            f"refunds of {first.rc} (terminal B) and {second.rc} (terminal A) credited {credited} "
+            "against a sale of 10,000")
