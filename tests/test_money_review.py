@@ -321,3 +321,34 @@ async def test_refunds_of_one_sale_from_two_terminals_never_credit_more_than_the
         assert credited <= 10_000, (
             f"refunds of {first.rc} (terminal B) and {second.rc} (terminal A) credited {credited} "
             "against a sale of 10,000")
+
+
+async def test_an_answer_without_a_response_code_is_not_taken_for_a_decline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host books the purchase and answers a 0210 (valid MAC) that has no field 39 at all. Nothing in
+    it says the customer was not charged; the gateway reads the missing code as 96, journals a decline
+    and reverses nothing, so the debit stands while the terminal shows an error. An answer that does
+    not say what happened is an unknown outcome, like no answer: it must be reversed."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        host = lab.host
+        handle = host.handle
+        stripped: list[Message] = []
+
+        def without_rc(body: bytes) -> Any:
+            reply = handle(body)
+            if reply.body is not None and reply.request is not None and reply.request.mti == "0200":
+                answer = host.codec.decode(reply.body)
+                del answer.fields["39"]
+                reply.body = host.encode_answer(answer)
+                stripped.append(answer)
+            return reply
+
+        monkeypatch.setattr(host, "handle", without_rc)
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        result = await t.purchase(7_000, CARD_CUP)
+        assert len(stripped) == 1 and not result.approved
+        rows = await all_final(lab)
+        await anyio.sleep(0.3)
+        assert lab.host.balance(CARD_CUP.pan) == opening, (
+            f"an answer without field 39 was journalled {rows[0].state} (rc {rows[0].rc}) and the debit stands")
