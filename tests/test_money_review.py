@@ -9,6 +9,7 @@ ledger and balances.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,34 @@ async def test_an_answer_without_a_response_code_is_not_taken_for_a_decline(
         await anyio.sleep(0.3)
         assert lab.host.balance(CARD_CUP.pan) == opening, (
             f"an answer without field 39 was journalled {rows[0].state} (rc {rows[0].rc}) and the debit stands")
+
+
+# --- a host that answers 00 to the reversal of an original it has not booked yet ----------------------
+
+
+async def test_a_late_approval_after_a_00_for_an_original_not_booked_yet_is_reversed_again(tmp_path: Path) -> None:
+    """The host's slow issuer path books the purchase only after the gateway timed out (98). The
+    gateway's reversal overtakes the booking; this host answers reversals of originals it cannot find
+    with 00 rather than 25 (both conventions exist: `reversal.unknown_original_rc` is the gateway's own
+    setting of the same choice), so the gateway takes the reversal as done. Then the host books the
+    purchase and its approval (MAC verified) comes late. The gateway reopens a reversal after such a late
+    approval only when the reversal was answered 25; after the 00 it journals the approval and stops,
+    and the cardholder stays charged for a 98. Repeating the reversal is harmless where the 00 was a real
+    reversal (the host answers a repeat 00 and changes nothing)."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        lab.host.rules.config = dataclasses.replace(lab.host.rules.config, unknown_original_rc="00")
+        lab.host.add_fault(Fault("booked_late", seconds=HOST_TIMEOUT + 0.4, pan=CARD_CUP.pan, mti=("0200",),
+                                 limit=1))
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        result = await t.purchase(3_300, CARD_CUP)
+        assert result.rc == "98"
+        rec = (await all_final(lab))[0]
+        late = await eventually(lambda: lab.gateway.store.late_answers(txn_id=rec.txn_id), "the late approval")
+        assert late[0].rc == "00"
+        await anyio.sleep(1.0)  # a reopened reversal has time to go
+        after = await lab.gateway.store.get(rec.txn_id)
+        assert after is not None
+        assert lab.host.balance(CARD_CUP.pan) == opening, (
+            f"the journal says {after.state} (reversal answered {after.reversal_rc}), the host booked the "
+            "purchase after that answer and keeps the debit")
