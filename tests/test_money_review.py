@@ -384,3 +384,34 @@ async def test_a_late_approval_after_a_00_for_an_original_not_booked_yet_is_reve
         assert lab.host.balance(CARD_CUP.pan) == opening, (
             f"the journal says {after.state} (reversal answered {after.reversal_rc}), the host booked the "
             "purchase after that answer and keeps the debit")
+
+
+# --- settlement totals ---------------------------------------------------------------------------
+
+
+async def test_settlement_totals_count_only_what_stayed_charged_or_credited(tmp_path: Path) -> None:
+    """A batch with every fate: a kept sale, an issuer decline, a 98 (the gateway reverses it), an
+    approval whose MAC fails (96, reversed), a sale reversed by the terminal's own 0400, a sale voided,
+    a partial refund. The journal's totals (0510 field 48) must be the money that moved and stayed:
+    debits 1,000 + 8,000 (the voided sale) + 9,500, credits 8,000 (the void) + 2,500 (the refund), and
+    they must balance with the terminal's own count."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+        assert (await t.purchase(1_000, CARD_CUP)).approved
+        assert (await t.purchase(9_000, CARD_LOW)).rc == "51"
+        lab.host.add_fault(Fault("delay", seconds=HOST_TIMEOUT + 0.3, pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        assert (await t.purchase(2_000, CARD_CUP)).rc == "98"
+        lab.host.add_fault(Fault("wrong_mac", pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        assert (await t.purchase(4_000, CARD_CUP)).rc == "96"
+        reversed_sale = await t.purchase(16_000, CARD_CUP)
+        assert (await t.reversal(reversed_sale, "96")).rc == "00"
+        voided = await t.purchase(8_000, CARD_CUP)
+        assert (await t.void(voided)).approved
+        refunded = await t.purchase(9_500, CARD_CUP)
+        assert (await t.refund(2_500, CARD_CUP, original=refunded)).approved
+        await all_final(lab)
+        ours = await lab.gateway.store.settlement_totals(t.ident.terminal_id, t.batch)
+        assert (ours.domestic.debit_amount, ours.domestic.debit_count) == (18_500, 3)
+        assert (ours.domestic.credit_amount, ours.domestic.credit_count) == (10_500, 2)
+        settled_batch = await t.settle()
+        assert settled_batch.rc == "00" and settled_batch.balanced
