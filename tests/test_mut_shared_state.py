@@ -8,11 +8,13 @@ from __future__ import annotations
 import anyio
 import psycopg
 import pytest
-from test_shared_state import TID, database, migrated
+from test_shared_state import MID, TID, database, instance, migrated
 
 from gateway.config import LimitsConfig
+from gateway.security.algorithms import generate_key
+from gateway.security.keystore import LocalMasterKey
 from gateway.store import StoreError
-from gateway.store.shared_state import SharedDatabase, SharedLimits
+from gateway.store.shared_state import STAN_BLOCK, BlockStanAllocator, SharedDatabase, SharedLimits, block_range
 
 pytestmark = pytest.mark.anyio
 
@@ -61,3 +63,28 @@ async def test_a_closed_shared_state_refuses_by_name(pg_url: str) -> None:
         await db.call(lambda c: c.execute("SELECT 1"))
     with pytest.raises(StoreError, match="the shared state is closed"):
         db.writer()
+
+
+async def test_a_closed_batch_keeps_the_terminals_key_mode(pg_url: str) -> None:
+    """A settlement moves the batch on; how the terminal's keys are used (its key mode) stays."""
+    url, tmk, lmk = migrated(pg_url), generate_key(16), LocalMasterKey.generate()
+    async with instance(url, "gw-a", tmk, lmk) as a:
+        a.security.issue_working_keys(TID)
+        await a.sign_in(TID, MID, "000001", "004")
+        assert await a.close_batch(TID) == "000002"
+        session = a.get(TID)
+        assert session is not None and (session.batch, session.key_mode, session.merchant_id) == ("000002", "004", MID)
+
+
+async def test_a_stan_block_fetched_on_the_hot_path_is_counted(pg_url: str) -> None:
+    url = migrated(pg_url)
+    async with database(url) as db:
+        stans = BlockStanAllocator(db)  # no background task: nobody fetches the next block ahead
+        await stans.prime()
+        first = stans.next()
+        start, end = block_range(first // STAN_BLOCK)  # block 0 has no STAN 0: 999 STANs
+        drawn = [first] + [stans.next() for _ in range(end - start)]
+        assert drawn == list(range(start, end + 1)) and stans.blocking_fetches == 0
+        drawn += await anyio.to_thread.run_sync(lambda: [stans.next() for _ in range(2)])
+        assert stans.blocking_fetches == 1 and stans.blocks == 2
+        assert len(set(drawn)) == len(drawn) == end - start + 3
