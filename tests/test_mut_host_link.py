@@ -267,7 +267,7 @@ async def test_an_answer_of_another_class_is_never_taken_for_the_requests_answer
 async def test_a_connection_reset_by_the_host_is_logged_as_broken_and_the_link_comes_back(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.host")
-    async with open_link(host=EndingHost()) as (host, link):
+    async with open_link(host=EndingHost()) as (_, link):
         assert isinstance(await outcome(link, purchase(link, EndingHost.RESET), 2.0), HostTimeout)
         await eventually(lambda: link.reconnects >= 1 and link.ready)
         [line] = host_lines(caplog, "retry in")
@@ -295,7 +295,8 @@ async def test_a_refused_key_exchange_keeps_the_link_down_and_says_which_key(
         assert not link.ready
         tg.cancel_scope.cancel()
     lines = host_lines(caplog, "retry in")
-    assert lines and all("ended before sign-on: HostError: ZPK exchange refused with 91; retry in" in line for line in lines)
+    assert lines and all("ended before sign-on: HostError: ZPK exchange refused with 91; retry in" in line
+                         for line in lines), lines
 
 
 async def test_the_reconnect_delay_is_jittered_within_half_to_all_of_the_back_off(
@@ -507,3 +508,47 @@ async def test_a_broken_read_caused_by_tls_is_a_tls_failure(caplog: pytest.LogCa
     assert tls_failures(link.metrics, "bad_certificate") == 1
     [line, *_] = host_lines(caplog, "retry in")
     assert "ended after sign-on: TLS failure (SSLError: " in line and "bad certificate" in line, line
+
+
+# --- late answers in a storm ----------------------------------------------------------------------------
+
+
+async def test_late_answers_a_second_apart_each_get_their_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A storm of late answers is one line a second with a count; answers a second apart are each in
+    full (the operator sees them as they come, not every two seconds)."""
+    caplog.set_level(logging.INFO, logger="gateway.host")
+
+    async def on_unmatched(reply: HostReply) -> None:
+        return None
+
+    async with open_link(on_unmatched=on_unmatched) as (host, _):
+        for stan in ("700001", "700002"):
+            stray = Message("0210", {"3": "000000", "4": "000000001000", "7": "0101120000", "11": stan,
+                                     "32": "00000001234", "39": "05", "41": "10000001"})
+            await host.send(stray)
+            await eventually(lambda s=stan: any(f"stan={s}" in line for line in host_lines(caplog)), 3.0)
+            await anyio.sleep(1.1)  # longer than the storm log's one second
+
+
+async def test_a_late_answer_dropped_from_a_full_backlog_is_counted_and_logged() -> None:
+    from gateway.net.host_link import _LateAnswers
+
+    metrics = Metrics(process_metrics=False)
+    link = HostLink(HostConfig(key_exchange=False), SoftwareSecurityModule(), metrics)
+    link._late_answers = _LateAnswers(1)  # a full backlog, without a storm of a thousand answers
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logging.getLogger("gateway.host").addHandler(handler)
+    try:
+        link._queue_late_answer(HostReply(Message("0210", {"11": "000001", "39": "05"}), True))
+        link._queue_late_answer(HostReply(Message("0210", {"11": "000002", "39": "05"}), True))
+    finally:
+        logging.getLogger("gateway.host").removeHandler(handler)
+    assert counted(metrics, "late_host_answers_dropped") == 1
+    assert [r.getMessage() for r in records] == [
+        "late-answer backlog full (1 waiting for the journal): dropped host answer 0210 stan 000002 rc 05 unjournalled"]
