@@ -526,7 +526,11 @@ async def test_late_answers_a_second_apart_each_get_their_line(caplog: pytest.Lo
             stray = Message("0210", {"3": "000000", "4": "000000001000", "7": "0101120000", "11": stan,
                                      "32": "00000001234", "39": "05", "41": "10000001"})
             await host.send(stray)
-            await eventually(lambda s=stan: any(f"stan={s}" in line for line in host_lines(caplog)), 3.0)
+
+            def logged(stan: str = stan) -> bool:
+                return any(f"stan={stan}" in line for line in host_lines(caplog))
+
+            await eventually(logged, 3.0)
             await anyio.sleep(1.1)  # longer than the storm log's one second
 
 

@@ -471,3 +471,16 @@ async def test_a_request_without_a_terminal_id_is_refused_97_and_on_record_witho
         [refusal] = await eventually(lambda: lab.gateway.store.refusals(), "the 97 on record")
         assert (refusal.rc, refusal.terminal_id, refusal.reason) == ("97", "", "terminal not registered")
         assert refusal.stan == sign_in.fields["11"] and refusal.kind == "sign_in"
+
+
+async def test_an_untrusted_host_approval_is_logged_with_its_transaction_and_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.flow")
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        lab.host.add_fault(Fault("wrong_mac", pan=CARD_CUP.pan, mti=("0200",), limit=1))
+        t = await signed_in(lab)
+        assert (await t.purchase(2_400, CARD_CUP)).rc == "96"
+        rec = await settled(lab, (await only_txn(lab)).txn_id)
+        assert_reversed(rec, reason="A0", was=TxnState.HOST_REJECTED)
+        assert (f"host approval for txn {rec.txn_id} not trusted (the host's MAC does not verify): terminal gets 96"
+                in flow_lines(caplog, logging.ERROR))
