@@ -484,3 +484,46 @@ async def test_an_untrusted_host_approval_is_logged_with_its_transaction_and_why
         assert_reversed(rec, reason="A0", was=TxnState.HOST_REJECTED)
         assert (f"host approval for txn {rec.txn_id} not trusted (the host's MAC does not verify): terminal gets 96"
                 in flow_lines(caplog, logging.ERROR))
+
+
+async def test_a_bug_before_anything_was_journalled_gets_a_defined_96_on_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The bug guard: the terminal gets 96 at once (not silence), the refusal on record names the error,
+    the log line names the request with its traceback, and nothing was journalled or sent."""
+    from gateway.core import translate
+
+    caplog.set_level(logging.DEBUG)
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+
+        def broken(request: Message, security: Any) -> Any:
+            raise RuntimeError("a bug in the card data")
+
+        monkeypatch.setattr(translate, "card_data", broken)
+        result = await t.purchase(1_200, CARD_CUP)
+        assert result.rc == "96"
+        [refusal] = await eventually(lambda: lab.gateway.store.refusals(), "the 96 on record")
+        assert (refusal.rc, refusal.reason, refusal.kind) == ("96", "internal error: RuntimeError", "purchase")
+        assert await lab.gateway.store.list_transactions() == []
+        assert lab.host.stats.messages["0200"] == 0
+        [line] = [r for r in caplog.records if r.name == "gateway.flow" and r.levelno == logging.ERROR]
+        assert line.getMessage() == f"error while processing 0200 from terminal {lab.config.terminals[0].terminal_id}"
+        assert line.exc_info is not None and isinstance(line.exc_info[1], RuntimeError)
+        # the wire line of each request says where it came in (what a log search by direction finds)
+        wire = [r for r in caplog.records if r.name == "gateway.wire" and r.args and r.args[1] == "0200"]  # type: ignore[index]
+        assert wire and all(r.args[0] == "terminal_in" for r in wire)  # type: ignore[index]
+
+
+async def test_a_repeated_stan_is_refused_94_and_on_record_with_its_batch_and_stan(tmp_path: Path) -> None:
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        async with RawTerminal(lab) as raw:
+            await raw.sign_in()
+            purchase = raw.purchase(1_300, CARD_CUP)
+            assert (await raw.exchange(purchase)).fields["39"] == "00"
+            assert (await raw.exchange(purchase)).fields["39"] == "94"  # the same batch and STAN again
+        [refusal] = await eventually(lambda: lab.gateway.store.refusals(), "the 94 on record")
+        stan = purchase.fields["11"]
+        assert refusal.rc == "94" and refusal.stan == stan
+        assert refusal.reason == f"duplicate: batch {raw.batch} stan {stan} is already journalled"
+        assert refusal.pan_masked == mask_pan(CARD_CUP.pan)
+        assert lab.host.stats.messages["0200"] == 1
