@@ -695,19 +695,21 @@ class GatewayService:
             return self._refused(msg, "98", f"no host answer in time (txn {txn_id}): {exc}"), None
         self.metrics.upstream.observe(clock() - sent_at)
         host = reply.message
-        rc = host.fields.get("39", "96")
-        if rc in CHARGED_RCS:  # the customer was charged: an answer we cannot trust or carry is reversed
-            problem = decisions.check_host_answer(host_req, host, reply.mac_ok)
+        rc = host.fields.get("39", "")
+        # the customer was charged (or, without a response code, nobody can say he was not): an answer
+        # we cannot trust or carry is reversed, never taken for a decline
+        if not rc or rc in CHARGED_RCS:
+            problem = decisions.check_host_answer(host_req, host, reply.mac_ok) if rc else "no response code"
             if problem is not None:
                 release()
                 log.error("host approval for txn %s not trusted (%s): terminal gets 96", txn_id, problem)
                 if flow.reversible:
                     reason = "A0" if not reply.mac_ok else "06"
                     await self._settle(txn_id, "reversal of an untrusted approval", lambda: self._queue_reversal(
-                        txn_id, reason, state="host_rejected", rc=rc))
+                        txn_id, reason, state="host_rejected", rc=rc or None))
                 else:
                     await self._settle(txn_id, "rejection", lambda: store.record_outcome(
-                        txn_id, "host_rejected", rc=rc))
+                        txn_id, "host_rejected", rc=rc or None))
                 return self._refused(msg, "96", f"host approval not trusted (txn {txn_id}): {problem}"), None
         answer = translate.to_terminal(msg, host, self.config.host.acquirer_id, pan)
         if rc not in APPROVAL_RCS:

@@ -527,3 +527,29 @@ async def test_a_repeated_stan_is_refused_94_and_on_record_with_its_batch_and_st
         assert refusal.reason == f"duplicate: batch {raw.batch} stan {stan} is already journalled"
         assert refusal.pan_masked == mask_pan(CARD_CUP.pan)
         assert lab.host.stats.messages["0200"] == 1
+
+
+async def test_a_host_answer_without_a_response_code_is_reversed_not_taken_for_a_decline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the mutation pass (issue 16): an answer that carries no field 39 was journalled declined
+    (rc 96) and never reversed, while the host may have charged the customer (here it did). Nobody
+    can tell what such an answer means: the terminal gets 96 and the charge is reversed."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+        link = lab.gateway.service.link
+        real_request = link.request
+
+        async def without_response_code(request: Any) -> Any:
+            reply = await real_request(request)
+            del reply.message.fields["39"]  # a host bug: the approval's code lost on the way
+            return reply
+
+        monkeypatch.setattr(link, "request", without_response_code)
+        result = await t.purchase(2_700, CARD_CUP)
+        assert result.rc == "96" and not result.approved
+        monkeypatch.setattr(link, "request", real_request)
+        rec = await settled(lab, (await only_txn(lab)).txn_id)
+        assert rec.state is TxnState.REVERSED and rec.reversed_from is TxnState.HOST_REJECTED
+        assert rec.reversal_reason == "06" and host_entry(lab, rec).reversed
+        assert limit_used(lab) == 0
+        await assert_no_charge_without_receipt(lab)
