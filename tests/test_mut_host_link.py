@@ -556,3 +556,59 @@ async def test_a_late_answer_dropped_from_a_full_backlog_is_counted_and_logged()
     assert counted(metrics, "late_host_answers_dropped") == 1
     assert [r.getMessage() for r in records] == [
         "late-answer backlog full (1 waiting for the journal): dropped host answer 0210 stan 000002 rc 05 unjournalled"]
+
+
+# --- a request in the moment a connection is being closed -------------------------------------------------
+
+
+class SlowCloseStream(ForwardingStream):
+    """Its close waits at a gate: the moment between the end of a connection and the link's state
+    saying so, held open for the test."""
+
+    def __init__(self, inner: anyio.abc.ByteStream) -> None:
+        super().__init__(inner)
+        self.closing = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        with anyio.CancelScope(shield=True):
+            await self.gate.wait()
+        await self.inner.aclose()
+
+
+class SlowCloseLink(HostLink):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams: list[SlowCloseStream] = []
+
+    async def _connect(self) -> anyio.abc.ByteStream:
+        stream = SlowCloseStream(await super()._connect())
+        if self.streams:
+            stream.gate.set()  # only the first connection's close is held
+        self.streams.append(stream)
+        return stream
+
+
+async def test_a_request_while_the_connection_is_being_closed_is_not_sent_and_says_the_link_is_down() -> None:
+    host = EndingHost()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(host.serve)
+        config = HostConfig(address=Endpoint("127.0.0.1", port), key_exchange=False, timeout=2.0, echo_interval=60.0,
+                            reconnect_min=0.05, reconnect_max=0.1)
+        link = SlowCloseLink(config, SoftwareSecurityModule(), Metrics(process_metrics=False))
+        await tg.start(link.run)
+        with anyio.fail_after(5):
+            await link.wait_signed_on()
+        wire = link.streams[0]
+        tg.start_soon(outcome, link, purchase(link, EndingHost.CLOSE), 2.0)  # the host hangs up on it
+        with anyio.fail_after(5):
+            await wire.closing.wait()
+        assert link.ready  # the state does not say so yet...
+        with pytest.raises(HostUnavailable) as down:  # ...but nothing is queued on a connection that is gone
+            await link.request(purchase(link), 1.0)
+        assert str(down.value) == "host link is down"
+        wire.gate.set()
+        await eventually(lambda: link.reconnects >= 1 and link.ready)
+        assert [m.fields["4"] for m in host.received if m.mti == "0200"] == []
+        tg.cancel_scope.cancel()
