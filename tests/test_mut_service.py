@@ -553,3 +553,16 @@ async def test_a_host_answer_without_a_response_code_is_reversed_not_taken_for_a
         assert rec.reversal_reason == "06" and host_entry(lab, rec).reversed
         assert limit_used(lab) == 0
         await assert_no_charge_without_receipt(lab)
+
+
+async def test_the_settlement_line_says_whether_the_batch_balanced(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.flow")
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+        assert (await t.purchase(1_400, CARD_CUP)).approved
+        batch = t.batch  # the batch moves on once settled
+        result = await t.settle()
+        terminal_id = lab.config.terminals[0].terminal_id
+        lines = [line for line in flow_lines(caplog) if "settlement:" in line]
+        assert lines == [f"terminal {terminal_id} batch {batch} settlement: balanced"], (result, lines)
