@@ -602,13 +602,15 @@ async def test_a_request_while_the_connection_is_being_closed_is_not_sent_and_sa
             await link.wait_signed_on()
         wire = link.streams[0]
         tg.start_soon(outcome, link, purchase(link, EndingHost.CLOSE), 2.0)  # the host hangs up on it
-        with anyio.fail_after(5):
-            await wire.closing.wait()
-        assert link.ready  # the state does not say so yet...
-        with pytest.raises(HostUnavailable) as down:  # ...but nothing is queued on a connection that is gone
-            await link.request(purchase(link), 1.0)
-        assert str(down.value) == "host link is down"
-        wire.gate.set()
+        try:
+            with anyio.fail_after(5):
+                await wire.closing.wait()
+            assert link.ready  # the state does not say so yet...
+            with pytest.raises(HostUnavailable) as down:  # ...but nothing is queued on a connection that is gone
+                await link.request(purchase(link), 1.0)
+            assert str(down.value) == "host link is down"
+        finally:
+            wire.gate.set()  # a failing check must fail the test, not leave the close hanging
         await eventually(lambda: link.reconnects >= 1 and link.ready)
         assert [m.fields["4"] for m in host.received if m.mti == "0200"] == []
         tg.cancel_scope.cancel()
