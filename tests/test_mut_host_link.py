@@ -614,3 +614,19 @@ async def test_a_request_while_the_connection_is_being_closed_is_not_sent_and_sa
         await eventually(lambda: link.reconnects >= 1 and link.ready)
         assert [m.fields["4"] for m in host.received if m.mti == "0200"] == []
         tg.cancel_scope.cancel()
+
+
+async def test_a_request_abandoned_by_its_caller_is_no_host_timeout_when_its_deadline_passes() -> None:
+    """A caller cancelled from outside (its terminal went away, a shutdown) settles its request at once:
+    when the request's deadline comes later, nothing counts it as a host timeout or traces one."""
+    metrics = Metrics(process_metrics=False)
+    tap = RecordingTap()
+    async with open_link(metrics) as (host, link):
+        link.tap = tap
+        host.hold = True
+        with anyio.move_on_after(0.1):
+            await link.request(purchase(link), 0.4)  # written, then abandoned before its answer
+        await anyio.sleep(0.6)  # past its deadline
+        assert counted(metrics, "host_timeouts") == 0
+        assert tap.of("event") == []
+        assert link.ready and link._pending == {}
