@@ -21,6 +21,7 @@ from gateway.core.reversal import build_host_reversal
 from gateway.core.sessions import SessionTable, next_batch
 from gateway.core.state import LocalLimits, LocalSessions
 from gateway.iso.build import TerminalIdent, cup
+from gateway.iso.errors import ValidationError
 from gateway.iso.message import Message
 from gateway.store import MemoryStore
 from gateway.store.records import TxnKind, TxnRecord, TxnState
@@ -521,3 +522,12 @@ def test_the_card_fields_are_field_2_and_the_terminals_card_details():
     assert card.fields == {"pan": SALE_PAN, "track2": "6222020000000000000D30121010000000000", "expiry": "3012",
                            "entry_mode": "051", "card_seq": "001", "icc": "9F2608AABBCCDDEEFF0011"}
     assert security.calls == []
+
+
+@pytest.mark.anyio
+async def test_a_forwarding_id_that_is_not_digits_is_refused_not_dropped_from_the_reversal():
+    # field 33 / 90.5 are digits: a mistyped configuration must stop the reversal loudly, never make it
+    # go out quietly without the forwarding institution
+    _, entry = await saf_entry()
+    with pytest.raises(ValidationError):
+        build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="X0")
