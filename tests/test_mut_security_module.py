@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from gateway.config import SecurityConfig
+from gateway.config import SecurityConfig, TerminalEntry
 from gateway.security import algorithms as alg
 from gateway.security.errors import KcvMismatchError, KeyBlockError, KeyFormatError, KeyStoreError, MacError
 from gateway.security.keyblock import default_layouts
@@ -190,3 +190,24 @@ def test_persisted_working_keys_are_on_the_store_file(tmp_path, tmk):
     hsm.import_clear_key("TMK", tmk, TID)
     hsm.issue_working_keys(TID, "004")
     assert SoftwareSecurityModule(KeyStore.open(path, lmk)).has_working_keys(TID)
+
+
+def test_a_config_whose_keys_do_not_all_load_leaves_the_key_store_untouched(tmp_path, monkeypatch, tmk, zmk):
+    """The demo keys of a config are imported together: when one of them is refused (a weak TMK), the
+    gateway does not start and the store file holds none of them, not the ones before it."""
+    monkeypatch.delenv("GATEWAY_LMK", raising=False)
+    lmk_file = tmp_path / "lmk"
+    lmk = write_lmk_file(lmk_file)
+    store = tmp_path / "k.store"
+    KeyStore.create(store, lmk)
+    terminals = [TerminalEntry(TID, "898100012340001", tmk.hex()),
+                 TerminalEntry("87654321", "898100012340001", "0101010101010101")]
+    with pytest.raises(KeyFormatError, match="weak"):
+        SoftwareSecurityModule.from_config(SecurityConfig(keystore=store, lmk_file=lmk_file, zmk=zmk.hex()),
+                                           terminals)
+    assert list(KeyStore.open(store, lmk).entries()) == []
+    # the same config without the weak key loads, and saves every key it names
+    hsm = SoftwareSecurityModule.from_config(SecurityConfig(keystore=store, lmk_file=lmk_file, zmk=zmk.hex()),
+                                             terminals[:1])
+    assert _usages_on_disk(store, lmk) == {(KeyUsage.ZMK, ""), (KeyUsage.TMK, TID)}
+    assert hsm.key_check_value("TMK", TID) == KeyStore.open(store, lmk).get(KeyUsage.TMK, TID).kcv
