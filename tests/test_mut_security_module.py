@@ -211,3 +211,17 @@ def test_a_config_whose_keys_do_not_all_load_leaves_the_key_store_untouched(tmp_
                                              terminals[:1])
     assert _usages_on_disk(store, lmk) == {(KeyUsage.ZMK, ""), (KeyUsage.TMK, TID)}
     assert hsm.key_check_value("TMK", TID) == KeyStore.open(store, lmk).get(KeyUsage.TMK, TID).kcv
+
+
+def test_a_sign_off_of_unpersisted_working_keys_does_not_write_the_store_file(tmp_path, tmk):
+    """With persistence off the working keys live in memory: dropping them at sign-off has nothing to
+    write, so the file (shared by the instances, under its lock) is left as it is."""
+    lmk = LocalMasterKey.generate()
+    path = tmp_path / "keys.store"
+    hsm = SoftwareSecurityModule(KeyStore.create(path, lmk), persist_working_keys=False)
+    hsm.import_clear_key("TMK", tmk, TID)
+    hsm.issue_working_keys(TID, "004")
+    before = path.read_bytes()
+    hsm.drop_working_keys(TID)
+    assert not hsm.has_working_keys(TID)
+    assert path.read_bytes() == before
