@@ -225,3 +225,18 @@ def test_a_sign_off_of_unpersisted_working_keys_does_not_write_the_store_file(tm
     hsm.drop_working_keys(TID)
     assert not hsm.has_working_keys(TID)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["001", "003", "004"])
+def test_a_sign_in_with_unpersisted_working_keys_does_not_write_the_store_file(tmp_path, tmk, mode):
+    """Persistence off (the shared-session setup): a sign-in changes nothing the file keeps, so it does
+    not write the file (with every terminal signing in, the instances would queue on its lock)."""
+    lmk = LocalMasterKey.generate()
+    path = tmp_path / "keys.store"
+    hsm = SoftwareSecurityModule(KeyStore.create(path, lmk), persist_working_keys=False)
+    hsm.import_clear_key("TMK", tmk, TID)
+    before = path.read_bytes()
+    hsm.issue_working_keys(TID, "004")
+    hsm.issue_working_keys(TID, mode)  # a second sign-in, maybe with fewer keys: the stale ones go too
+    assert hsm.has_working_keys(TID)
+    assert path.read_bytes() == before
