@@ -531,3 +531,55 @@ async def test_a_forwarding_id_that_is_not_digits_is_refused_not_dropped_from_th
     _, entry = await saf_entry()
     with pytest.raises(ValidationError):
         build_host_reversal(entry, repeat=False, acquirer_id="00000001234", forwarding_id="X0")
+
+
+# --- an empty amount, a sign-in's batch at its edges, field 61 at its edges ---------------------------
+
+def test_an_empty_amount_field_is_zero_on_the_host_request_and_in_the_journal(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: SECOND + 0.5)
+    req = terminal_request(**{"4": ""})
+    assert translate.to_host(req, "purchase", pan_card(), HOST, "000777", HOST_DT, None).fields["4"] == \
+        "000000000000"
+    host = Message("0200", {"3": "000000", "7": HOST_DT, "11": "000777"})
+    assert translate.journal_record(req, host, "purchase", pan_card(), FINGERPRINT, None).amount == 0
+
+
+@pytest.mark.parametrize(("f60", "batch"), [
+    ("00000042", "000042"),  # exactly 60.1 + 60.2: the batch is there
+    ("0000042", "000001"),  # one digit short: no batch
+    ("00000042X04", "000042"),  # what follows 60.2 does not matter to it
+    ("00A00042004", "000001"),  # not digits: no batch
+    ("0000004A004", "000001"),
+])
+def test_a_sign_in_takes_60_2_as_its_batch_only_when_it_is_six_digits(f60, batch):
+    assert decisions.sign_in_request(Message("0800", {"60": f60}), "004")[0] == batch
+
+
+def test_a_sign_in_without_field_60_gets_the_first_batch_and_the_default_mode():
+    assert decisions.sign_in_request(Message("0800", {"11": "000001"}), "003") == ("000001", "003")
+
+
+def test_field_61_at_its_edges():
+    assert translate.original_refs(Message("0200", {"61": "000001"})) == ("000001", None, None)
+    assert translate.original_refs(Message("0200", {"61": "00000"})) == (None, None, None)
+    # 61 may carry more after 61.3: the date is still its 4 digits
+    assert translate.original_refs(Message("0200", {"61": "00000100012312020000"})) == ("000001", "000123", "1202")
+
+
+def test_seeding_the_day_adds_to_what_is_already_reserved():
+    limits = RiskLimits(LimitsConfig(per_transaction=1_000, per_day=1_000))
+    assert limits.reserve("10000001", 500, "20261202") is None
+    limits.seed("20261202", {"10000001": 300})
+    assert limits.used("10000001") == 800
+    assert limits.reserve("10000001", 300, "20261202") == "61"
+
+
+class _HexSecurity(_RecordingSecurity):
+    def translate_pin_to_host(self, terminal_id: str, pin_block: bytes, pan: str | None) -> bytes:
+        super().translate_pin_to_host(terminal_id, pin_block, pan)
+        return bytes.fromhex("ABCDEF0123456789")
+
+
+def test_the_host_pin_block_is_upper_case_hex():
+    req = Message("0200", {"2": SALE_PAN, "41": "10000001", "52": "A1B2C3D4E5F60718"})
+    assert translate.card_data(req, _HexSecurity()).fields["pin_block"] == "ABCDEF0123456789"  # type: ignore[arg-type]
