@@ -419,3 +419,16 @@ def test_a_refusal_record_keeps_the_terminals_values_and_its_own() -> None:
     assert (bare.terminal_id, bare.merchant_id, bare.amount, bare.kind) == ("", None, None, None)
     odd: dict[str, Any] = {"terminal_id": b"\x01T" * 20, "mti": 7}  # what a broken decoder might hand over
     assert RefusalRecord(**odd, rc="30", reason="x").terminal_id == printable(b"\x01T" * 20, 16)
+
+
+def test_a_row_that_does_not_match_the_columns_is_refused_not_read_askew() -> None:
+    # a journal table with a column more or less than this code knows (a migration not applied, or
+    # applied twice) must fail loudly: values read one column off would misstate amounts and states
+    row = tuple(getattr(record(), c) for c in TXN_COLUMNS)
+    with pytest.raises(ValueError):
+        txn_from_row((*row, None))
+    values = {"saf_id": 3, "txn_id": 1, "state": "pending", "reason": "98", "initiator": "gateway", "attempts": 0,
+              "total_attempts": 0, "queued_at": 1.0, "next_attempt_at": 1.0, "updated_at": 1.0}
+    saf_row = tuple(values.get(c) for c in SAF_COLUMNS)
+    with pytest.raises(ValueError):
+        saf_from_row((*saf_row, None), record())
