@@ -41,6 +41,7 @@ from gateway.store.records import (
     parse_enum,
     parse_outcome,
     printable,
+    reversal_from,
     saf_from_row,
     txn_from_row,
 )
@@ -432,3 +433,11 @@ def test_a_row_that_does_not_match_the_columns_is_refused_not_read_askew() -> No
     saf_row = tuple(values.get(c) for c in SAF_COLUMNS)
     with pytest.raises(ValueError):
         saf_from_row((*saf_row, None), record())
+
+
+@pytest.mark.parametrize("state", [T.PENDING, T.DECLINED, T.REVERSED])
+def test_a_reversal_records_only_an_outcome_after_which_money_may_have_moved(state: TxnState) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        reversal_from(T.PENDING, state)
+    assert str(err.value) == f"a reversal cannot record outcome {state} (field state)"
+    assert reversal_from(T.PENDING, T.HOST_REJECTED) is T.HOST_REJECTED
