@@ -583,3 +583,11 @@ class _HexSecurity(_RecordingSecurity):
 def test_the_host_pin_block_is_upper_case_hex():
     req = Message("0200", {"2": SALE_PAN, "41": "10000001", "52": "A1B2C3D4E5F60718"})
     assert translate.card_data(req, _HexSecurity()).fields["pin_block"] == "ABCDEF0123456789"  # type: ignore[arg-type]
+
+
+def test_a_request_without_field_60_has_no_batch_and_is_not_signed_in():
+    # empty, not a made-up one: the refusal journal records `batch_of(msg) or None`, i.e. no batch
+    req = Message("0200", {"11": "000001", "41": "10000001"})
+    assert decisions.batch_of(req) == ""
+    assert decisions.screen_session(req, SessionTable().sign_in("10000001", "898100012340001", "000001", "004")) \
+        == "77"
