@@ -441,3 +441,12 @@ def test_a_reversal_records_only_an_outcome_after_which_money_may_have_moved(sta
         reversal_from(T.PENDING, state)
     assert str(err.value) == f"a reversal cannot record outcome {state} (field state)"
     assert reversal_from(T.PENDING, T.HOST_REJECTED) is T.HOST_REJECTED
+
+
+def test_a_pan_in_a_terminal_value_is_shown_masked_6_4_not_dropped() -> None:
+    assert printable(f"card {TEST_PAN}", 40) == f"card {TEST_PAN[:6]}*********{TEST_PAN[-4:]}"
+
+
+def test_a_fingerprint_with_a_character_that_is_not_hex_is_refused() -> None:
+    for bad in ("f" * 63 + "X", "X" + "0" * 63, "0" * 63 + " "):
+        refused("pan_fingerprint", request, pan_fingerprint=bad)
