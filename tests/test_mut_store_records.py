@@ -450,3 +450,9 @@ def test_a_pan_in_a_terminal_value_is_shown_masked_6_4_not_dropped() -> None:
 def test_a_fingerprint_with_a_character_that_is_not_hex_is_refused() -> None:
     for bad in ("f" * 63 + "X", "X" + "0" * 63, "0" * 63 + " "):
         refused("pan_fingerprint", request, pan_fingerprint=bad)
+
+
+def test_a_currency_is_three_characters_and_a_condition_code_one_or_two() -> None:
+    refused("currency", request, currency="1560")
+    assert request(pos_condition_code="6").pos_condition_code == "6"
+    assert request(pos_entry_mode="0211").pos_entry_mode == "0211"
