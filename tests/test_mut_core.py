@@ -591,3 +591,24 @@ def test_a_request_without_field_60_has_no_batch_and_is_not_signed_in():
     assert decisions.batch_of(req) == ""
     assert decisions.screen_session(req, SessionTable().sign_in("10000001", "898100012340001", "000001", "004")) \
         == "77"
+
+
+# --- an approval must name the card and the currency the request named ---------------------------------
+
+CARD_REQUEST = Message("0200", {"2": SALE_PAN, "3": "000000", "4": "000000001000", "41": "10000001", "49": "156"})
+
+
+@pytest.mark.parametrize(("key", "value"), [("2", "6222020000000000000"), ("49", "840")])
+def test_an_approval_for_another_card_or_currency_is_not_trusted(key, value):
+    host = Message("0210", dict(CARD_REQUEST.fields, **{"39": "00", key: value}))
+    assert decisions.check_host_answer(CARD_REQUEST, host, True) == f"field {key} differs from the request"
+
+
+def test_an_approval_that_echoes_or_leaves_out_the_card_and_currency_is_trusted():
+    assert decisions.check_host_answer(CARD_REQUEST, Message("0210", dict(CARD_REQUEST.fields, **{"39": "00"})),
+                                       True) is None
+    assert decisions.check_host_answer(CARD_REQUEST, Message("0210", {"39": "00"}), True) is None
+    # a request that named no card (a track only) has no field 2 to compare: the host's may stand
+    track_only = Message("0200", {"3": "000000", "4": "000000001000", "41": "10000001"})
+    assert decisions.check_host_answer(track_only, Message("0210", {"39": "00", "2": SALE_PAN, "49": "840"}),
+                                       True) is None
