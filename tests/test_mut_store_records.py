@@ -303,6 +303,8 @@ LONG_FP = "a" * 64
     ("amount", 1.0, "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
     ("amount", "5", "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
     ("currency", "15", "expected 3..3 printable characters (field currency)"),
+    ("currency", None, "expected 3..3 printable characters (field currency)"),
+    ("terminal_id", None, "expected 8..8 printable characters (field terminal_id)"),
     ("pan_masked", None, "expected a masked PAN of at most 19 characters (field pan_masked)"),
     ("pan_masked", TEST_PAN[:11] + "****", "more than 10 digits shown: mask the PAN (6+4) (field pan_masked)"),
     ("pan_fingerprint", "A" * 64, "expected 64 lowercase hex characters (or empty) (field pan_fingerprint)"),
