@@ -37,6 +37,7 @@ from gateway.store.records import (
     credit_refusal,
     is_domestic,
     not_found_overtaken,
+    outcome_sources,
     pan_fingerprint,
     parse_enum,
     parse_outcome,
@@ -289,6 +290,7 @@ LONG_FP = "a" * 64
 @pytest.mark.parametrize(("field", "bad", "said"), [
     ("kind", "bogus", "unknown transaction kind (field kind)"),
     ("kind", 5, "unknown transaction kind (field kind)"),
+    ("kind", ["purchase"], "unknown transaction kind (field kind)"),  # e.g. a JSON list: refused, no TypeError
     ("terminal_id", "T1", "expected 8..8 printable characters (field terminal_id)"),
     ("merchant_id", "M1", "expected 15..15 printable characters (field merchant_id)"),
     ("batch", "1", "expected 6 digits (field batch)"),
@@ -458,3 +460,9 @@ def test_a_currency_is_three_characters_and_a_condition_code_one_or_two() -> Non
     refused("currency", request, currency="1560")
     assert request(pos_condition_code="6").pos_condition_code == "6"
     assert request(pos_entry_mode="0211").pos_entry_mode == "0211"
+
+
+def test_a_state_no_outcome_leads_to_has_no_sources() -> None:
+    # an empty tuple, not None: the backends build their conditional UPDATE's IN (...) from it
+    for state in (T.PENDING, T.REVERSED, T.REVERSAL_QUEUED):
+        assert outcome_sources(state) == ()
