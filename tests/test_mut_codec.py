@@ -100,7 +100,7 @@ mac_wire_len = 8
 
 [dialect.mti]
 versions = ["0"]
-classes = ["2"]
+classes = ["2", "8"]
 functions = ["0", "1"]
 origins = ["0"]
 
@@ -259,6 +259,21 @@ def test_a_dialect_without_field_2_refuses_a_bitmap_naming_it(mixed: Dialect) ->
     codec = PureCodec(mixed)
     assert _decode_error(codec, b"0200" + b"6000000000000000" + b"0499999931000") == (
         "bitmap names field 2, which the dialect does not define", "p", 4)
+
+
+def test_a_secondary_bitmap_error_names_the_first_undefined_field(tmp_path: Path) -> None:
+    """In a dialect that leaves gaps in 66..128 the error names the undefined field the bitmap sets."""
+    path = tmp_path / "mut-gaps.toml"
+    path.write_text(MIXED_DIALECT.replace('name = "mut-mixed"', 'name = "mut-gaps"').replace(
+        'p = { data_enc = "ascii", len_enc = "ascii", len_type = 0, max_len = 16 }',
+        'p = { data_enc = "ascii", len_enc = "ascii", len_type = 0, max_len = 16 }\n'
+        '1 = { data_enc = "ascii", len_enc = "ascii", len_type = 0, max_len = 16 }\n'
+        '70 = { fmt = "n", data_enc = "ascii", len_enc = "ascii", len_type = 0, max_len = 3 }'))
+    codec = PureCodec(load_dialect(str(path)))
+    good = codec.encode(Message("0800", {"3": "990000", "70": "301"}))
+    assert good[4:36] == b"A000000000000000" + b"0400000000000000"
+    spoiled = good[:20] + b"0000004000000000" + good[36:]  # field 90 instead of 70
+    assert _decode_error(codec, spoiled) == ("bitmap names field 90, which the dialect does not define", "1", 20)
 
 
 # --- tracks: clear, separators, TDK-encrypted ----------------------------------------------------------
