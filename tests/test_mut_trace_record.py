@@ -138,9 +138,9 @@ def test_frames_are_numbered_and_carry_their_cause_with_no_clear_card_data(tmp_p
 def test_the_writer_process_gets_every_setting(tmp_path: Path) -> None:
     settings = RecorderSettings(tmp_path / "s.jsonl", {"terminal": "cup-pos"}, {"terminal": "cup"},
                                 source="trace proxy", max_bytes=4_000, max_files=3, max_pending=1 << 20, lenient=True)
-    assert json.loads(settings.to_json()) == {
+    assert json.loads(settings.to_json()) == {  # max_pending is the recorder's own, not the writer's
         "path": str(tmp_path / "s.jsonl"), "dialects": {"terminal": "cup-pos"}, "framings": {"terminal": "cup"},
-        "source": "trace proxy", "max_bytes": 4_000, "max_files": 3, "lenient": True}  # max_pending is the recorder's own
+        "source": "trace proxy", "max_bytes": 4_000, "max_files": 3, "lenient": True}
     defaults = RecorderSettings(tmp_path / "d.jsonl", {}, {})
     assert (defaults.source, defaults.max_bytes, defaults.max_files, defaults.max_pending, defaults.lenient) == (
         "gateway serve", 64 * 1024 * 1024, 8, 8 * 1024 * 1024, False)
@@ -275,6 +275,7 @@ async def test_open_recorder_follows_the_config_and_closes_with_the_gateway(tmp_
     path = tmp_path / "serve.jsonl"
     config = load_config(None, {"GATEWAY_TRACE__PATH": str(path), "GATEWAY_TRACE__MAX_BYTES": "5000",
                                 "GATEWAY_TRACE__MAX_FILES": "2", "GATEWAY_TRACE__MAX_PENDING": "150"})
+    recorder: Recorder | None = None
     async with anyio.create_task_group() as tg:
         recorder = await open_recorder(config, metrics, tg)
         assert recorder is not None
@@ -287,7 +288,7 @@ async def test_open_recorder_follows_the_config_and_closes_with_the_gateway(tmp_
         recorder.opened(Leg.TERMINAL, conn, "x" * 200)  # more than max_pending: dropped, and counted
         await anyio.sleep(0.1)  # the gateway runs a while, then stops
         tg.cancel_scope.cancel()
-    assert recorder.dropped == 1
+    assert recorder is not None and recorder.dropped == 1
     assert metrics.registry.get_sample_value("gateway_trace_records_dropped_total") == 1.0
     assert recorder._process is not None and recorder._process.returncode == 0  # finished, not killed
     _header, records = _records(path)
