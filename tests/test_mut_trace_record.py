@@ -7,10 +7,13 @@ scanned for the clear card data they were fed: a trace never holds a clear PAN, 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,8 +38,9 @@ from gateway.trace.format import (
     SecretKind,
     TraceHeader,
     read_trace,
+    write_records,
 )
-from gateway.trace.pipe import pack_event
+from gateway.trace.pipe import HEAD, pack_event
 from gateway.trace.recorder import Recorder, RecorderSettings, open_recorder
 from gateway.trace.tracefile import RotatingTraceWriter, rotated, shift_parts
 
@@ -197,12 +201,16 @@ def test_drops_are_logged_again_after_ten_seconds(caplog: pytest.LogCaptureFixtu
 
 
 def test_frames_are_numbered_only_when_buffered() -> None:
-    recorder = Recorder(_settings(Path("unused.jsonl"), max_pending=60))
+    """A frame takes its header and its bytes of the buffer, no more (plus the envelope where there is
+    one): one that fills it exactly is still taken."""
+    body = b"\x08\x00" + bytes(20)
+    recorder = Recorder(_settings(Path("unused.jsonl"), max_pending=HEAD.size + len(body)))
     conn = object()
-    assert recorder.frame(Leg.TERMINAL, Direction.IN, conn, b"\x08\x00" + bytes(20)) == 1
-    assert recorder.frame(Leg.TERMINAL, Direction.IN, conn, b"\x08\x00" + bytes(40)) is None  # dropped
+    assert recorder.frame(Leg.TERMINAL, Direction.IN, conn, body) == 1
+    assert recorder.frame(Leg.TERMINAL, Direction.IN, conn, b"\x08\x00") is None  # full: dropped
     recorder._pending, recorder._pending_bytes = [], 0  # what the writer thread does with a batch
     assert recorder.frame(Leg.TERMINAL, Direction.IN, conn, b"\x08\x00", cause=1) == 2
+    assert recorder.dropped == 1
 
 
 def test_nothing_is_buffered_or_counted_once_closing(tmp_path: Path) -> None:
@@ -211,7 +219,12 @@ def test_nothing_is_buffered_or_counted_once_closing(tmp_path: Path) -> None:
     recorder.start()
     conn = object()
     recorder.opened(Leg.TERMINAL, conn, "127.0.0.1:1")
-    recorder.close()
+    started = time.monotonic()
+    recorder.close(timeout=5.0)
+    # the writer thread and process are done, promptly: close() did not just give up on them
+    assert time.monotonic() - started < 4.0
+    assert recorder._thread is not None and not recorder._thread.is_alive()
+    assert recorder._process is not None and recorder._process.returncode == 0
     assert recorder.frame(Leg.TERMINAL, Direction.IN, conn, _purchase()) is None
     recorder.closed(Leg.TERMINAL, conn)
     assert recorder.dropped == 0 and recorder._pending == []
@@ -243,18 +256,36 @@ def test_a_dead_writer_drops_every_record_counted(tmp_path: Path, caplog: pytest
     assert messages[-1] == f"trace {tmp_path / 'dead.jsonl'}: 3 records dropped"
 
 
-def test_close_kills_a_writer_that_does_not_finish(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_close_kills_a_writer_that_does_not_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A writer process that stops reading (stuck on a full disk, say) with the pipe full and the
+    writer thread blocked in a write: close() still returns after its timeout, kills the process and
+    counts what could not be written as dropped. The gateway's stop never hangs on its trace."""
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda _args, **kw: real_popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], **kw))
     recorder = Recorder(_settings(tmp_path / "stuck.jsonl"))
-    # a writer that ignores the end of its input (stuck on a full disk, say)
-    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE)
-    recorder._process = stuck
-    started = time.monotonic()
+    recorder.start()
+    stuck = recorder._process
+    assert stuck is not None
+    conn = object()
+    for _ in range(5):  # 300 kB: far more than a pipe holds
+        recorder.event(Leg.TERMINAL, conn, EventKind.TIMEOUT, "x" * 60_000)
+    time.sleep(0.3)  # the writer thread takes the batch and blocks on the full pipe
+    closer = threading.Thread(target=recorder.close, kwargs={"timeout": 0.5}, daemon=True)
     with caplog.at_level(logging.ERROR, logger="gateway.trace"):
-        recorder.close(timeout=0.5)
-    assert time.monotonic() - started < 10
+        closer.start()
+        closer.join(15)
+        hung = closer.is_alive()
+        if hung:  # unblock it, so that the failure below is a failure and not a hang
+            stuck.kill()
+            closer.join(15)
+    assert not hung, "close() waited for a stuck writer"
     assert stuck.returncode is not None and stuck.returncode < 0  # killed, and reaped
-    assert [r.getMessage() for r in caplog.records if r.name == "gateway.trace"] == [
-        f"trace writer process {stuck.pid} did not finish in 0s: killing it"]
+    assert recorder._thread is not None and not recorder._thread.is_alive()
+    assert recorder.written == 0 and recorder.dropped == 5
+    errors = [r.getMessage() for r in caplog.records if r.name == "gateway.trace"]
+    assert errors[0] == f"trace writer process {stuck.pid} did not finish in 0s: killing it"
 
 
 def test_a_recorder_without_a_writer_closes_quietly(caplog: pytest.LogCaptureFixture) -> None:
@@ -262,6 +293,63 @@ def test_a_recorder_without_a_writer_closes_quietly(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="gateway.trace"):
         recorder.close()
     assert recorder.dropped == 0 and not caplog.records
+
+
+def test_the_writer_thread_and_process_hold_nothing_of_the_gateway(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The writer thread is a daemon (a gateway that dies without close() still exits) named in thread
+    dumps; the writer process inherits none of the gateway's descriptors (a socket handed over by
+    systemd is inheritable, say); the log says where the trace goes."""
+    keep_read, keep_write = os.pipe()
+    os.set_inheritable(keep_write, True)
+    recorder = Recorder(_settings(tmp_path / "hygiene.jsonl"))
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.trace"):
+            recorder.start()
+        assert recorder._process is not None and recorder._thread is not None
+        assert recorder._thread.daemon and recorder._thread.name == "trace-writer"
+        assert recorder._thread in threading.enumerate()
+        held = Path(f"/proc/{recorder._process.pid}/fd")
+        if held.is_dir():
+            targets = {os.readlink(fd) for fd in held.iterdir() if fd.is_symlink()}
+            assert os.readlink(f"/proc/self/fd/{keep_write}") not in targets
+        assert [r.getMessage() for r in caplog.records if r.name == "gateway.trace"] == [
+            f"recording a trace to {tmp_path / 'hygiene.jsonl'} (writer process {recorder._process.pid})"]
+    finally:
+        recorder.close()
+        os.close(keep_read)
+        os.close(keep_write)
+
+
+def test_the_trace_is_utf8_whatever_the_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway started without a UTF-8 locale (systemd with LANG unset on a minimal image): the
+    writer process still writes its trace as UTF-8, the same bytes as a writer in a UTF-8 process."""
+    notes = {"site": "收单中心"}
+    header = TraceHeader("gateway serve", {"terminal": "cup-pos"}, {"terminal": "cup"}, "2026-01-01T00:00:00+00:00",
+                         notes=notes)
+    reference = tmp_path / "reference.jsonl"
+    writer = RotatingTraceWriter(reference, header, max_bytes=1 << 20, max_files=2)
+    writer.write(_event(1, "交易成功"))
+    writer.close()
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gateway.trace.format import EventKind, EventRecord, Leg, TraceHeader\n"
+        "from gateway.trace.tracefile import RotatingTraceWriter\n"
+        "header = TraceHeader('gateway serve', {'terminal': 'cup-pos'}, {'terminal': 'cup'}, "
+        "'2026-01-01T00:00:00+00:00', notes={'site': '\\u6536\\u5355\\u4e2d\\u5fc3'})\n"
+        "w = RotatingTraceWriter(Path(sys.argv[1]), header, max_bytes=1 << 20, max_files=2)\n"
+        "w.write(EventRecord(1, 2.0, Leg.TERMINAL, 'T1', EventKind.CONNECT, '\\u4ea4\\u6613\\u6210\\u529f'))\n"
+        "w.close()\n"
+    )
+    out = tmp_path / "c-locale.jsonl"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+           "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_bytes() == reference.read_bytes()
+    assert "交易成功" in out.read_text(encoding="utf-8")
 
 
 # --- open_recorder: what `gateway serve` starts from [trace] ------------------------------------------
@@ -332,7 +420,19 @@ def test_shifting_skips_missing_parts(tmp_path: Path) -> None:
     (tmp_path / "t.jsonl.2").write_text("two")
     shift_parts(base, 4)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"t.jsonl.1": "live", "t.jsonl.3": "two"}
-    shift_parts(tmp_path / "none.jsonl", 3)  # nothing there: nothing to do, no error
+    for max_files in (1, 2, 3):  # nothing there: nothing to do, no error
+        shift_parts(tmp_path / "none.jsonl", max_files)
+    assert not list(tmp_path.glob("none.jsonl*"))
+
+
+def test_the_part_pushed_past_max_files_goes_even_after_a_gap(tmp_path: Path) -> None:
+    """Every part moves up one place; the one that would land at max_files is deleted, also when the
+    part below it is missing (deleted by hand, say)."""
+    base = tmp_path / "t.jsonl"
+    base.write_text("live")
+    (tmp_path / "t.jsonl.2").write_text("two")
+    shift_parts(base, 3)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"t.jsonl.1": "live"}
 
 
 def test_writer_rotates_by_size_and_every_part_starts_with_its_header(tmp_path: Path) -> None:
@@ -363,6 +463,21 @@ def test_writer_rotates_by_size_and_every_part_starts_with_its_header(tmp_path: 
     line = len(json.dumps(_event(30, "d" * 40).to_json(), separators=(",", ":"))) + 1
     for part in parts[:2]:
         assert part.stat().st_size + line > 600
+
+
+def test_every_line_is_compact_json_as_write_records_writes_it(tmp_path: Path) -> None:
+    """A recorded trace has the same layout as an imported one (format.write_records): one compact JSON
+    object a line, header first."""
+    path = tmp_path / "t.jsonl"
+    writer = RotatingTraceWriter(path, HEADER, max_bytes=1 << 20, max_files=2)
+    events = [_event(seq, "peer") for seq in (1, 2)]
+    for event in events:
+        writer.write(event)
+    writer.close()
+    expected = io.StringIO()
+    write_records(expected, TraceHeader(HEADER.source, HEADER.dialects, HEADER.framings, HEADER.created,
+                                        HEADER.version, {**HEADER.notes, "part": 1}), events)
+    assert path.read_text(encoding="utf-8") == expected.getvalue()
 
 
 def test_writer_counts_bytes_not_characters(tmp_path: Path) -> None:
