@@ -323,14 +323,26 @@ def test_the_writer_thread_and_process_hold_nothing_of_the_gateway(tmp_path: Pat
 
 def test_the_trace_is_utf8_whatever_the_locale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A gateway started without a UTF-8 locale (systemd with LANG unset on a minimal image): the
-    writer process still writes its trace as UTF-8, the same bytes as a writer in a UTF-8 process."""
-    notes = {"site": "收单中心"}
+    writer still writes its trace as UTF-8, the same bytes as a writer in a UTF-8 process."""
     header = TraceHeader("gateway serve", {"terminal": "cup-pos"}, {"terminal": "cup"}, "2026-01-01T00:00:00+00:00",
-                         notes=notes)
+                         notes={"site": "收单中心"})
     reference = tmp_path / "reference.jsonl"
     writer = RotatingTraceWriter(reference, header, max_bytes=1 << 20, max_files=2)
     writer.write(_event(1, "交易成功"))
     writer.close()
+    assert "交易成功" in reference.read_text(encoding="utf-8")
+    # in this process: the default text encoding as a C locale makes it (io.text_encoding decides
+    # what a text file opened without an encoding gets)
+    text_encoding = io.text_encoding
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, *a: "ascii" if encoding is None else
+                        text_encoding(encoding, *a))
+    here = tmp_path / "ascii-default.jsonl"
+    writer = RotatingTraceWriter(here, header, max_bytes=1 << 20, max_files=2)
+    writer.write(_event(1, "交易成功"))
+    writer.close()
+    assert here.read_bytes() == reference.read_bytes()
+    monkeypatch.undo()
+    # and in a real process under the C locale (no UTF-8 coercion, no UTF-8 mode)
     script = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -349,7 +361,6 @@ def test_the_trace_is_utf8_whatever_the_locale(tmp_path: Path, monkeypatch: pyte
                           timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes() == reference.read_bytes()
-    assert "交易成功" in out.read_text(encoding="utf-8")
 
 
 # --- open_recorder: what `gateway serve` starts from [trace] ------------------------------------------
