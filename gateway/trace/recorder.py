@@ -183,7 +183,14 @@ class Recorder:
 
     def _write(self, data: bytes, count: int) -> None:
         process = self._process
-        if self._broken or process is None or process.stdin is None:
+        if process is None or process.stdin is None:
+            return
+        if self._broken:
+            # buffered before the writer was found dead (while this thread was blocked writing the
+            # batch that failed): they cannot be written now, so they count as dropped like the rest
+            with self._lock:
+                for _ in range(count):
+                    self._dropped_one()
             return
         try:
             fd = process.stdin.fileno()
