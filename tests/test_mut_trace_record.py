@@ -258,11 +258,13 @@ def test_close_kills_a_writer_that_does_not_finish(tmp_path: Path, monkeypatch: 
                                                    caplog: pytest.LogCaptureFixture) -> None:
     """A writer process that stops reading (stuck on a full disk, say) with the pipe full and the
     writer thread blocked in a write: close() still returns after its timeout, kills the process and
-    counts what could not be written as dropped. The gateway's stop never hangs on its trace."""
+    counts what could not be written as dropped, before it reports the count. The gateway's stop
+    never hangs on its trace."""
     real_popen = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda _args, **kw: real_popen(
         [sys.executable, "-c", "import time; time.sleep(60)"], **kw))
-    recorder = Recorder(_settings(tmp_path / "stuck.jsonl"))
+    # a slow drop counter (the metrics callback): the count takes the writer thread a while
+    recorder = Recorder(_settings(tmp_path / "stuck.jsonl"), on_drop=lambda _n: time.sleep(0.05))
     recorder.start()
     stuck = recorder._process
     assert stuck is not None
@@ -271,7 +273,7 @@ def test_close_kills_a_writer_that_does_not_finish(tmp_path: Path, monkeypatch: 
         recorder.event(Leg.TERMINAL, conn, EventKind.TIMEOUT, "x" * 60_000)
     time.sleep(0.3)  # the writer thread takes the batch and blocks on the full pipe
     closer = threading.Thread(target=recorder.close, kwargs={"timeout": 0.5}, daemon=True)
-    with caplog.at_level(logging.ERROR, logger="gateway.trace"):
+    with caplog.at_level(logging.WARNING, logger="gateway.trace"):
         closer.start()
         closer.join(15)
         hung = closer.is_alive()
@@ -282,8 +284,9 @@ def test_close_kills_a_writer_that_does_not_finish(tmp_path: Path, monkeypatch: 
     assert stuck.returncode is not None and stuck.returncode < 0  # killed, and reaped
     assert recorder._thread is not None and not recorder._thread.is_alive()
     assert recorder.written == 0 and recorder.dropped == 5
-    errors = [r.getMessage() for r in caplog.records if r.name == "gateway.trace"]
-    assert errors[0] == f"trace writer process {stuck.pid} did not finish in 0s: killing it"
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.trace"]
+    assert messages[0] == f"trace writer process {stuck.pid} did not finish in 0s: killing it"
+    assert messages[-1] == f"trace {tmp_path / 'stuck.jsonl'}: 5 records dropped"
 
 
 def test_records_buffered_when_the_writer_dies_are_counted_too(tmp_path: Path,

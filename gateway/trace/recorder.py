@@ -109,6 +109,10 @@ class Recorder:
                 log.error("trace writer process %s did not finish in %.0fs: killing it", process.pid, timeout)
                 process.kill()
                 process.wait()
+                if self._thread is not None:
+                    # a write blocked on the stuck process fails now: let the thread count those
+                    # records as dropped before the count is reported
+                    self._thread.join(timeout)
         if self.dropped:
             log.warning("trace %s: %d records dropped", self.settings.path, self.dropped)
 
