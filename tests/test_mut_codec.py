@@ -140,6 +140,11 @@ DECODE_ERRORS = [
     ("cup-pos", b"\x08", ("message is 1 bytes, too short for an MTI", "t", 0)),
     ("iso87-ascii", b"080", ("message is 3 bytes, too short for an MTI", "t", 0)),
     ("cup-pos", b"\x09\x00" + bytes(8), ("MTI is not a message type this dialect accepts", "t", 0)),
+    # exactly an MTI's length: long enough, so it is the MTI that is wrong
+    ("cup-pos", b"\x09\x00", ("MTI is not a message type this dialect accepts", "t", 0)),
+    ("iso87-ascii", b"0900", ("MTI is not a message type this dialect accepts", "t", 0)),
+    ("cup-pos", b"\x08\x00" + bytes.fromhex("8020000000000000") + bytes.fromhex("000001"),
+     ("bitmap sets bit 1 but this dialect has no secondary bitmap", "p", 2)),
     # a bitmap cut short: at the bitmap's own offset, primary and secondary
     ("cup-pos", b"\x08\x00\x00\x20", ("bitmap is 2 bytes, expecting 8", "p", 2)),
     ("iso87-ascii", b"08000020", ("bitmap is 4 bytes, expecting 16", "p", 4)),
@@ -186,6 +191,15 @@ def test_encode_errors_say_what_and_which_field(dialect: str, msg: Message, expe
     assert _encode_error(_fresh(dialect), msg) == expected
 
 
+def test_of_several_bad_fields_the_first_on_the_wire_is_named() -> None:
+    """Field 3 comes before field 11 on the wire (fields go in number order, not text order)."""
+    codec = _fresh("iso87-ascii")
+    body = codec.encode(Message("0200", {"3": "310000", "11": "000001"}))
+    spoiled = body.replace(b"310000", b"31000X").replace(b"000001", b"00000X")
+    assert _decode_error(codec, spoiled) == ("non-digit in numeric field", "3", 20)
+    assert _encode_error(codec, Message("0200", {"3": "31000X", "11": "00000X"}))[1] == "3"
+
+
 # --- x+n amounts: strict on the live path, lenient for imports ----------------------------------------
 
 
@@ -197,9 +211,10 @@ def test_strict_xn_takes_a_credit_or_debit_sign(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["000000100", "X00000100", "CC0000100", "C0000010X", "CX0000100"])
 def test_strict_xn_refuses_anything_but_sign_then_digits(value: str) -> None:
-    strict = _fresh("iso87-ascii")
+    strict = PureCodec(load_dialect("iso87-ascii"))  # strict unless lenient is asked for
     error = ("amount must be C or D followed by digits", "28", None)
     assert _encode_error(strict, Message("0200", {"28": value})) == error
+    assert _encode_error(Codec(load_dialect("iso87-ascii")), Message("0200", {"28": value})) == error
     wire = _fresh("iso87-ascii", lenient=True).encode(Message("0200", {"28": "C00000100"}))
     assert _decode_error(strict, wire.replace(b"C00000100", value.encode())) == (error[0], "28", 20)
 
