@@ -92,6 +92,7 @@ def test_connections_are_named_per_leg_by_first_sight_and_anew_after_a_close(tmp
     recorder.opened(Leg.TERMINAL, b, "127.0.0.1:1002")
     recorder.opened(Leg.HOST, h, "127.0.0.1:2001")
     recorder.event(Leg.TERMINAL, b, EventKind.TIMEOUT, "host did not answer")
+    recorder.event(Leg.HOST, h, EventKind.UNDECODABLE)  # no detail given: none recorded
     recorder.closed(Leg.TERMINAL, a, "peer closed")
     recorder.opened(Leg.TERMINAL, a, "127.0.0.1:1003")  # the same object again: a new connection
     recorder.closed(Leg.HOST, object())  # never seen: named once, for its close
@@ -104,6 +105,7 @@ def test_connections_are_named_per_leg_by_first_sight_and_anew_after_a_close(tmp
         (Leg.TERMINAL, "T2", EventKind.CONNECT, "127.0.0.1:1002"),
         (Leg.HOST, "H1", EventKind.CONNECT, "127.0.0.1:2001"),
         (Leg.TERMINAL, "T2", EventKind.TIMEOUT, "host did not answer"),
+        (Leg.HOST, "H1", EventKind.UNDECODABLE, ""),
         (Leg.TERMINAL, "T1", EventKind.CLOSE, "peer closed"),
         (Leg.TERMINAL, "T3", EventKind.CONNECT, "127.0.0.1:1003"),
         (Leg.HOST, "H2", EventKind.CLOSE, ""),
@@ -119,6 +121,7 @@ def test_frames_are_numbered_and_carry_their_cause_with_no_clear_card_data(tmp_p
     recorder.start()
     terminal, host = object(), object()
     recorder.opened(Leg.TERMINAL, terminal, "127.0.0.1:1001")  # events are not numbered as frames
+    recorder.opened(Leg.HOST, host, "127.0.0.1:2001")  # H1, named before its first frame
     first = recorder.frame(Leg.TERMINAL, Direction.IN, terminal, _purchase("000001"), ENV)
     upstream = recorder.frame(Leg.HOST, Direction.OUT, host, _upstream("000002"), cause=first)
     third = recorder.frame(Leg.TERMINAL, Direction.IN, terminal, _purchase("000003"), ENV)
