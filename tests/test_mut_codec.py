@@ -77,13 +77,13 @@ def _fresh(name: str = "cup-pos", *, lenient: bool = False) -> PureCodec:
     return PureCodec(load_dialect(name), lenient=lenient)
 
 
-def _decode_error(codec: PureCodec, body: object) -> tuple[str, str | None, int | None]:
+def _decode_error(codec: PureCodec | Codec, body: object) -> tuple[str, str | None, int | None]:
     with pytest.raises(CodecError) as err:
         codec.decode(body)  # type: ignore[arg-type]
     return err.value.reason, err.value.field, err.value.offset
 
 
-def _encode_error(codec: PureCodec, msg: object) -> tuple[str, str | None, int | None]:
+def _encode_error(codec: PureCodec | Codec, msg: object) -> tuple[str, str | None, int | None]:
     with pytest.raises(CodecError) as err:
         codec.encode(msg)  # type: ignore[arg-type]
     return err.value.reason, err.value.field, err.value.offset
