@@ -482,7 +482,7 @@ async def test_an_untrusted_host_approval_is_logged_with_its_transaction_and_why
         assert (await t.purchase(2_400, CARD_CUP)).rc == "96"
         rec = await settled(lab, (await only_txn(lab)).txn_id)
         assert_reversed(rec, reason="A0", was=TxnState.HOST_REJECTED)
-        assert (f"host approval for txn {rec.txn_id} not trusted (the host's MAC does not verify): terminal gets 96"
+        assert (f"host answer for txn {rec.txn_id} not trusted (the host's MAC does not verify): terminal gets 96"
                 in flow_lines(caplog, logging.ERROR))
 
 
@@ -531,9 +531,9 @@ async def test_a_repeated_stan_is_refused_94_and_on_record_with_its_batch_and_st
 
 async def test_a_host_answer_without_a_response_code_is_reversed_not_taken_for_a_decline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found by the mutation pass (issue 16): an answer that carries no field 39 was journalled declined
-    (rc 96) and never reversed, while the host may have charged the customer (here it did). Nobody
-    can tell what such an answer means: the terminal gets 96 and the charge is reversed."""
+    """Found by the mutation pass (issue 16; fixed on main by the money review as well): an answer that
+    carries no field 39 was journalled declined (rc 96) and never reversed, while the host may have
+    charged the customer (here it did). The terminal gets 96 and the charge is reversed."""
     async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
         t = await signed_in(lab)
         link = lab.gateway.service.link
