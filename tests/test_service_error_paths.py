@@ -359,7 +359,11 @@ async def test_a_full_retry_queue_refuses_new_requests_with_96_until_the_journal
             first = await t.purchase(1_100, CARD_CUP)
             assert first.approved  # delivered; its completion waits for the journal
             await eventually(lambda: _failed(fault), "the completion's write failed")
-            assert lab.gateway.service.journal_retry.full
+
+            async def full() -> bool:  # the failed step is kept just after its write failed
+                return lab.gateway.service.journal_retry.full
+
+            await eventually(full, "the retry queue full")
             refused = await t.purchase(1_200, CARD_CUP)
             assert refused.rc == "96"
             assert lab.host.stats.messages["0200"] == 1  # the refused one never left
