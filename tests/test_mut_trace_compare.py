@@ -1,0 +1,193 @@
+"""Promises of the compare engine and `trace diff` that mutation testing found unchecked (issue 16):
+what a conformance engineer reads off a diff — a case only one trace has, an answer or upstream
+request only one side has, a changed field on either leg — is reported, with the case, the leg, the
+field and the rule, and a pass is never claimed for it; secret values never appear."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.trace.diff import DiffStats, diff
+from gateway.trace.report import CaseResult, CaseSink, FindingKind
+from gateway.trace.rulesfile import load_rules
+
+ROOT = Path(__file__).resolve().parents[1]
+SESSION = ROOT / "examples" / "replay" / "session.jsonl"
+
+Edit = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def records() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in SESSION.read_text().splitlines()]
+
+
+def write(path: Path, recs: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def run_diff(tmp: Path, edit_b: Edit | None = None, edit_a: Edit | None = None,
+             rules: Path | None = None, horizon: float = 30.0) -> tuple[CaseSink, DiffStats, list[CaseResult]]:
+    a = write(tmp / "a.jsonl", (edit_a or (lambda r: r))(records()))
+    b = write(tmp / "b.jsonl", (edit_b or (lambda r: r))(records()))
+    sink = CaseSink("diff")
+    stats = diff(a, b, load_rules(rules), sink, horizon=horizon)
+    return sink, stats, sink.failures
+
+
+def is_frame(r: dict[str, Any], leg: str, mti: str, stan: str | None = None, tid: str | None = None) -> bool:
+    return (r.get("kind") == "frame" and r["leg"] == leg and r["mti"] == mti
+            and (stan is None or r["fields"].get("11") == stan) and (tid is None or r["fields"].get("41") == tid))
+
+
+def drop(pred: Callable[[dict[str, Any]], bool]) -> Edit:
+    return lambda recs: [r for r in recs if not pred(r)]
+
+
+def change(pred: Callable[[dict[str, Any]], bool], **fields: str) -> Edit:
+    def edit(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for r in recs:
+            if pred(r):
+                r["fields"].update(fields)
+                r.pop("wire", None)
+        return recs
+    return edit
+
+
+#: T2's second purchase and the upstream request the SUT made of it (host stan 000009)
+T2_SALE = "T2 10000002 stan 000004 0200 purchase"
+
+
+def t2_sale(r: dict[str, Any]) -> bool:
+    return (is_frame(r, "terminal", "0200", "000004", "10000002") or is_frame(r, "terminal", "0210", "000004",
+                                                                              "10000002")
+            or is_frame(r, "host", "0200", "000009") or is_frame(r, "host", "0210", "000009"))
+
+
+# --- trace diff: cases, answers and upstream requests only one side has -------------------------------
+
+
+def test_a_trace_diffed_with_itself_passes_every_case(tmp_path: Path) -> None:
+    sink, stats, failures = run_diff(tmp_path)
+    assert failures == [] and sink.ok
+    assert (stats.cases_a, stats.cases_b, stats.paired, sink.total) == (15, 15, 15, 15)
+    assert 1 <= stats.held_max <= 15
+
+
+def test_a_case_only_in_a_is_missing_and_only_in_b_is_unexpected(tmp_path: Path) -> None:
+    sink, stats, failures = run_diff(tmp_path, edit_b=drop(t2_sale))
+    assert (stats.cases_a, stats.cases_b, stats.paired) == (15, 14, 14)
+    assert sink.total == 15 and sink.failed == 1 and not sink.ok
+    [case] = failures
+    [f] = case.findings
+    assert case.name == T2_SALE
+    assert f.kind is FindingKind.MISSING_FRAME and f.message == f"{T2_SALE}: only in A (a.jsonl); B has no such case"
+    assert (f.terminal, f.stan, f.mti) == ("10000002", "000004", "0200") and f.seq is not None
+
+    sink, stats, failures = run_diff(tmp_path, edit_a=drop(t2_sale))
+    assert (stats.cases_a, stats.cases_b, stats.paired) == (14, 15, 14)
+    [case] = failures
+    [f] = case.findings
+    assert f.kind is FindingKind.UNEXPECTED_FRAME and f.message == f"{T2_SALE}: only in B (b.jsonl); A has no such case"
+    assert (f.terminal, f.stan, f.mti) == ("10000002", "000004", "0200")
+
+
+def test_a_terminal_answer_only_one_side_has_is_named(tmp_path: Path) -> None:
+    no_answer = drop(lambda r: is_frame(r, "terminal", "0210", "000004", "10000002"))
+    sink, _, failures = run_diff(tmp_path, edit_b=no_answer)
+    assert not sink.ok
+    assert [c.name for c in failures] == [T2_SALE]
+    kinds = [(f.kind, f.leg, f.mti) for f in failures[0].findings]
+    assert (FindingKind.MISSING_FRAME, "terminal", "0210") in kinds
+    assert any(f.message == f"{T2_SALE}: terminal 0210 answer to 0200 in only A" for f in failures[0].findings)
+
+    _, _, failures = run_diff(tmp_path, edit_a=no_answer)
+    assert [c.name for c in failures] == [T2_SALE]
+    assert any(f.kind is FindingKind.UNEXPECTED_FRAME and f.message == f"{T2_SALE}: terminal 0210 answer to 0200 "
+               "in only B" and (f.terminal, f.stan) == ("10000002", "000004") for f in failures[0].findings)
+
+
+def test_an_upstream_request_only_one_side_has_is_named(tmp_path: Path) -> None:
+    no_upstream = drop(lambda r: is_frame(r, "host", "0200", "000009") or is_frame(r, "host", "0210", "000009"))
+    _, _, failures = run_diff(tmp_path, edit_b=no_upstream)
+    assert [c.name for c in failures] == [T2_SALE]
+    [f] = [f for f in failures[0].findings if f.leg == "host"]
+    assert f.kind is FindingKind.MISSING_FRAME and (f.mti, f.terminal) == ("0200", "10000002")
+    assert f.message == f"{T2_SALE}: B has no upstream 0200 where A has one (A's host stan 000009)"
+
+    _, _, failures = run_diff(tmp_path, edit_a=no_upstream)
+    assert [c.name for c in failures] == [T2_SALE]
+    [f] = [f for f in failures[0].findings if f.leg == "host"]
+    assert f.kind is FindingKind.UNEXPECTED_FRAME and (f.mti, f.terminal) == ("0200", "10000002")
+    assert f.message == f"{T2_SALE}: B has an upstream 0200 A does not have (B's host stan 000009)"
+
+
+def test_a_changed_field_of_the_upstream_answer_names_the_host_leg(tmp_path: Path) -> None:
+    answer = change(lambda r: is_frame(r, "host", "0210", "000009"), **{"39": "05"})
+    sink, _, failures = run_diff(tmp_path, edit_b=answer)
+    assert sink.failed == 1 and [c.name for c in failures] == [T2_SALE]
+    [f] = failures[0].findings
+    assert (f.leg, f.mti, f.field, f.expected, f.got, f.rule) == ("host", "0210", "39", "'00'", "'05'", "same")
+    assert f.message.startswith(f"{T2_SALE}: host 0210 field 39: expected '00', got '05'")
+
+
+def test_a_changed_field_of_the_upstream_request_names_the_host_leg(tmp_path: Path) -> None:
+    request = change(lambda r: is_frame(r, "host", "0200", "000009"), **{"49": "840"})
+    sink, _, failures = run_diff(tmp_path, edit_b=request)
+    assert sink.failed == 1
+    [f, echo] = failures[0].findings
+    assert (f.leg, f.mti, f.field, f.expected, f.got) == ("host", "0200", "49", "'156'", "'840'")
+    # and the host's answer (unchanged) now fails to echo B's own request: compared with B's, not A's
+    assert (echo.leg, echo.mti, echo.field, echo.rule, echo.expected) == ("host", "0210", "49", "echo",
+                                                                          "'840' (the request's)")
+
+
+def test_a_terminal_request_that_changed_is_reported(tmp_path: Path) -> None:
+    pred = lambda r: is_frame(r, "terminal", "0200", "000004", "10000002")  # noqa: E731
+    sink, _, failures = run_diff(tmp_path, edit_b=change(pred, **{"22": "051"}))
+    assert sink.failed == 1
+    [f] = failures[0].findings
+    assert (f.leg, f.mti, f.field, f.expected, f.got) == ("terminal", "0200", "22", "'021'", "'051'")
+
+
+def test_b_later_in_wall_time_pairs_by_trace_relative_time(tmp_path: Path) -> None:
+    def shifted(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for r in recs:
+            if "t" in r:
+                r["t"] += 86_400.0  # recorded a day later: the cases still pair
+        return recs
+    _, stats, failures = run_diff(tmp_path, edit_b=shifted, horizon=1.0)
+    assert failures == [] and stats.paired == 15
+
+
+def with_host_echo(answer_rc: str | None = "00") -> Edit:
+    """The host's own echo test (an 0800 the host sends the SUT), and the SUT's answer unless None."""
+    def edit(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        at = next(i for i, r in enumerate(recs) if is_frame(r, "host", "0810"))
+        t = recs[at]["t"] + 0.001
+        fields = {"7": "1202071618", "11": "000777", "70": "301"}
+        extra = [{"kind": "frame", "seq": 900, "t": t, "leg": "host", "dir": "in", "conn": "H1", "mti": "0800",
+                  "fields": dict(fields)}]
+        if answer_rc is not None:
+            extra.append({"kind": "frame", "seq": 901, "t": t + 0.001, "leg": "host", "dir": "out", "conn": "H1",
+                          "mti": "0810", "fields": dict(fields, **{"39": answer_rc})})
+        return recs[: at + 1] + extra + recs[at + 1 :]
+    return edit
+
+
+HOST_ECHO = "H1 host stan 000777 0800"
+
+
+def test_the_suts_answer_to_a_host_request_is_compared(tmp_path: Path) -> None:
+    sink, stats, failures = run_diff(tmp_path, edit_a=with_host_echo(), edit_b=with_host_echo())
+    assert failures == [] and stats.paired == 16
+    sink, _, failures = run_diff(tmp_path, edit_a=with_host_echo(), edit_b=with_host_echo("96"))
+    assert sink.failed == 1 and failures[0].name.startswith(HOST_ECHO)
+    [f] = failures[0].findings
+    assert (f.leg, f.mti, f.field, f.expected, f.got) == ("host", "0810", "39", "'00'", "'96'")
+    _, _, failures = run_diff(tmp_path, edit_a=with_host_echo(), edit_b=with_host_echo(None))
+    [f] = failures[0].findings
+    assert f.kind is FindingKind.MISSING_FRAME and f.leg == "host" and "0810 answer to 0800 in only A" in f.message
