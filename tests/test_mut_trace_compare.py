@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.trace.diff import DiffStats, diff
-from gateway.trace.report import CaseResult, CaseSink, FindingKind
+from gateway.trace.format import SecretKind
+from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind
+from gateway.trace.rules import Captures, Mode
 from gateway.trace.rulesfile import load_rules
+from tests.test_trace_rules import REQUEST, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSION = ROOT / "examples" / "replay" / "session.jsonl"
@@ -191,3 +194,44 @@ def test_the_suts_answer_to_a_host_request_is_compared(tmp_path: Path) -> None:
     _, _, failures = run_diff(tmp_path, edit_a=with_host_echo(), edit_b=with_host_echo(None))
     [f] = failures[0].findings
     assert f.kind is FindingKind.MISSING_FRAME and f.leg == "host" and "0810 answer to 0800 in only A" in f.message
+
+
+# --- surrogates in a diff: one card of A is one card of B --------------------------------------------
+
+A1, A2 = "6222021111111111118", "6222022222222222226"  # A's surrogates of two cards
+B1, B2 = "6222023333333333335", "6222024444444444443"  # B's (another trace, another surrogate key)
+
+
+def diff_request(captures: Captures, a_pan: str | None, b_pan: str | None) -> list[Finding]:
+    def fields(pan: str | None) -> dict[str, str]:
+        out = dict(REQUEST)
+        del out["2"]
+        return out if pan is None else dict(out, **{"2": pan})
+    return run(fields(b_pan), expected=fields(a_pan), mti="0200", direction="in", mode=Mode.DIFF,
+               secrets={"2": SecretKind.PAN}, request={}, captures=captures)
+
+
+def test_surrogates_of_two_traces_compare_as_one_card_for_one_card() -> None:
+    captures = Captures()
+    assert diff_request(captures, A1, B1) == []  # first sight: A1 is B1
+    assert diff_request(captures, A1, B1) == []  # the same card again
+    assert diff_request(captures, A2, B2) == []  # another card, another surrogate
+    [f] = diff_request(captures, A1, B2)  # A's first card came as B's second
+    assert (f.field, f.rule, f.got) == ("2", "surrogate", "622202*********4443")
+    assert f.expected == "the surrogate B gave this card before (622202*********3335)"
+    assert "another card, or the card changed" in f.message and B1 not in f.message and B2 not in f.message
+
+
+def test_a_surrogate_b_gave_another_card_is_a_difference() -> None:
+    captures = Captures()
+    assert diff_request(captures, A1, B1) == []
+    [f] = diff_request(captures, A2, B1)  # two cards of A, one of B: not the same cards
+    assert (f.field, f.rule) == ("2", "surrogate") and f.got == "622202*********3335"
+
+
+def test_a_surrogate_pan_only_one_side_has_is_a_difference() -> None:
+    [f] = diff_request(Captures(), A1, None)
+    assert (f.field, f.got) == ("2", "(absent)") and f.expected == "622202*********1118"
+    [g] = diff_request(Captures(), None, B1)
+    assert (g.field, g.expected, g.got) == ("2", "(absent)", "622202*********3335")
+    assert diff_request(Captures(), None, None) == []
