@@ -16,7 +16,8 @@ import pytest
 from gateway.iso.build import cup, iso87
 from gateway.iso.build.response import response
 from gateway.iso.codec import Codec
-from gateway.trace.check import Checker, CheckOptions
+from gateway.iso.message import Message
+from gateway.trace.check import Checker, CheckOptions, check_records
 from gateway.trace.encoder import TraceEncoder
 from gateway.trace.format import (
     Direction,
@@ -28,6 +29,7 @@ from gateway.trace.format import (
     read_trace,
     write_records,
 )
+from gateway.trace.report import FindingKind
 from tests.test_trace_offline import CARD_CUP, CUP, ENV, FRAMINGS, IDENT, ISO, LEGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +215,212 @@ def test_a_closed_stdout_ends_the_check_quietly(tmp_path: Path) -> None:
     assert done.returncode == 141, done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
+
+
+# --- (f) what a finding names, and which open request an event names ---------------------------------
+
+
+def host_request(enc: TraceEncoder, t: float, stan: str, *, terminal: str | None = "10000001",
+                 mti: str = "0200", amount: int = 1_000, conn: str = "H1", dt: str = "1202060657") -> Record:
+    if mti == "0800":
+        msg = iso87.echo(stan, dt, "1234")
+        if terminal is not None:
+            msg.fields["41"] = terminal
+    else:
+        msg = iso87.purchase(IDENT, stan, dt, "1234", amount, track2=CARD_CUP.track2)
+        if terminal is None:
+            del msg.fields["41"]
+        else:
+            msg.fields["41"] = terminal
+    return enc.message(t, Leg.HOST, Direction.OUT, conn, msg)
+
+
+def test_a_timeout_closes_the_request_it_names_by_class_stan_and_terminal() -> None:
+    """Four requests wait on one connection; the timeout names one of them exactly. The other three are
+    still unanswered at the end of the trace, each reported by its own seq."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    other_stan = host_request(enc, 1.0, "000901")
+    other_class = host_request(enc, 1.1, "000900", mti="0800")
+    other_terminal = host_request(enc, 1.2, "000900", terminal="10000002")
+    named = host_request(enc, 1.3, "000900")
+    ev = enc.event(1.5, Leg.HOST, "H1", EventKind.TIMEOUT,
+                   format_match_key({"class": "020", "11": "000900", "41": "10000001"}))
+    found = check([other_stan, other_class, other_terminal, named, ev])
+    assert sorted(f.seq for f in found["pairing"]) == [other_stan.seq, other_class.seq, other_terminal.seq]
+    assert all("no answer and no timeout recorded" in f.message for f in found["pairing"])
+
+
+def test_a_finding_names_the_messages_leg_terminal_and_stan() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    req = host_request(enc, 1.0, "000900")
+    [f] = check([req])["pairing"]
+    assert (f.leg, f.mti, f.terminal, f.stan, f.seq) == ("host", "0200", "10000001", "000900", req.seq)
+    assert f.message.startswith(f"#{req.seq} ")
+    # an event's finding names its leg too
+    ev = enc.event(2.0, Leg.HOST, "H9", EventKind.TIMEOUT, format_match_key({"class": "020", "11": "000901"}))
+    [g] = check([ev])["pairing"]
+    assert (g.leg, g.seq, g.rule) == ("host", ev.seq, "pairing") and "timeout of a request not in the trace" in g.message
+
+
+# --- (g) host reversals and their repeats ------------------------------------------------------------
+
+
+def host_reversal(enc: TraceEncoder, t: float, *, repeat: bool = False, dt: str = "1202060657",
+                  **fields: str) -> Record:
+    h_req = iso87.purchase(IDENT, "000900", dt, "1234", 1_000, track2=CARD_CUP.track2)
+    rev = iso87.reversal(h_req, "98", repeat=repeat)
+    rev.fields.update({"11": "000950", "7": "1202060700", **fields})
+    return enc.message(t, Leg.HOST, Direction.OUT, "H1", rev)
+
+
+def test_a_reversal_with_an_unreadable_field_90_is_named() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    rev = iso87.reversal(h_req, "98")
+    del rev.fields["90"]  # a reversal that names no original at all (n42 fixed: only absence gets past the codec)
+    bad = enc.message(1.0, Leg.HOST, Direction.OUT, "H1", rev)
+    [f] = check([bad])["originals"]
+    assert (f.kind, f.field, f.got, f.seq) == (FindingKind.INVARIANT, "90", "", bad.seq)
+    assert "without a readable field 90" in f.message
+
+
+def test_a_repeat_that_differs_from_its_first_attempt_names_each_field_in_order() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    up = host_request(enc, 1.0, "000900")
+    first = host_reversal(enc, 2.0)
+    repeat = host_reversal(enc, 3.0, repeat=True, **{"4": "000000002000", "11": "000951"})
+    found = check([up, first, repeat])["repeats"]
+    assert [(f.kind, f.field, f.rule, f.seq) for f in found] == [
+        (FindingKind.FIELD, "4", "repeats", repeat.seq), (FindingKind.FIELD, "11", "repeats", repeat.seq)]
+    assert (found[0].expected, found[0].got) == ("000000001000", "000000002000")
+    assert found[0].leg == "host" and found[0].message.startswith(f"#{repeat.seq} 0401 differs from its 0400")
+    # a field only the repeat has: the first attempt's side is named absent
+    extra = host_reversal(enc, 3.0, repeat=True, **{"48": "EXTRA"})
+    [g] = check([up, first, extra])["repeats"]
+    assert (g.field, g.expected, g.got) == ("48", "<absent>", "EXTRA")
+    assert check([up, first, host_reversal(enc, 3.0, repeat=True)])["repeats"] == []
+
+
+def test_a_reversal_naming_a_request_before_the_trace_is_exempt_one_at_its_start_is_not() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    start = 1_796_193_600.0  # 2026-12-02 06:40:00 UTC: the trace's first record
+    opening = host_request(enc, start, "000100", dt="1202064000")
+    answer = enc.message(start + 0.1, Leg.HOST, Direction.IN, "H1",
+                         response(iso87.purchase(IDENT, "000100", "1202064000", "1234", 1_000,
+                                                 track2=CARD_CUP.track2), "05", "iso87-ascii"))
+    before = host_reversal(enc, start + 1, dt="1202063959")  # its original was sent a second before
+    found = check([opening, answer, before])
+    assert found["originals"] == [] and found["repeats"] == []
+    assert check([opening, answer, host_reversal(enc, start + 1, repeat=True, dt="1202063959")])["repeats"] == []
+    at_start = host_reversal(enc, start + 1, dt="1202064000")  # that second is in the trace: it must be there
+    [f] = check([opening, answer, at_start])["originals"]
+    assert f.seq == at_start.seq and "names no request in the trace" in f.message
+
+
+# --- (h) approvals: late ones, undelivered ones, and linking an upstream request to its terminal ----
+
+
+def test_a_late_decline_leaves_nothing_to_reverse_a_late_approval_is_named() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    req, up, _, _ = purchase(enc, "05", "98")
+    t_req = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2)
+    told_98 = enc.frame(1.3, Leg.TERMINAL, Direction.OUT, "T1",
+                        Codec(CUP).encode(response(t_req, "98", "cup-pos")), ENV.reply())
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    late_05 = enc.message(1.4, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
+    found = check([req, up, timeout(enc, 1.15), told_98, late_05])
+    assert found["approvals"] == [] and found["pairing"] == []
+    late_00 = enc.message(1.4, Leg.HOST, Direction.IN, "H1",
+                          response(h_req, "00", "iso87-ascii", field_37="123456789012"))
+    [f] = check([req, up, timeout(enc, 1.15), told_98, late_00])["approvals"]
+    assert (f.seq, f.leg, f.mti, f.stan) == (late_00.seq, "host", "0210", "000900")
+
+
+def test_an_approval_the_sut_could_not_deliver_is_left_standing() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    req, up, approved = purchase(enc, "00", None)
+    undelivered = enc.event(1.3, Leg.TERMINAL, "T1", EventKind.UNDELIVERED,
+                            format_match_key({"class": "020", "11": "000123", "41": IDENT.terminal_id, "39": "00"}))
+    found = check([req, up, approved, undelivered])
+    assert [f.seq for f in found["approvals"]] == [approved.seq] and found["pairing"] == []
+    assert check([req, up, approved, undelivered, *reversal_of(enc, 2.0)])["approvals"] == []
+
+
+def test_an_upstream_request_linked_by_cause_needs_no_matching_terminal_id() -> None:
+    """The SUT names the terminal request it acted on (`cause`); the upstream request's own field 41
+    (the acquirer's terminal id for the host) need not be the terminal's."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    t_req = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2)
+    req = enc.frame(1.0, Leg.TERMINAL, Direction.IN, "T1", Codec(CUP).encode(t_req), ENV)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    h_req.fields["41"] = "ACQ00001"
+    up = enc.frame(1.1, Leg.HOST, Direction.OUT, "H1", Codec(ISO).encode(h_req), cause=req.seq)
+    approved = enc.frame(1.2, Leg.HOST, Direction.IN, "H1",
+                         Codec(ISO).encode(response(h_req, "00", "iso87-ascii", field_37="123456789012")))
+    delivered = enc.frame(1.3, Leg.TERMINAL, Direction.OUT, "T1",
+                          Codec(CUP).encode(response(t_req, "00", "cup-pos", field_37="123456789012")), ENV.reply())
+    found = check([req, up, approved, delivered])
+    assert all(v == [] for v in found.values()), found
+    declined = enc.frame(1.3, Leg.TERMINAL, Direction.OUT, "T1",
+                         Codec(CUP).encode(response(t_req, "96", "cup-pos")), ENV.reply())
+    assert [f.seq for f in check([req, up, approved, declined])["approvals"]] == [approved.seq]
+
+
+def test_a_request_refused_locally_is_not_taken_for_the_next_one_of_the_same_amount() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    first = cup.purchase(IDENT, "000122", "000001", 1_000, track2=CARD_CUP.track2)
+    req1 = enc.frame(0.5, Leg.TERMINAL, Direction.IN, "T1", Codec(CUP).encode(first), ENV)
+    refused = enc.frame(0.6, Leg.TERMINAL, Direction.OUT, "T1",
+                        Codec(CUP).encode(response(first, "61", "cup-pos")), ENV.reply())
+    rest = purchase(enc, "00", "00", stan="000002")  # the same amount, sent upstream and delivered
+    found = check([req1, refused, *rest])
+    assert all(v == [] for v in found.values()), found
+
+
+def test_the_results_of_check_records_are_the_checkers() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    results, checker = check_records(enc.header("test", ""), purchase(enc, "00", "96"))
+    by_case = {c.name.split(":")[0]: c.findings for c in results}
+    assert [f.seq for f in by_case["approvals"]] == [3] and checker.frames == 4
+    assert sum(1 for c in results if c.findings) == 1
+
+
+def test_requests_without_a_terminal_id_are_linked_and_unawaited_alike() -> None:
+    """A terminal that leaves field 41 out (and a SUT that passes that on): the checker still links the
+    upstream request to the request that was sent upstream, not to the one refused locally."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+
+    def terminal(t: float, msg: Message, direction: Direction) -> Record:
+        return enc.message(t, Leg.TERMINAL, direction, "T1", msg, ENV if direction is Direction.IN else ENV.reply())
+
+    first = cup.purchase(IDENT, "000122", "000001", 1_000, track2=CARD_CUP.track2)
+    second = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    for m in (first, second, h_req):
+        del m.fields["41"]
+    records = [
+        terminal(0.5, first, Direction.IN), terminal(0.6, response(first, "61", "cup-pos"), Direction.OUT),
+        terminal(1.0, second, Direction.IN), enc.message(1.1, Leg.HOST, Direction.OUT, "H1", h_req),
+        enc.message(1.2, Leg.HOST, Direction.IN, "H1", response(h_req, "00", "iso87-ascii", field_37="123456789012")),
+    ]
+    delivered = terminal(1.3, response(second, "00", "cup-pos", field_37="123456789012"), Direction.OUT)
+    found = check([*records, delivered])
+    assert all(v == [] for v in found.values()), found
+    declined = terminal(1.3, response(second, "96", "cup-pos"), Direction.OUT)
+    assert [f.seq for f in check([*records, declined])["approvals"]] == [records[4].seq]
+
+
+def test_a_late_answer_exactly_a_window_after_its_request_is_still_late_not_an_orphan() -> None:
+    """Timed-out requests are kept `window` seconds of trace time: the 256th frame (when the checker
+    lets go of old entries) comes exactly a window after the request, and its late answer follows."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    records: list[Record] = [enc.message(1.0, Leg.HOST, Direction.OUT, "H1", h_req), timeout(enc, 1.5)]
+    for i in range(128):  # frames 2..257: echo tests on another connection, all answered
+        t = 11.0 if i == 127 else 2.0 + i * 0.05
+        echo = iso87.echo(f"{i + 1:06d}", "1202060657", "1234")
+        records += [enc.message(t, Leg.HOST, Direction.OUT, "H2", echo),
+                    enc.message(t, Leg.HOST, Direction.IN, "H2", response(echo, "00", "iso87-ascii"))]
+    late = enc.message(11.05, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
+    found = check([*records, late], window=10.0)
+    assert all(v == [] for v in found.values()), found
