@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from gateway.trace.encoder import TraceEncoder
 from gateway.trace.format import (
     Direction,
     EventKind,
+    FrameRecord,
     Leg,
     Record,
     TraceFormatError,
@@ -110,6 +112,7 @@ def test_a_charge_forwarded_after_the_upstream_timeout_is_a_late_answer(rc: str)
                          Codec(CUP).encode(response(t_req, "98", "cup-pos")), ENV.reply())
     found = check([req, up, timeout(enc, 1.15), host_answer, charged])
     assert len(found["late"]) == 1 and found["pairing"] == []
+    assert (found["late"][0].seq, found["late"][0].leg, found["late"][0].mti) == (charged.seq, "terminal", "0210")
     # told the terminal 98: not late, but the late charge is left standing until reversed
     found = check([req, up, timeout(enc, 1.15), host_answer, declined])
     assert found["late"] == [] and len(found["approvals"]) == 1
@@ -259,7 +262,8 @@ def test_a_finding_names_the_messages_leg_terminal_and_stan() -> None:
     # an event's finding names its leg too
     ev = enc.event(2.0, Leg.HOST, "H9", EventKind.TIMEOUT, format_match_key({"class": "020", "11": "000901"}))
     [g] = check([ev])["pairing"]
-    assert (g.leg, g.seq, g.rule) == ("host", ev.seq, "pairing") and "timeout of a request not in the trace" in g.message
+    assert (g.leg, g.seq, g.rule) == ("host", ev.seq, "pairing")
+    assert "timeout of a request not in the trace" in g.message
 
 
 # --- (g) host reversals and their repeats ------------------------------------------------------------
@@ -424,3 +428,75 @@ def test_a_late_answer_exactly_a_window_after_its_request_is_still_late_not_an_o
     late = enc.message(11.05, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
     found = check([*records, late], window=10.0)
     assert all(v == [] for v in found.values()), found
+
+
+# --- (i) decode: a record whose values are not its wire's is named, field by field -------------------
+
+
+def host_purchase_record(enc: TraceEncoder) -> FrameRecord:
+    rec = host_request(enc, 1.0, "000900")
+    assert isinstance(rec, FrameRecord)
+    return rec
+
+
+def test_a_record_whose_fields_are_not_its_wires_names_the_lowest_field_that_differs() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    rec = host_purchase_record(enc)
+    edited = replace(rec, fields=dict(rec.fields, **{"4": "000000009999", "11": "000999"}))
+    [f] = check([edited])["decode"]
+    assert (f.kind, f.field, f.expected, f.got, f.seq) == (FindingKind.DECODE, "4", "000000009999",
+                                                           "000000001000", rec.seq)
+    assert f.leg == "host" and "wire decodes to other values than the record (field 4)" in f.message
+    # a field the record has and the wire does not
+    more = replace(rec, fields=dict(rec.fields, **{"48": "NOTONWIRE"}))
+    [g] = check([more])["decode"]
+    assert (g.field, g.expected, g.got) == ("48", "NOTONWIRE", "<absent>")
+    # another MTI than the wire's
+    [h] = check([replace(rec, mti="0100")])["decode"]
+    assert (h.field, h.expected, h.got) == ("t", "0100", "0200")
+
+
+def test_a_wire_of_two_frames_or_a_bad_field_is_named() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    rec = host_purchase_record(enc)
+    [f] = check([replace(rec, wire=rec.wire * 2)])["decode"]
+    assert "wire does not decode: wire holds 2 whole frames, not 1" in f.message and f.seq == rec.seq
+    body = bytes.fromhex(rec.wire)
+    at = body.index(b"000000001000")  # field 4, n12: a letter in it
+    bad = body[:at] + b"00000000X000" + body[at + 12 :]
+    [g] = check([replace(rec, wire=bad.hex().upper())])["decode"]
+    assert "wire does not decode" in g.message and g.field == "4"
+
+
+def test_a_leg_the_header_gives_a_dialect_but_no_framing_is_named_not_a_crash() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    rec = host_purchase_record(enc)
+    header = replace(enc.header("test", ""), framings={"terminal": "cup"})
+    results = {c.name.split(":")[0]: c.findings for c in check_records(header, [rec])[0]}
+    [f] = results["decode"]
+    assert "no dialect for leg host in the header" in f.message and f.seq == rec.seq
+
+
+# --- (j) echo: what the answer should have echoed, and a dialect the flows do not know ---------------
+
+
+def test_an_answer_that_does_not_echo_names_the_requests_value_and_its_own() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    req = enc.message(1.0, Leg.HOST, Direction.OUT, "H1", h_req)
+    answer = response(h_req, "05", "iso87-ascii")
+    answer.fields["3"] = "200000"
+    [f] = check([req, enc.message(1.1, Leg.HOST, Direction.IN, "H1", answer)])["echo"]
+    assert (f.field, f.expected, f.got, f.rule) == ("3", "000000", "200000", "echo")
+    assert "0210 does not echo field 3 of its 0200" in f.message
+
+
+def test_a_host_dialect_given_as_a_spec_file_is_checked_without_its_echo_rules(tmp_path: Path) -> None:
+    spec = tmp_path / "acme-host.toml"
+    spec.write_text((ROOT / "specs" / "iso87-ascii.toml").read_text())
+    enc = TraceEncoder({"terminal": "cup-pos", "host": str(spec)}, FRAMINGS, lenient=True)
+    checker = Checker(enc.header("test", ""))
+    for rec in purchase(enc, "00", "96"):
+        checker.feed(rec)
+    found = {c.name.split(":")[0]: c.findings for c in checker.results()}
+    assert [f.seq for f in found["approvals"]] == [3] and found["echo"] == [] and found["decode"] == []
