@@ -500,3 +500,13 @@ def test_a_host_dialect_given_as_a_spec_file_is_checked_without_its_echo_rules(t
         checker.feed(rec)
     found = {c.name.split(":")[0]: c.findings for c in checker.results()}
     assert [f.seq for f in found["approvals"]] == [3] and found["echo"] == [] and found["decode"] == []
+
+
+def test_an_answer_whose_mti_does_not_answer_its_request_names_both_mtis() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    odd = Message("0202", dict(h_req.fields))  # same class as 0200, but a 0210 answers a 0200
+    req = enc.message(1.0, Leg.HOST, Direction.OUT, "H1", odd)
+    answer = enc.message(1.1, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
+    [f] = check([req, answer])["echo"]
+    assert (f.field, f.expected, f.got, f.seq) == ("t", "0202", "0210", answer.seq)
