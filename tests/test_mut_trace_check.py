@@ -510,3 +510,14 @@ def test_an_answer_whose_mti_does_not_answer_its_request_names_both_mtis() -> No
     answer = enc.message(1.1, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
     [f] = check([req, answer])["echo"]
     assert (f.field, f.expected, f.got, f.seq) == ("t", "0202", "0210", answer.seq)
+
+
+def test_a_record_whose_envelope_is_not_its_wires_is_named() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    t_req = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2)
+    rec = enc.frame(1.0, Leg.TERMINAL, Direction.IN, "T1", Codec(CUP).encode(t_req), ENV)
+    assert isinstance(rec, FrameRecord) and rec.envelope is not None
+    assert check([rec])["decode"] == []
+    other = replace(rec, envelope=dict(rec.envelope, tpdu="6000020000"))
+    messages = [f.message for f in check([other])["decode"]]
+    assert f"#{rec.seq} envelope (TPDU / header) differs from the wire's" in messages
