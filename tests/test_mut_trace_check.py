@@ -521,3 +521,40 @@ def test_a_record_whose_envelope_is_not_its_wires_is_named() -> None:
     other = replace(rec, envelope=dict(rec.envelope, tpdu="6000020000"))
     messages = [f.message for f in check([other])["decode"]]
     assert f"#{rec.seq} envelope (TPDU / header) differs from the wire's" in messages
+    assert f"#{rec.seq} fields re-encode to other bytes than the wire" in messages  # with the record's envelope
+
+
+def test_fields_that_do_not_encode_are_named() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    rec = host_purchase_record(enc)
+    bad = replace(rec, wire="", fields=dict(rec.fields, **{"4": "00000000X000"}))  # no wire: only the fields
+    [f] = check([bad])["decode"]
+    assert f.message.startswith(f"#{rec.seq} fields do not encode: ") and f.field == "4"
+    assert check([bad])["pairing"] == []  # not taken for a request either
+
+
+def test_an_undelivered_answer_to_a_request_without_terminal_id_closes_it() -> None:
+    """The gateway writes `41=` for a message without field 41: that names the request without one."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    t_req = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2)
+    del t_req.fields["41"]
+    req = enc.message(1.0, Leg.TERMINAL, Direction.IN, "T1", t_req, ENV)
+    undelivered = enc.event(1.3, Leg.TERMINAL, "T1", EventKind.UNDELIVERED,
+                            format_match_key({"class": "020", "11": "000123", "41": "", "39": "61"}))
+    assert check([req])["pairing"] != []
+    found = check([req, undelivered])
+    assert all(v == [] for v in found.values()), found
+
+
+def test_a_continued_part_forgives_orphan_answers_only_within_a_window_of_its_start() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    opening = enc.event(1.0, Leg.HOST, "H1", EventKind.CONNECT, "127.0.0.1:1")
+
+    def orphan(t: float) -> Record:
+        return enc.message(t, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
+
+    assert check([opening, orphan(5.0)], continued=True, window=10.0)["pairing"] == []
+    [f] = check([opening, orphan(11.0)], continued=True, window=10.0)["pairing"]
+    assert "answer without a request" in f.message
+    assert len(check([opening, orphan(5.0)], window=10.0)["pairing"]) == 1  # not continued: an orphan
