@@ -13,7 +13,7 @@ from typing import Any
 from gateway.trace.diff import DiffStats, diff
 from gateway.trace.format import SecretKind
 from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind
-from gateway.trace.rules import Captures, Mode
+from gateway.trace.rules import Captures, MessageKey, Mode, RuleSet, parse_entries
 from gateway.trace.rulesfile import load_rules
 from tests.test_trace_rules import REQUEST, run
 
@@ -235,3 +235,40 @@ def test_a_surrogate_pan_only_one_side_has_is_a_difference() -> None:
     [g] = diff_request(Captures(), None, B1)
     assert (g.field, g.expected, g.got) == ("2", "(absent)", "622202*********3335")
     assert diff_request(Captures(), None, None) == []
+
+
+# --- rules: which rule a field gets -------------------------------------------------------------------
+
+
+def text_of(rules: RuleSet, key: MessageKey, fid: str) -> str | None:
+    rule = rules.rule_for(key, fid)
+    return None if rule is None else rule.text
+
+
+def test_the_most_specific_selector_wins_and_of_equals_the_later() -> None:
+    tables = [
+        {"fields": {"39": "any"}},                                   # 0: no selector
+        {"mti": "02x0", "fields": {"39": "one-of 00"}},              # 1: mti with x
+        {"mti": "0210", "fields": {"39": "one-of 10"}},              # 2: exact mti beats x
+        {"mti": "0210", "leg": "terminal", "fields": {"39": "present"}},  # 3: one more key beats it
+        {"mti": "0210", "dir": "out", "fields": {"39": "absent"}},   # 4: as specific as 3, later: wins
+        {"mti": "0210", "leg": "host", "dir": "out", "flow": "purchase", "fields": {"39": "echo"}},  # other leg
+    ]
+    rules = RuleSet(parse_entries(tables, "f", file_rank=1))
+    key = MessageKey("cup-pos", "terminal", "out", "0210", "purchase", Mode.REPLAY)
+    assert text_of(rules, key, "39") == "absent"
+    assert text_of(rules, MessageKey("cup-pos", "terminal", "in", "0210", "", Mode.REPLAY), "39") == "present"
+    assert text_of(rules, MessageKey("cup-pos", "host", "in", "0230", "", Mode.REPLAY), "39") == "one-of 00"
+    assert text_of(rules, MessageKey("cup-pos", "host", "in", "0410", "", Mode.REPLAY), "39") == "any"
+    assert text_of(rules, MessageKey("cup-pos", "host", "out", "0210", "purchase", Mode.REPLAY), "39") == "echo"
+    assert rules.rule_for(key, "38") is None  # no rule names it: the caller's defaults apply
+
+
+def test_a_field_rule_beats_a_star_rule_of_the_same_selector_and_star_covers_the_rest() -> None:
+    rules = RuleSet(parse_entries([{"fields": {"39": "one-of 00", "*": "any"}},
+                                   {"fields": {"*": "present"}, "dialect": "iso87-ascii"}], "f", file_rank=1))
+    key = MessageKey("cup-pos", "terminal", "out", "0210", "", Mode.REPLAY)
+    assert text_of(rules, key, "39") == "one-of 00" and text_of(rules, key, "12") == "any"
+    host = MessageKey("iso87-ascii", "host", "out", "0200", "", Mode.REPLAY)
+    assert text_of(rules, host, "12") == "present"  # the more specific selector, even as "*"
+    assert rules.rule_for(key, "61.3") is None  # "*" never stands for a sub-field
