@@ -558,3 +558,47 @@ def test_a_continued_part_forgives_orphan_answers_only_within_a_window_of_its_st
     [f] = check([opening, orphan(11.0)], continued=True, window=10.0)["pairing"]
     assert "answer without a request" in f.message
     assert len(check([opening, orphan(5.0)], window=10.0)["pairing"]) == 1  # not continued: an orphan
+
+
+# --- (k) terminal reversals name their original by terminal, batch and STAN --------------------------
+
+
+def terminal_reversal_case(enc: TraceEncoder, *, drop: tuple[str, ...] = (), rev_stan: str = "000123") -> list[Record]:
+    t_req = cup.purchase(IDENT, "000123", "000001", 1_000, track2=CARD_CUP.track2)
+    rev = cup.reversal(t_req, "98")
+    rev.fields["11"] = rev_stan
+    for k in drop:
+        t_req.fields.pop(k, None)
+        rev.fields.pop(k, None)
+    return [enc.message(1.0, Leg.TERMINAL, Direction.IN, "T1", t_req, ENV),
+            enc.message(1.1, Leg.TERMINAL, Direction.OUT, "T1", response(t_req, "98", "cup-pos"), ENV.reply()),
+            enc.message(1.2, Leg.TERMINAL, Direction.IN, "T1", rev, ENV),
+            enc.message(1.3, Leg.TERMINAL, Direction.OUT, "T1", response(rev, "00", "cup-pos"), ENV.reply())]
+
+
+def test_a_terminal_reversal_of_no_request_in_the_trace_is_named() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    found = check(terminal_reversal_case(enc))
+    assert all(v == [] for v in found.values()), found
+    records = terminal_reversal_case(enc, rev_stan="000124")  # names another STAN
+    [f] = check(records)["originals"]
+    assert (f.kind, f.seq, f.leg, f.mti) == (FindingKind.INVARIANT, records[2].seq, "terminal", "0400")
+    assert f.message == f"#{records[2].seq} terminal reversal names no original in the trace (batch 000001)"
+    assert check(records[2:], continued=True)["originals"] == []  # a rotated part: its original came before
+
+
+def test_a_terminal_reversal_matches_its_original_when_both_leave_out_stan_and_batch() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    for drop in (("60",), ("11",)):
+        records = terminal_reversal_case(enc, drop=drop)
+        assert all(isinstance(r, FrameRecord) for r in records)
+        assert check(records)["originals"] == [], drop
+
+
+def test_a_trace_that_decodes_nothing_names_its_last_undecodable_line() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    first = enc.event(0.5, Leg.TERMINAL, "T1", EventKind.UNDECODABLE, "line 1: not hex")
+    last = enc.event(0.6, Leg.TERMINAL, "T1", EventKind.UNDECODABLE, "line 2: wrong framing")
+    [f] = check([first, last])["decode"]
+    assert f.seq == last.seq and f.leg == "terminal"
+    assert f.message.endswith("(2 undecodable, the last: line 2: wrong framing)")
