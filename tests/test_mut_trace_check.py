@@ -602,3 +602,19 @@ def test_a_trace_that_decodes_nothing_names_its_last_undecodable_line() -> None:
     [f] = check([first, last])["decode"]
     assert f.seq == last.seq and f.leg == "terminal"
     assert f.message.endswith("(2 undecodable, the last: line 2: wrong framing)")
+
+
+def test_an_approval_decided_after_the_upstream_timeout_is_late_even_when_it_could_not_be_delivered() -> None:
+    """The undelivered event records what the SUT decided (its 39): approving a request it had given up
+    on upstream is the SUT's defect, whether or not the write to the terminal then failed."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    req, up, host_answer, _ = purchase(enc, "00", "00")
+
+    def undelivered(rc: str) -> Record:
+        return enc.event(1.3, Leg.TERMINAL, "T1", EventKind.UNDELIVERED,
+                         format_match_key({"class": "020", "11": "000123", "41": IDENT.terminal_id, "39": rc}))
+
+    event = undelivered("00")
+    found = check([req, up, timeout(enc, 1.15), host_answer, event])
+    assert [f.seq for f in found["late"]] == [event.seq] and found["pairing"] == []
+    assert check([req, up, timeout(enc, 1.15), host_answer, undelivered("98")])["late"] == []
