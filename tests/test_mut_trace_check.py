@@ -618,3 +618,36 @@ def test_an_approval_decided_after_the_upstream_timeout_is_late_even_when_it_cou
     found = check([req, up, timeout(enc, 1.15), host_answer, event])
     assert [f.seq for f in found["late"]] == [event.seq] and found["pairing"] == []
     assert check([req, up, timeout(enc, 1.15), host_answer, undelivered("98")])["late"] == []
+
+
+# --- (l) a closed connection, and findings beyond max_findings ---------------------------------------
+
+
+def test_a_close_ends_the_requests_of_that_connection_only() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    on_h1 = host_request(enc, 1.0, "000900", conn="H1")
+    on_h2 = host_request(enc, 1.1, "000901", conn="H2")
+    close = enc.event(1.5, Leg.HOST, "H1", EventKind.CLOSE, "peer")
+    assert sorted(f.seq for f in check([on_h1, on_h2])["pairing"]) == [on_h1.seq, on_h2.seq]
+    assert [f.seq for f in check([on_h1, on_h2, close])["pairing"]] == [on_h2.seq]
+    # a connect is not a close
+    connect = enc.event(1.5, Leg.HOST, "H1", EventKind.CONNECT, "127.0.0.1:1")
+    assert len(check([on_h1, on_h2, connect])["pairing"]) == 2
+
+
+def test_an_approval_forwarded_after_the_upstream_connection_closed_is_late() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    req, up, _, answer = purchase(enc, "00", "00")
+    close = enc.event(0.15 + 1.0, Leg.HOST, "H1", EventKind.CLOSE, "peer")
+    found = check([req, up, close, answer])
+    assert [f.seq for f in found["late"]] == [answer.seq] and found["pairing"] == []
+
+
+def test_findings_beyond_max_findings_are_counted_in_one_more() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    records = [host_request(enc, 1.0 + i, f"{900 + i:06d}") for i in range(5)]
+    found = check(records, max_findings=2)["pairing"]
+    assert [f.seq for f in found[:2]] == [records[0].seq, records[1].seq]
+    last = found[2]
+    assert len(found) == 3 and last.message == "... and 3 more like these"
+    assert (last.kind, last.rule) == (FindingKind.MISSING_FRAME, "pairing")
