@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.trace.diff import DiffStats, diff
 from gateway.trace.format import SecretKind
 from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind
-from gateway.trace.rules import Captures, MessageKey, Mode, RuleSet, parse_entries
+from gateway.trace.rules import Captures, Check, MessageKey, Mode, RulesError, RuleSet, parse_entries
 from gateway.trace.rulesfile import load_rules
 from tests.test_trace_rules import REQUEST, run
 
@@ -272,3 +274,72 @@ def test_a_field_rule_beats_a_star_rule_of_the_same_selector_and_star_covers_the
     host = MessageKey("iso87-ascii", "host", "out", "0200", "", Mode.REPLAY)
     assert text_of(rules, host, "12") == "present"  # the more specific selector, even as "*"
     assert rules.rule_for(key, "61.3") is None  # "*" never stands for a sub-field
+
+
+# --- rules files: every mistake is refused with its place ---------------------------------------------
+
+
+@pytest.mark.parametrize(("tables", "error"), [
+    ({"fields": {}}, "rules must be an array of tables"),
+    (["x"], r"rules\[0\]: expected a table"),
+    ([{"fields": {"39": "same"}, "colour": "red"}], r"unknown keys \['colour'\]"),
+    ([{"leg": "terminal"}], "fields must be a non-empty table"),
+    ([{"fields": {}}], "fields must be a non-empty table"),
+    ([{"fields": {"1234": "same"}}], "is not a field id"),
+    ([{"fields": {"61.123": "same"}}], "is not a field id"),
+    ([{"leg": "", "fields": {"39": "same"}}], "leg must be a non-empty string"),
+    ([{"dir": "sideways", "fields": {"39": "same"}}], "dir must be in or out"),
+    ([{"mti": "02y0", "fields": {"39": "same"}}], "mti must be 4 digits"),
+    ([{"when": "always", "fields": {"39": "same"}}], "when must be replay or diff"),
+    ([{"fields": {"39": {"check": "one-of"}}}], "one-of needs at least one value"),
+    ([{"fields": {"39": {"check": "one-of", "values": "00"}}}], "values must be a list of strings"),
+    ([{"fields": {"39": {"check": "ref"}}}], "ref needs a name"),
+    ([{"fields": {"39": {"check": "nonsense"}}}], "unknown rule 'nonsense'"),
+    ([{"fields": {"39": {"check": "same", "colour": "red"}}}], r"unknown keys \['colour'\]"),
+])
+def test_a_bad_rules_table_is_refused_naming_the_file_and_table(tables: object, error: str) -> None:
+    with pytest.raises(RulesError, match=error) as exc:
+        parse_entries(tables, "run.rules.toml", file_rank=1)
+    assert str(exc.value).startswith("run.rules.toml")
+
+
+def test_rules_written_as_tables_read_like_their_text() -> None:
+    entries = parse_entries([{"mti": "0210", "why": "the acquirer says so", "fields": {
+        "39": {"check": "one-of", "values": ["00", "10"], "capture": "rc"},
+        "37": {"check": "ref", "name": "rrn"},
+        "38": {"capture": "auth"},
+        "12": "format capture t12",
+        "61.3": "ref txn_date"}}], "f", file_rank=1)
+    by_field = {e.field: e.rule for e in entries}
+    assert (by_field["39"].check, by_field["39"].values, by_field["39"].capture) == (
+        Check.ONE_OF, frozenset({"00", "10"}), "rc")
+    assert by_field["39"].text == "one-of 00 10 capture rc" and by_field["39"].origin == "f"
+    assert (by_field["37"].check, by_field["37"].ref, by_field["37"].text) == (Check.REF, "rrn", "ref rrn")
+    assert (by_field["38"].check, by_field["38"].capture, by_field["38"].text) == (Check.PRESENT, "auth",
+                                                                                  "present capture auth")
+    assert (by_field["12"].check, by_field["12"].capture) == (Check.FORMAT, "t12")
+    assert [e.selector.mti for e in entries] == ["0210"] * 5
+    rules = RuleSet(entries)
+    assert rules.names() == ({"rc", "auth", "t12"}, {"rrn", "txn_date"})
+    key = MessageKey("cup-pos", "terminal", "out", "0210", "", Mode.REPLAY)
+    assert rules.part_ids(key, "61") == ("61.3",)
+    assert rules.part_ids(MessageKey("cup-pos", "terminal", "out", "0200", "", Mode.REPLAY), "61") == ()
+    assert rules.part_ids(key, "6") == ()  # "61.3" is no sub-field of 6
+
+
+def test_captures_remember_what_each_recorded_value_stood_for() -> None:
+    c = Captures(limit=2, per_value=2)
+    c.record("rrn", "R1", None)  # nothing observed: nothing remembered
+    assert c.latest("rrn") is None and c.candidates("rrn", "R1") == []
+    c.record("rrn", None, "B0")  # a template: only the latest
+    assert c.latest("rrn") == "B0" and c.candidates("rrn", None) == ["B0"] and c.candidates("rrn", "R1") == []
+    c.record("rrn", "R1", "B1")
+    c.record("rrn", "R1", "B2")
+    c.record("rrn", "R1", "B1")  # seen again: newest now
+    assert c.candidates("rrn", "R1") == ["B2", "B1"] and c.resolve("rrn", "R1") == "B1"
+    c.record("rrn", "R1", "B3")  # at most per_value kept, the oldest go
+    assert c.candidates("rrn", "R1") == ["B1", "B3"]
+    c.record("rrn", "R2", "B4")
+    c.record("rrn", "R3", "B5")  # at most `limit` recorded values: R1 (the least recent) goes
+    assert c.candidates("rrn", "R1") == [] and c.resolve("rrn", "R3") == "B5" and c.latest("rrn") == "B5"
+    assert c.candidates("other", "R3") == [] and c.resolve("other", None) is None
