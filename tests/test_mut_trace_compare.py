@@ -343,3 +343,31 @@ def test_captures_remember_what_each_recorded_value_stood_for() -> None:
     c.record("rrn", "R3", "B5")  # at most `limit` recorded values: R1 (the least recent) goes
     assert c.candidates("rrn", "R1") == [] and c.resolve("rrn", "R3") == "B5" and c.latest("rrn") == "B5"
     assert c.candidates("other", "R3") == [] and c.resolve("other", None) is None
+
+
+# --- the compare engine: sub-fields, refs, templates, what a finding shows ------------------------------
+
+SUBFIELD_RULES = """
+[[rules]]
+mti = "0210"
+fields = { "60.3" = "any", "60.2" = "format" }
+"""
+
+
+def test_sub_field_rules_compare_each_part_under_its_own_rule(tmp_path: Path) -> None:
+    from tests.test_trace_rules import ANSWER
+    # 60 = 22 000001 000 5 0 0: net code (60.3) is "any", batch (60.2) only needs its format
+    assert run(dict(ANSWER, **{"60": "22000002999500"}), rules_text=SUBFIELD_RULES, tmp=tmp_path) == []
+    [f] = run(dict(ANSWER, **{"60": "2200000A000500"}), rules_text=SUBFIELD_RULES, tmp=tmp_path)
+    assert (f.field, f.rule, f.expected, f.got) == ("60.2", "format", "format n6", "'00000A'")
+    [g] = run(dict(ANSWER, **{"60": "23000001000500"}), rules_text=SUBFIELD_RULES, tmp=tmp_path)
+    # the parts no rule names keep the field's own rule: 60 is echoed, so each part echoes the request's
+    assert (g.field, g.rule, g.expected, g.got) == ("60.1", "echo", "'22' (the request's)", "'23'")
+    [h] = run(dict(ANSWER, **{"60": "22000001000501"}), rules_text=SUBFIELD_RULES, tmp=tmp_path)
+    assert h.field == "60.6"
+    without = dict(ANSWER)
+    del without["60"]
+    [m] = run(without, rules_text=SUBFIELD_RULES, tmp=tmp_path)  # one finding for the whole field
+    assert (m.field, m.expected, m.got) == ("60", "'22000001000500'", "(absent)")
+    long = run(dict(ANSWER, **{"60": "22000001000500123456"}), rules_text=SUBFIELD_RULES, tmp=tmp_path)
+    assert [(f.field, f.got) for f in long] == [("60.7", "'123'"), ("60", "'456'")]  # past the layout too
