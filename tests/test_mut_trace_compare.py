@@ -371,3 +371,52 @@ def test_sub_field_rules_compare_each_part_under_its_own_rule(tmp_path: Path) ->
     assert (m.field, m.expected, m.got) == ("60", "'22000001000500'", "(absent)")
     long = run(dict(ANSWER, **{"60": "22000001000500123456"}), rules_text=SUBFIELD_RULES, tmp=tmp_path)
     assert [(f.field, f.got) for f in long] == [("60.7", "'123'"), ("60", "'456'")]  # past the layout too
+
+
+def host_cmp(captures: Captures, *, overrides: dict[str, Any] | None = None) -> Any:
+    from gateway.trace.compare import Comparison, Where, flow_of, message_key
+    rules = load_rules(None).rules
+    fields = {"3": "000000", "4": "000000001000", "11": "000005", "37": "RUN000000001"}
+    flow = flow_of("iso87-ascii", "0200", fields)
+    return Comparison(rules, message_key("iso87-ascii", "host", "out", "0200", flow, Mode.REPLAY),
+                      Where("case", "host", "10000001", "000005"), captures, flow, overrides=overrides)
+
+
+def test_a_ref_accepts_only_this_runs_value_for_the_recorded_one() -> None:
+    from gateway.trace.compare import Seen, compare
+    base = {"3": "200000", "4": "000000001000", "11": "000005", "32": "00000001234", "41": "10000001"}
+    recorded = Seen("0200", dict(base, **{"37": "REC000000001"}))
+    captures = Captures()
+    # nothing captured for the recorded RRN: it must come as recorded
+    assert compare(host_cmp(captures), recorded, Seen("0200", dict(base, **{"37": "REC000000001"}))) == []
+    [f] = compare(host_cmp(captures), recorded, Seen("0200", dict(base, **{"37": "RUN000000009"})))
+    assert (f.field, f.rule, f.expected) == ("37", "ref rrn", "'REC000000001'")
+    assert "no value of this run stands for the recorded one under rrn" in f.message
+    captures.record("rrn", "REC000000001", "RUN000000001")
+    assert compare(host_cmp(captures), recorded, Seen("0200", dict(base, **{"37": "RUN000000001"}))) == []
+    [g] = compare(host_cmp(captures), recorded, Seen("0200", dict(base, **{"37": "REC000000001"})))
+    assert (g.field, g.expected, g.got) == ("37", "'RUN000000001' (ref rrn)", "'REC000000001'")
+    # the recording had none: none must come
+    [h] = compare(host_cmp(captures), Seen("0200", base), Seen("0200", dict(base, **{"37": "RUN000000001"})))
+    assert (h.field, h.expected) == ("37", "(absent)")
+    assert compare(host_cmp(captures), Seen("0200", base), Seen("0200", dict(base))) == []
+
+
+def test_a_template_compares_only_the_fields_its_rules_name() -> None:
+    from gateway.trace.compare import Seen, compare
+    from gateway.trace.rules import parse_rule
+    captures = Captures()
+    overrides = {"39": parse_rule("one-of 00", "t"), "37": parse_rule("ref rrn", "t"),
+                 "62": parse_rule("absent", "t")}
+    got = {"3": "000000", "11": "000777", "39": "00", "12": "anything"}
+    [f] = compare(host_cmp(captures, overrides=overrides), None, Seen("0210", got))
+    assert (f.field, f.rule) == ("37", "ref rrn")
+    assert "nothing was captured under that name" in f.message and f.expected == "the value captured as rrn"
+    captures.record("rrn", None, "CERT00000002")
+    with_rrn = dict(got, **{"37": "CERT00000002"})
+    assert compare(host_cmp(captures, overrides=overrides), None, Seen("0210", with_rrn)) == []
+    [g] = compare(host_cmp(captures, overrides=overrides), None, Seen("0210", dict(with_rrn, **{"39": "05"})))
+    assert (g.field, g.expected, g.got) == ("39", "one of 00", "'05'")
+    found = compare(host_cmp(captures, overrides=overrides), None, Seen("0210", {"37": "CERT00000002", "62": "K"}))
+    assert [(f.field, f.expected, f.got) for f in found] == [("39", "one of 00", "(absent)"),
+                                                              ("62", "(absent)", "<1 characters>")]  # a key: not shown
