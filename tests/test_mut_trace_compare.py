@@ -12,12 +12,22 @@ from typing import Any
 
 import pytest
 
+from gateway.trace.compare import Comparison, Seen, Where, _difference, compare, flow_of, message_key, show
 from gateway.trace.diff import DiffStats, diff
 from gateway.trace.format import SecretKind
 from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind
-from gateway.trace.rules import Captures, Check, MessageKey, Mode, RulesError, RuleSet, parse_entries
+from gateway.trace.rules import (
+    Captures,
+    Check,
+    MessageKey,
+    Mode,
+    RulesError,
+    RuleSet,
+    parse_entries,
+    parse_rule,
+)
 from gateway.trace.rulesfile import load_rules
-from tests.test_trace_rules import REQUEST, run
+from tests.test_trace_rules import ANSWER, REQUEST, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSION = ROOT / "examples" / "replay" / "session.jsonl"
@@ -355,7 +365,6 @@ fields = { "60.3" = "any", "60.2" = "format" }
 
 
 def test_sub_field_rules_compare_each_part_under_its_own_rule(tmp_path: Path) -> None:
-    from tests.test_trace_rules import ANSWER
     # 60 = 22 000001 000 5 0 0: net code (60.3) is "any", batch (60.2) only needs its format
     assert run(dict(ANSWER, **{"60": "22000002999500"}), rules_text=SUBFIELD_RULES, tmp=tmp_path) == []
     [f] = run(dict(ANSWER, **{"60": "2200000A000500"}), rules_text=SUBFIELD_RULES, tmp=tmp_path)
@@ -374,7 +383,6 @@ def test_sub_field_rules_compare_each_part_under_its_own_rule(tmp_path: Path) ->
 
 
 def host_cmp(captures: Captures, *, overrides: dict[str, Any] | None = None) -> Any:
-    from gateway.trace.compare import Comparison, Where, flow_of, message_key
     rules = load_rules(None).rules
     fields = {"3": "000000", "4": "000000001000", "11": "000005", "37": "RUN000000001"}
     flow = flow_of("iso87-ascii", "0200", fields)
@@ -383,7 +391,6 @@ def host_cmp(captures: Captures, *, overrides: dict[str, Any] | None = None) -> 
 
 
 def test_a_ref_accepts_only_this_runs_value_for_the_recorded_one() -> None:
-    from gateway.trace.compare import Seen, compare
     base = {"3": "200000", "4": "000000001000", "11": "000005", "32": "00000001234", "41": "10000001"}
     recorded = Seen("0200", dict(base, **{"37": "REC000000001"}))
     captures = Captures()
@@ -403,8 +410,6 @@ def test_a_ref_accepts_only_this_runs_value_for_the_recorded_one() -> None:
 
 
 def test_a_template_compares_only_the_fields_its_rules_name() -> None:
-    from gateway.trace.compare import Seen, compare
-    from gateway.trace.rules import parse_rule
     captures = Captures()
     overrides = {"39": parse_rule("one-of 00", "t"), "37": parse_rule("ref rrn", "t"),
                  "62": parse_rule("absent", "t")}
@@ -420,3 +425,24 @@ def test_a_template_compares_only_the_fields_its_rules_name() -> None:
     found = compare(host_cmp(captures, overrides=overrides), None, Seen("0210", {"37": "CERT00000002", "62": "K"}))
     assert [(f.field, f.expected, f.got) for f in found] == [("39", "one of 00", "(absent)"),
                                                               ("62", "(absent)", "<1 characters>")]  # a key: not shown
+
+
+def test_what_a_finding_may_show_of_a_value() -> None:
+    assert show("39", None) == "(absent)" and show("39", "05") == "'05'"
+    assert show("2", "6222021234567890123") == "622202*********0123"
+    assert show("52", "0123456789ABCDEF") == "<16 characters>" and show("48", "KEYS") == "<4 characters>"
+    assert show("64", "0" * 16) == "<16 characters>" and show("35.1", "abc") == "<3 characters>"
+    assert _difference("52", "1111222233334444", "1111222233335444") == (
+        "<16 characters>", "<16 characters>", " (they differ from position 13)")
+    assert _difference("52", "1111", "111122") == ("<4 characters>", "<6 characters>",
+                                                   " (they differ from position 5)")
+    assert _difference("39", "00", "05") == ("'00'", "'05'", "")
+    assert _difference("52", None, "1111") == ("(absent)", "<4 characters>", "")
+
+
+def test_another_mti_is_a_finding_of_its_own() -> None:
+    cmp = host_cmp(Captures())
+    fields = {"3": "000000", "4": "000000001000", "11": "000005"}
+    [f] = compare(cmp, Seen("0200", fields), Seen("0220", dict(fields), seq=7))
+    assert (f.field, f.expected, f.got, f.mti, f.seq) == ("mti", "0200", "0220", "0220", 7)
+    assert "field mti: expected 0200, got 0220 (rule same)" in f.message
