@@ -428,6 +428,9 @@ def test_a_late_answer_exactly_a_window_after_its_request_is_still_late_not_an_o
     late = enc.message(11.05, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
     found = check([*records, late], window=10.0)
     assert all(v == [] for v in found.values()), found
+    # a hair shorter window: the timed-out request was let go of, and its answer is an orphan
+    [f] = check([*records, late], window=9.99)["pairing"]
+    assert f.seq == late.seq and "answer without a request" in f.message
 
 
 # --- (i) decode: a record whose values are not its wire's is named, field by field -------------------
@@ -651,3 +654,49 @@ def test_findings_beyond_max_findings_are_counted_in_one_more() -> None:
     last = found[2]
     assert len(found) == 3 and last.message == "... and 3 more like these"
     assert (last.kind, last.rule) == (FindingKind.MISSING_FRAME, "pairing")
+
+
+def test_a_trace_is_decoded_leniently_unless_its_header_says_strict() -> None:
+    """Imports keep what other systems produced (jPOS's ISO87 image has '0' in DE 28's sign): the check
+    decodes leniently by default, strictly where the header says `lenient: false` (a recording)."""
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    h_req.fields["28"] = "000000000"  # no C/D sign
+    rec = enc.message(1.0, Leg.HOST, Direction.OUT, "H1", h_req)
+    assert isinstance(rec, FrameRecord)
+
+    def decode_findings(**notes: object) -> list:
+        checker = Checker(enc.header("test", "", **notes))
+        checker.feed(rec)
+        return {c.name.split(":")[0]: c.findings for c in checker.results()}["decode"]
+
+    assert decode_findings() == [] and decode_findings(lenient=True) == []
+    [f] = decode_findings(lenient=False)
+    assert f.seq == rec.seq and f.field == "28"
+
+
+
+def test_the_more_line_has_the_kind_of_the_last_finding_kept() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    h_req = iso87.purchase(IDENT, "000900", "1202060657", "1234", 1_000, track2=CARD_CUP.track2)
+    orphan = enc.message(1.0, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
+    stray_timeout = enc.event(2.0, Leg.HOST, "H1", EventKind.TIMEOUT, format_match_key({"class": "020", "11": "1"}))
+    another = enc.message(3.0, Leg.HOST, Direction.IN, "H1", response(h_req, "05", "iso87-ascii"))
+    found = check([orphan, stray_timeout, another], max_findings=2)["pairing"]
+    assert [f.kind for f in found] == [FindingKind.UNEXPECTED_FRAME, FindingKind.INVARIANT, FindingKind.INVARIANT]
+    assert found[2].message == "... and 1 more like these"
+
+
+def test_each_case_of_the_check_is_named_with_what_it_checks() -> None:
+    enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
+    results, _ = check_records(enc.header("test", ""), [])
+    assert [c.name for c in results] == [
+        "decode: every frame decodes and re-encodes to its wire bytes",
+        "pairing: every request has its answer or a recorded timeout",
+        "echo: answers echo their request's fields",
+        "originals: reversals name a real original",
+        "repeats: a repeat (0401) repeats its first attempt",
+        "approvals: every approval was delivered or reversed",
+        "late: no late answer was forwarded",
+    ]
+    assert all(c.findings == [] for c in results)
