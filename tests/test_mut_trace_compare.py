@@ -446,3 +446,15 @@ def test_another_mti_is_a_finding_of_its_own() -> None:
     [f] = compare(cmp, Seen("0200", fields), Seen("0220", dict(fields), seq=7))
     assert (f.field, f.expected, f.got, f.mti, f.seq) == ("mti", "0200", "0220", "0220", 7)
     assert "field mti: expected 0200, got 0220 (rule same)" in f.message
+
+
+def test_an_answer_that_echoes_a_field_longer_than_its_layout_passes(tmp_path: Path) -> None:
+    """Bug found by mutation testing (issue 16): with a rule on a sub-field of 60, what runs past the
+    layout was compared with the request's whole 60, so a correct echo failed."""
+    long_60 = "22000001000500123456"  # CUP 60 may run past its 17-digit layout (n..999)
+    echoed = dict(ANSWER, **{"60": long_60})
+    request = dict(REQUEST, **{"60": long_60})
+    assert run(echoed, expected=echoed, request=request, rules_text=SUBFIELD_RULES, tmp=tmp_path) == []
+    [f] = run(dict(echoed, **{"60": long_60[:-3] + "999"}), expected=echoed, request=request,
+              rules_text=SUBFIELD_RULES, tmp=tmp_path)
+    assert (f.field, f.rule, f.expected, f.got) == ("60", "echo", "'456' (the request's)", "'999'")
