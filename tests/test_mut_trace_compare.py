@@ -145,6 +145,8 @@ def test_a_changed_field_of_the_upstream_answer_names_the_host_leg(tmp_path: Pat
     sink, _, failures = run_diff(tmp_path, edit_b=answer)
     assert sink.failed == 1 and [c.name for c in failures] == [T2_SALE]
     [f] = failures[0].findings
+    b_answer = next(r for r in records() if is_frame(r, "host", "0210", "000009"))
+    assert f.seq == b_answer["seq"]  # B's frame, to look it up in B
     assert (f.leg, f.mti, f.field, f.expected, f.got, f.rule) == ("host", "0210", "39", "'00'", "'05'", "same")
     assert f.message.startswith(f"{T2_SALE}: host 0210 field 39: expected '00', got '05'")
 
