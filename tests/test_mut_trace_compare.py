@@ -460,3 +460,9 @@ def test_an_answer_that_echoes_a_field_longer_than_its_layout_passes(tmp_path: P
     [f] = run(dict(echoed, **{"60": long_60[:-3] + "999"}), expected=echoed, request=request,
               rules_text=SUBFIELD_RULES, tmp=tmp_path)
     assert (f.field, f.rule, f.expected, f.got) == ("60", "echo", "'456' (the request's)", "'999'")
+
+
+def test_findings_come_in_field_number_order() -> None:
+    found = run(dict(ANSWER, **{"4": "000000009999", "32": "00000009999", "39": "05", "100": "1"}),
+                request=dict(ANSWER))
+    assert [f.field for f in found] == ["4", "32", "39", "100"]
