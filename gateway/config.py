@@ -254,6 +254,9 @@ class StoreConfig:
     #: a heartbeat older than this: the instance is dead, live ones take over its pending requests
     orphan_after: Seconds = 10.0
     pool_size: Count = 4  #: read connections
+    #: seconds a journal write waits for a row another session holds locked (a dead instance's open
+    #: transaction, an operator's FOR UPDATE) before that one write fails instead of stalling them all
+    lock_timeout: Annotated[float, Strict(), Field(gt=0, le=600, allow_inf_nan=False)] = 2.0
 
 
 @dataclass(frozen=True, slots=True, config=_STRICT_KEYS)

@@ -134,7 +134,7 @@ def _open_postgres(config: GatewayConfig, metrics: Metrics, key: bytes) -> Abstr
     return PostgresStore.open(st.url or "", instance_id=st.instance_id, commit_delay=st.commit_delay,  # type: ignore[return-value]
                               observer=metrics.journal, pan_key=key, lease=st.saf_lease,
                               heartbeat_interval=st.heartbeat_interval, pool_size=st.pool_size,
-                              max_refusals=st.max_refusals)
+                              max_refusals=st.max_refusals, lock_timeout=st.lock_timeout)
 
 
 async def run_gateway(

@@ -61,7 +61,15 @@ from gateway.store.errors import (
     StateConflict,
     StoreError,
 )
-from gateway.store.records import APPROVAL_RCS, CHARGED_RCS, QueuedReversal, RefusalRecord, TxnRecord, TxnState
+from gateway.store.records import (
+    APPROVAL_RCS,
+    CHARGED_RCS,
+    QueuedReversal,
+    RefusalRecord,
+    TxnKind,
+    TxnRecord,
+    TxnState,
+)
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
 
@@ -272,6 +280,12 @@ class GatewayService:
         self.active += 1
         try:
             try:
+                if admitted.done is None and msg.mti in decisions.FINANCIAL_REQUEST_MTIS:
+                    # the same terminal, batch and STAN is in flight already (a retransmission): decide it
+                    # once the first has its outcome, so the terminal's first answer for that STAN is the
+                    # charge's own (this one then gets 94 from the journal)
+                    await self._wait_in_flight((msg.fields.get("41", ""), decisions.batch_of(msg),
+                                                msg.fields.get("11", "")))
                 answer, on_delivery = await self._decide(msg, frame.body)
             except StoreError as exc:
                 # a journal read or write failed (an original's lookup, a terminal reversal's queueing):
@@ -647,6 +661,14 @@ class GatewayService:
                 original = await self._outcome_from_elsewhere(original)
         if original is None and "37" in msg.fields:
             original = await self.store.find_by_rrn(msg.fields["37"], terminal_id=msg.fields["41"])
+            if original is None and msg.mti == "0220":
+                # a refund at another till of the merchant: the sale is in the journal, so it is checked
+                # and counted against that sale like one of its own terminal (else it would go upstream
+                # unchecked, and the sale's own terminal could refund it in full once more)
+                other = await self.store.find_by_rrn(msg.fields["37"])
+                if (other is not None and other.kind is TxnKind.PURCHASE
+                        and other.merchant_id == msg.fields.get("42")):
+                    original = other
         return original
 
     async def _outcome_from_elsewhere(self, original: TxnRecord) -> TxnRecord:
@@ -696,11 +718,14 @@ class GatewayService:
         self.metrics.upstream.observe(clock() - sent_at)
         host = reply.message
         rc = host.fields.get("39", "96")
-        if rc in CHARGED_RCS:  # the customer was charged: an answer we cannot trust or carry is reversed
-            problem = decisions.check_host_answer(host_req, host, reply.mac_ok)
+        # the customer was charged, or may have been (a MAC that fails covers field 39 too; an answer
+        # without field 39 does not say): an answer we cannot trust or carry is reversed
+        if rc in CHARGED_RCS or not reply.mac_ok or "39" not in host.fields:
+            problem = ("the answer has no response code (field 39)" if "39" not in host.fields
+                       else decisions.check_host_answer(host_req, host, reply.mac_ok))
             if problem is not None:
                 release()
-                log.error("host approval for txn %s not trusted (%s): terminal gets 96", txn_id, problem)
+                log.error("host answer for txn %s not trusted (%s): terminal gets 96", txn_id, problem)
                 if flow.reversible:
                     reason = "A0" if not reply.mac_ok else "06"
                     await self._settle(txn_id, "reversal of an untrusted approval", lambda: self._queue_reversal(
@@ -805,6 +830,12 @@ class GatewayService:
         await self._wait_in_flight((terminal_id, batch, stan))
         original = await self.store.find_original(terminal_id, batch, stan)
         rc = decisions.terminal_reversal_rc(msg, original, self.config.reversal.unknown_original_rc, flow.reverses)
+        if rc == RC_APPROVED and original is not None and original.kind == "purchase":
+            # a void or refund of this sale that may have credited the card: reversing the sale too would
+            # credit it twice (the terminal may reverse that void instead)
+            credits = await self.store.find_referencing(original.txn_id)
+            if any(r.state not in (TxnState.DECLINED, TxnState.REVERSED) for r in credits):
+                return self._refused(msg, "12", "reversal: the sale has a void or refund standing")
         if rc == RC_APPROVED and original is not None and decisions.needs_host_reversal(original):
             # still pending after the wait: hold the 0400 back until the original's own exchange is over,
             # so it cannot overtake the original at the host

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+from ports import free_port as free_port  # re-exported: the tests import it from here
 
 from gateway.config import load_config
 from gateway.iso.message import Message
@@ -46,14 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 #: answers to a terminal's 0400 after which it is done with that reversal (as the simulator reads them)
 REVERSAL_DONE_RCS = frozenset({"00", "12", "25"})
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now: bind port 0, read it, close it. The gateway is
-    given this fixed port so terminals find it again after every restart."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the gateway's configuration and process --------------------------------------------------------

@@ -21,7 +21,7 @@ from test_store_support import BACKENDS, backend, open_store, request
 
 from gateway.lab import CARD_CUP, open_lab
 from gateway.store import TxnKind, TxnState
-from gateway.store.errors import OriginalRefused
+from gateway.store.errors import OriginalRefused, StoreError
 from gateway.store.postgres import PostgresStore
 from gateway.store.records import REQUEST_COLUMNS, TxnRecord, credit_refusal
 from gateway.store.sqlite import SqliteStore
@@ -309,3 +309,51 @@ async def test_racing_refunds_through_the_gateway_get_one_approval_and_one_64(tm
             while not (refusals := await store.refusals(terminal_id=t.ident.terminal_id)):
                 await anyio.sleep(0.02)
         assert [r.rc for r in refusals] == ["64"] and "original check at the journal" in refusals[0].reason
+
+
+async def test_a_sale_row_held_by_another_session_fails_only_the_write_that_needs_it(tmp_path: Path) -> None:
+    """Another session (a dead instance's open transaction, an operator's FOR UPDATE) holds the sale's
+    row: the refund that must lock it fails after the writer's lock_timeout instead of stopping the
+    journal; a purchase in the same batch is journalled; released, the refund goes through. Without the
+    bound both writes wait as long as the row is held (here: until the test lets go after 8 s)."""
+    url = await anyio.to_thread.run_sync(pg_support.schema_url, pg_support.database(), str(tmp_path))
+    async with PostgresStore.open(url, pan_key=b"k" * 32, instance_id="a", lock_timeout=0.5,
+                                  commit_delay=0.05) as store:
+        writer = store.writer_connection
+        assert writer is not None
+        row = await anyio.to_thread.run_sync(lambda: writer.execute("SHOW lock_timeout").fetchone())
+        assert row is not None and row[0] == "500ms"  # read back from the live session
+        sale = await completed_sale(store)
+        blocker = await anyio.to_thread.run_sync(lambda: psycopg.connect(url))
+        results: dict[str, object] = {}
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: blocker.execute("SELECT txn_id FROM txn WHERE txn_id = %s FOR UPDATE", (sale,)))
+
+            async def journal(name: str, rec: Any) -> None:
+                try:
+                    results[name] = await store.record_request(rec)
+                except StoreError as exc:
+                    results[name] = exc
+
+            async def release_later() -> None:  # without the bound the writes wait for this (a write
+                await anyio.sleep(8)  # in flight is not given up on by a cancelled caller)
+                await anyio.to_thread.run_sync(blocker.rollback)
+
+            started = anyio.current_time()
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(release_later)
+                async with anyio.create_task_group() as tg:  # one batch: commit_delay gathers both
+                    tg.start_soon(journal, "refund", refund("000002", sale, 500))
+                    tg.start_soon(journal, "purchase", request("000003", amount=100))
+                waited = anyio.current_time() - started
+                outer.cancel_scope.cancel()
+        finally:
+            await anyio.to_thread.run_sync(blocker.close)
+        assert isinstance(results["purchase"], int), results
+        assert isinstance(results["refund"], StoreError) and not isinstance(results["refund"], OriginalRefused)
+        assert "LockNotAvailable" in str(results["refund"]), results
+        assert waited < 5, waited  # the pipelined try and the one-by-one retry: about 2 × 0.5 s
+        assert await store.find_referencing(sale) == []  # nothing of the failed refund was journalled
+        again = await store.record_request(refund("000004", sale, 500))  # the row is free again
+        assert [r.txn_id for r in await store.find_referencing(sale)] == [again]

@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from gateway.config import load_config
 from gateway.initdir import init_lab
@@ -26,12 +26,6 @@ from gateway.security.keystore import KeyStore, read_lmk_file
 from gateway.sim.keyfile import KeyFileError, read_test_keys
 
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_init_writes_a_loopback_lab_whose_keys_agree(tmp_path: Path) -> None:

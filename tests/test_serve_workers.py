@@ -29,6 +29,7 @@ from crash_support import free_port
 from fault_support import REPO, ChildSetup, PipedGateway, http_get, wait_until_up, write_child_config
 from prometheus_client.parser import text_string_to_metric_families
 
+import gateway.workers as workers_module
 from gateway.lab import CARD_CUP_2, LAB_ACCOUNTS, LOOPBACK, MERCHANT_ID, terminal_ids
 from gateway.security.algorithms import generate_key
 from gateway.sim.host import HostSimConfig, HostSimulator
@@ -251,3 +252,44 @@ async def test_workers_drain_and_exit_when_the_parent_is_killed(
         tg.cancel_scope.cancel()
     assert journal_states(pg_url) == {"completed": 4}
 
+
+async def test_a_worker_that_keeps_dying_makes_the_group_give_up_with_exit_1(
+        tmp_path: Path, pg_url: str, anyio_backend: tuple[str, dict[str, object]]) -> None:
+    """MAX_RESTARTS restarts within RESTART_WINDOW and one more death: the parent stops restarting and exits
+    1, so a supervisor such as systemd sees a failure rather than a restart loop that never ends."""
+    if anyio_backend[0] != "asyncio":
+        pytest.skip("the supervisor's restart logic does not depend on the backend; ~20 s of back-off once is enough")
+    zmk = generate_key(16)
+    tmks = {tid: generate_key(16) for tid in terminal_ids(1)}
+    host = HostSimulator(HostSimConfig(zmk=zmk, rules=HostRulesConfig(accounts=LAB_ACCOUNTS, limit=2_000_000)))
+    async with anyio.create_task_group() as tg:
+        host_port = await tg.start(host.serve, LOOPBACK, 0)
+        setup = ChildSetup(free_port(), free_port(), host_port, zmk, tmks, MERCHANT_ID, tmp_path / "unused.db",
+                           HOST_TIMEOUT)
+        gateway = GroupGateway(pg_config(tmp_path, setup, pg_url), anyio_backend[0])
+        gateway.command += ["--workers", "2"]  # (one worker is a plain gateway, with no supervisor)
+        await gateway.start(tg)
+        killed: list[int] = []
+        try:
+            await wait_until_up(gateway, setup.admin_port, timeout=60)
+            with anyio.fail_after(120):  # back-off 0.5+1+2+4+8 s, plus six starts
+                while len(killed) <= workers_module.MAX_RESTARTS and gateway.running():
+                    try:
+                        row = (await workers(setup.admin_port))[1]
+                    except (OSError, AssertionError):  # the parent is giving up and closing its endpoint
+                        break
+                    pid = row["pid"]
+                    if row["up"] and pid is not None and int(str(pid)) not in killed:
+                        killed.append(int(str(pid)))
+                        os.kill(killed[-1], signal.SIGKILL)
+                    await anyio.sleep(0.05)
+                code = await gateway.wait(30)
+        finally:
+            await gateway.stop_quietly()
+            (tmp_path / "gateway.log").write_text(gateway.text)
+        tg.cancel_scope.cancel()
+    assert code == 1, gateway.tail()
+    assert len(killed) == workers_module.MAX_RESTARTS + 1, killed
+    assert f"{workers_module.MAX_RESTARTS} restarts within" in gateway.text and "giving up on the group" in gateway.text
+    assert gateway.text.count("restarting it in") == workers_module.MAX_RESTARTS
+    assert "worker 0 gateway: drained in" in gateway.text  # the healthy worker was drained, not cut off

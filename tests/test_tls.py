@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from ports import free_port
 from tls_support import Authority, Pem
 
 from gateway.config import (
@@ -373,12 +374,6 @@ tmk = "{tmk}"
     assert "TLS established (TLSv1.3, client certificate CN=10000001)" in gateway_log
     assert "refusing terminal" in gateway_log and "no_certificate" in gateway_log
     assert "host link signed on" in gateway_log
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _env() -> dict[str, str]:

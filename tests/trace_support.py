@@ -4,7 +4,6 @@ system under test of the replay."""
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -13,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from ports import free_port as free_port  # re-exported: the tests import it from here
 
 from gateway.config import AdminConfig, Endpoint, LimitsConfig, ReversalConfig, TraceConfig
 from gateway.lab import (
@@ -31,12 +31,6 @@ from gateway.sim.host_rules import Fault
 from gateway.sim.keyfile import LabKeys, LabTerminal, read_test_keys, render_test_keys
 
 FAST_SAF = ReversalConfig(max_attempts=5, backoff=(0.2, 0.5, 1.0), poll_interval=0.05, original_wait=3.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager

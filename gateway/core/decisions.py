@@ -92,6 +92,10 @@ def check_host_answer(host_request: Message, host_answer: Message, mac_ok: bool)
     for key in ("3", "4", "41"):
         if host_answer.fields.get(key, host_request.fields.get(key)) != host_request.fields.get(key):
             return f"field {key} differs from the request"
+    for key in ("2", "49"):  # the card and the currency it approves, where the request named them
+        asked = host_request.fields.get(key)
+        if asked is not None and host_answer.fields.get(key, asked) != asked:
+            return f"field {key} differs from the request"
     return None
 
 

@@ -656,7 +656,10 @@ class HostLink:
             self._answer_host_request(msg)
             return None
         mac_ok = True
-        if msg.fields.get("39") in MAC_REQUIRED_RCS and msg.mti[1] in "24":
+        if msg.mti[1] in "24" and (msg.fields.get("39") in MAC_REQUIRED_RCS
+                                   or self.dialect.mac_field_for(msg.fields) in msg.fields):
+            # an approval must carry a valid MAC; any other answer that carries one must verify too (it
+            # covers field 39: a decline under a MAC that fails may be an approval that was corrupted)
             mac_ok = self._approval_mac_ok(msg, body)
         key = self._key(msg, msg.mti)
         slot = self._pending.get(key)

@@ -17,6 +17,9 @@
   never booked the original, so nothing is charged — unless the host approves that original late (the
   reversal overtook it on the host's side): then the 25 counts as a failed attempt, and a 25 already
   taken as final is reopened by the journal when the late approval comes (`Store.record_late_answer`).
+  A 25 is never final for an original whose authenticated approval the journal holds already (delivered,
+  undeliverable, or rejected for a reason other than its MAC): the host booked it, so it is a failed
+  attempt (`host_approved_original`).
   Anything else is a failed attempt.
 - While the host link is down nothing is sent and no attempt is counted.
 """
@@ -37,12 +40,33 @@ from gateway.net.host_link import HostLink, HostNotSent, HostTimeout
 from gateway.ratelog import RateLimitedLog
 from gateway.store.base import Store
 from gateway.store.errors import LeaseLost, StateConflict, StoreError
-from gateway.store.records import RC_ORIGINAL_NOT_FOUND, SafEntry
+from gateway.store.records import (
+    CHARGED_RCS,
+    RC_ORIGINAL_NOT_FOUND,
+    REASON_MAC_FAILURE,
+    SafEntry,
+    TxnState,
+)
 
 log = logging.getLogger("gateway.saf")
 
 #: the host's answers that end a reversal (a 25 unless the original was approved late: see the store)
 FINAL_RCS = frozenset({"00", RC_ORIGINAL_NOT_FOUND})
+#: the states a reversed original may come from with the host's own approval of it in the journal, its
+#: MAC verified (`completed` and `undeliverable` passed every check; `host_rejected` did unless its
+#: reversal reason says the MAC failed)
+_APPROVED_IN_HAND = frozenset({TxnState.COMPLETED, TxnState.UNDELIVERABLE, TxnState.HOST_REJECTED})
+
+
+def host_approved_original(entry: SafEntry) -> bool:
+    """Whether the journal holds the host's authenticated approval of the original this reversal undoes:
+    then the host booked it, and a 25 ("original not found") to the reversal is not true. Taken as final
+    it would leave the journal saying reversed while the host keeps the debit; it counts as a failed
+    attempt instead (repeated, then parked for an operator), as a 25 contradicted by a late approval does."""
+    txn = entry.txn
+    if txn.rc not in CHARGED_RCS or txn.reversed_from not in _APPROVED_IN_HAND:
+        return False
+    return not (txn.reversed_from is TxnState.HOST_REJECTED and txn.reversal_reason == REASON_MAC_FAILURE)
 
 
 class SafSender:
@@ -142,7 +166,10 @@ class SafSender:
             return
         self.metrics.reversals_sent.inc()
         rc = reply.message.get("39")
-        if rc in FINAL_RCS and reply.mac_ok:
+        if rc == RC_ORIGINAL_NOT_FOUND and reply.mac_ok and host_approved_original(entry):
+            await self._failed(entry, attempts + 1, f"host answered {rc} but approved the original "
+                                                    f"(rc {entry.txn.rc}, auth {entry.txn.auth_code or '-'})")
+        elif rc in FINAL_RCS and reply.mac_ok:
             if await self.store.ack_reversal(entry.saf_id, rc, attempt_at=time.time()):
                 self.metrics.reversals_acknowledged.inc()
                 log.info("reversal of txn %s acknowledged by the host (rc %s, attempt %d)",

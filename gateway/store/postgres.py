@@ -200,6 +200,8 @@ def _safs(conn: Conn, where: str, params: Sequence[object]) -> list[SafEntry]:
 #: the writes lock a row (FOR UPDATE) and then read what others committed meanwhile (a void's or refund's
 #: earlier credits, a transaction's state); under REPEATABLE READ that read would see the snapshot from
 #: before the lock wait, and two instances could both pass a check only one may pass
+#: seconds a journal write waits for a row lock held by another session (see _bound_lock_waits)
+DEFAULT_LOCK_TIMEOUT: Final = 2.0
 _BEGIN: Final = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 
@@ -457,6 +459,7 @@ class PostgresStore:
         lease: float = DEFAULT_LEASE,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
         connect_timeout: float = 10.0,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         operator: bool = False,
     ) -> None:
         """`operator`: a store for operator commands (`gateway saf …`), not a gateway instance: no
@@ -467,6 +470,9 @@ class PostgresStore:
             raise InvalidRecord("expected a postgresql:// URL", field="url")
         if not 0 < lease < 3600 or not 0 < heartbeat_interval < lease:
             raise InvalidRecord("expected 0 < heartbeat_interval < lease < 3600 seconds", field="lease")
+        if not 0 < lock_timeout <= 600:
+            raise InvalidRecord("expected 0 < lock_timeout <= 600 seconds", field="lock_timeout")
+        self.lock_timeout = float(lock_timeout)
         self.url = url
         self.instance_id = check_instance_id(instance_id) if instance_id is not None else default_instance_id()
         self.lease = float(lease)
@@ -543,7 +549,7 @@ class PostgresStore:
 
     def _connect_all(self) -> None:
         self._writer = self._connection()
-        self._make_commits_durable(self._writer)
+        self._prepare_writer(self._writer)
         pg_migrations.migrate(self._writer)
         if not self.operator:
             self._session = session = self._connection()
@@ -552,6 +558,23 @@ class PostgresStore:
                                     kwargs={"autocommit": True}, timeout=self._connect_timeout,
                                     name=f"journal-read-{self.instance_id}")
         self._pool.open(wait=True, timeout=self._connect_timeout)
+
+    def _prepare_writer(self, writer: Conn) -> None:
+        self._make_commits_durable(writer)
+        self._bound_lock_waits(writer)
+
+    def _bound_lock_waits(self, writer: Conn) -> None:
+        """A write waits at most `lock_timeout` for a row lock another session holds.
+
+        The one writer serves every transaction of this instance, so a wait is everybody's: another
+        instance whose connection died mid-transaction (its locks stay until the server notices, which
+        TCP keepalive may take hours to), or an operator's open `SELECT ... FOR UPDATE`, would stop the
+        whole instance's journal while it holds a sale that a refund or void here must lock. Bounded, the
+        batch fails over to one write at a time (`_one_by_one`): only the write that needs the held row
+        waits a second time and fails (the service refuses that one request, nothing went upstream);
+        the rest of the batch commits.
+        """
+        writer.execute(f"SET lock_timeout = {round(self.lock_timeout * 1000)}")
 
     def _make_commits_durable(self, writer: Conn) -> None:
         """Write-before-send needs a commit that is on disk when COMMIT returns.
@@ -642,7 +665,7 @@ class PostgresStore:
         if conn.closed or conn.broken:  # the server restarted or the network broke: one new try per batch
             conn.close()
             self._writer = conn = self._connection()
-            self._make_commits_durable(conn)  # a session setting: the new session needs it too
+            self._prepare_writer(conn)  # session settings: the new session needs them too
         return conn
 
     def _apply_batch(self, writes: Sequence[Write[Conn]]) -> None:

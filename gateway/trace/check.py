@@ -46,6 +46,7 @@ from gateway.trace.format import (
     EventKind,
     EventRecord,
     FrameRecord,
+    FrameTally,
     Leg,
     Record,
     TraceHeader,
@@ -512,12 +513,12 @@ class Checker:
 
     def results(self) -> list[CaseResult]:
         """Finish the stream (what is still open is reported) and give the cases."""
-        if self.undecodable and not self.frames:
-            # a stray undecodable line in a dump is tolerated, but a trace of nothing else checked
-            # nothing: passing it would certify a capture of the wrong dialect or framing as conformant
-            self._find("decode", FindingKind.DECODE,
-                       f"no frame of the trace decodes ({self.undecodable:,} undecodable, the last: "
-                       f"{self._last_undecodable.detail if self._last_undecodable else ''})", self._last_undecodable)
+        # a stray undecodable line in a dump is tolerated, but a trace of nothing else (or of nothing)
+        # checked nothing, and must not pass
+        last = self._last_undecodable
+        tally = FrameTally(self.frames, self.undecodable, last.detail if last is not None else "")
+        if (reason := tally.nothing_to_compare()) is not None:
+            self._find("decode", FindingKind.DECODE, reason, last)
         for _, (_key, entry) in list(self._open_order.items()):
             self._find("pairing", FindingKind.MISSING_FRAME, "no answer and no timeout recorded (end of trace)",
                        entry.rec)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gateway.trace.cases import DEFAULT_DIALECTS, Case, CaseAssembler, CaseKind, Exchange
 from gateway.trace.compare import Comparison, Seen, Where, compare, flow_of, message_key
-from gateway.trace.format import FrameRecord, read_trace
+from gateway.trace.format import FrameRecord, FrameTally, read_trace
 from gateway.trace.report import CaseResult, CaseSink, Finding, FindingKind, finding_order
 from gateway.trace.rules import Captures, Mode
 from gateway.trace.rulesfile import RulesFile
@@ -44,7 +44,8 @@ class _Side:
     def __init__(self, path: Path, horizon: float) -> None:
         header, records = read_trace(path)
         self.dialects = {**DEFAULT_DIALECTS, **header.dialects}
-        self.cases: Iterator[Case] = (i for i in CaseAssembler(header, horizon).stream(records)
+        self.tally = FrameTally()
+        self.cases: Iterator[Case] = (i for i in CaseAssembler(header, horizon).stream(self.tally.count(records))
                                       if isinstance(i, Case))
         self.t0: float | None = None
         self.now = 0.0  #: trace-relative start of the last case read
@@ -180,5 +181,10 @@ def diff(a: Path, b: Path, rules: RulesFile, sink: CaseSink, *, horizon: float =
         if steps % 64 == 0 or side.done:
             expire(final=False)
     expire(final=True)
+    for name, path, side in (("A", a, side_a), ("B", b, side_b)):
+        # two traces that decode nothing "agree" case for case: that must not pass as a diff
+        if (reason := side.tally.nothing_to_compare()) is not None:
+            sink.add(CaseResult(f"decode: {name} ({path.name})",
+                                [Finding(FindingKind.DECODE, f"{name} ({path.name}): {reason}")]))
     stats.cases_a, stats.cases_b = side_a.count, side_b.count
     return stats

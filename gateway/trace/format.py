@@ -248,15 +248,48 @@ def _records(f: IO[str]) -> Iterator[Record]:
             raise TraceFormatError(f"{f.name}: not UTF-8 text after line {lineno}") from None
 
 
-def validate_trace(path: Path) -> tuple[TraceHeader, int]:
-    """Read a whole trace once, as `read_trace` would (streamed): its header and its number of
-    records, or the `TraceFormatError` naming the first bad line. A replay calls it before it
+@dataclass(slots=True)
+class FrameTally:
+    """What a reader of a trace saw of its frames, counted on the way through (`count`). A run over a
+    trace with no frame that decodes compared nothing, and passing it would certify a capture of the
+    wrong dialect or framing (or an empty file) as conformant: check, diff and replay all ask
+    `nothing_to_compare` and fail, or refuse, with its reason."""
+
+    frames: int = 0
+    undecodable: int = 0
+    last_undecodable: str = ""  #: the detail of the last `undecodable` event (its error, never bytes)
+
+    def count(self, records: Iterable[Record]) -> Iterator[Record]:
+        for rec in records:
+            self.see(rec)
+            yield rec
+
+    def see(self, rec: Record) -> None:
+        if isinstance(rec, FrameRecord):
+            self.frames += 1
+        elif rec.event is EventKind.UNDECODABLE:
+            self.undecodable += 1
+            self.last_undecodable = rec.detail
+
+    def nothing_to_compare(self) -> str | None:
+        """None when a frame decoded; else why the trace cannot stand for anything."""
+        if self.frames:
+            return None
+        if self.undecodable:
+            return (f"no frame of the trace decodes ({self.undecodable:,} undecodable, the last: "
+                    f"{self.last_undecodable})")
+        return "the trace holds no frames"
+
+
+def validate_trace(path: Path) -> tuple[TraceHeader, FrameTally]:
+    """Read a whole trace once, as `read_trace` would (streamed): its header and a tally of its
+    frames, or the `TraceFormatError` naming the first bad line. A replay calls it before it
     listens or connects, so a malformed trace is refused at once, not after the SUT has signed on."""
     header, records = read_trace(path)
-    n = 0
-    for _ in records:
-        n += 1
-    return header, n
+    tally = FrameTally()
+    for _ in tally.count(records):
+        pass
+    return header, tally
 
 
 def write_records(out: IO[str], header: TraceHeader, records: Iterable[Record]) -> int:
