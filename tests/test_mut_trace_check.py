@@ -689,7 +689,7 @@ def test_the_more_line_has_the_kind_of_the_last_finding_kept() -> None:
 
 def test_each_case_of_the_check_is_named_with_what_it_checks() -> None:
     enc = TraceEncoder(LEGS, FRAMINGS, lenient=True)
-    results, _ = check_records(enc.header("test", ""), [])
+    results, _ = check_records(enc.header("test", ""), purchase(enc, "00", "00"))
     assert [c.name for c in results] == [
         "decode: every frame decodes and re-encodes to its wire bytes",
         "pairing: every request has its answer or a recorded timeout",
