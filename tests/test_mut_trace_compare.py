@@ -408,6 +408,7 @@ def test_a_ref_accepts_only_this_runs_value_for_the_recorded_one() -> None:
     # the recording had none: none must come
     [h] = compare(host_cmp(captures), Seen("0200", base), Seen("0200", dict(base, **{"37": "RUN000000001"})))
     assert (h.field, h.expected) == ("37", "(absent)")
+    assert h.message.endswith("got 'RUN000000001' (rule ref rrn, trace-rules.toml)")  # nothing more to say
     assert compare(host_cmp(captures), Seen("0200", base), Seen("0200", dict(base))) == []
 
 
@@ -466,3 +467,13 @@ def test_findings_come_in_field_number_order() -> None:
     found = run(dict(ANSWER, **{"4": "000000009999", "32": "00000009999", "39": "05", "100": "1"}),
                 request=dict(ANSWER))
     assert [f.field for f in found] == ["4", "32", "39", "100"]
+
+
+def test_a_secret_is_compared_for_presence_only_and_never_shown() -> None:
+    secrets = {"52": SecretKind.PIN}
+    recorded = dict(REQUEST, **{"52": "1111222233334444"})
+    assert run(dict(REQUEST, **{"52": "9999888877776666"}), expected=recorded, mti="0200", direction="in",
+               secrets=secrets, request={}) == []
+    [f] = run(dict(REQUEST), expected=recorded, mti="0200", direction="in", secrets=secrets, request={})
+    assert (f.field, f.rule, f.expected, f.got) == ("52", "secret", "<16 characters>", "(absent)")
+    assert "1111222233334444" not in f.message
