@@ -250,7 +250,7 @@ def test_a_timeout_closes_the_request_it_names_by_class_stan_and_terminal() -> N
                    format_match_key({"class": "020", "11": "000900", "41": "10000001"}))
     found = check([other_stan, other_class, other_terminal, named, ev])
     assert sorted(f.seq for f in found["pairing"]) == [other_stan.seq, other_class.seq, other_terminal.seq]
-    assert all("no answer and no timeout recorded" in f.message for f in found["pairing"])
+    assert all(f.message == f"#{f.seq} no answer and no timeout recorded (end of trace)" for f in found["pairing"])
 
 
 def test_a_finding_names_the_messages_leg_terminal_and_stan() -> None:
