@@ -138,6 +138,7 @@ def test_an_upstream_request_only_one_side_has_is_named(tmp_path: Path) -> None:
     [f] = [f for f in failures[0].findings if f.leg == "host"]
     assert f.kind is FindingKind.UNEXPECTED_FRAME and (f.mti, f.terminal) == ("0200", "10000002")
     assert f.message == f"{T2_SALE}: B has an upstream 0200 A does not have (B's host stan 000009)"
+    assert f.seq == next(r["seq"] for r in records() if is_frame(r, "host", "0200", "000009"))  # B's frame
 
 
 def test_a_changed_field_of_the_upstream_answer_names_the_host_leg(tmp_path: Path) -> None:
@@ -477,3 +478,34 @@ def test_a_secret_is_compared_for_presence_only_and_never_shown() -> None:
     [f] = run(dict(REQUEST), expected=recorded, mti="0200", direction="in", secrets=secrets, request={})
     assert (f.field, f.rule, f.expected, f.got) == ("52", "secret", "<16 characters>", "(absent)")
     assert "1111222233334444" not in f.message
+
+
+
+def test_a_field_the_recording_did_not_echo_is_compared_with_the_recording_not_the_request() -> None:
+    """A partial approval (the answer's 4 is not the request's): the flow's echo list does not apply
+    where the recording itself did not echo; the answer is compared with the recorded one."""
+    rules = load_rules(None).rules
+    flow = flow_of("cup-pos", "0210", ANSWER)
+    partial = dict(ANSWER, **{"4": "000000000500", "39": "10"})
+    cmp = Comparison(rules, message_key("cup-pos", "terminal", "out", "0210", flow, Mode.REPLAY),
+                     Where("case", "terminal"), Captures(), flow, request=REQUEST, verified={"64": ""},
+                     recorded_request=REQUEST, recorded_answer=partial)
+    assert compare(cmp, Seen("0210", partial), Seen("0210", dict(partial))) == []
+    [f] = compare(cmp, Seen("0210", partial), Seen("0210", dict(partial, **{"4": "000000000600"})))
+    assert (f.field, f.rule, f.expected) == ("4", "same", "'000000000500'")
+
+
+def test_a_capture_without_a_name_is_refused() -> None:
+    with pytest.raises(RulesError, match="here: capture needs a name"):
+        parse_rule({"check": "present", "capture": "1bad"}, "here")
+
+
+def test_two_traces_that_decode_nothing_do_not_pass_as_a_diff(tmp_path: Path) -> None:
+    header = records()[0]
+    junk = [header, {"kind": "event", "seq": 1, "t": 1.0, "leg": "terminal", "conn": "T1", "event": "undecodable",
+                     "detail": "line 1: not hex"}]
+    a, b = write(tmp_path / "a.jsonl", junk), write(tmp_path / "b.jsonl", junk)
+    sink = CaseSink("diff")
+    diff(a, b, load_rules(None), sink)
+    assert not sink.ok and sink.failed == 2
+    assert all(c.findings and c.findings[0].kind is FindingKind.DECODE for c in sink.failures)
