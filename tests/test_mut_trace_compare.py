@@ -179,6 +179,9 @@ def test_b_later_in_wall_time_pairs_by_trace_relative_time(tmp_path: Path) -> No
         return recs
     _, stats, failures = run_diff(tmp_path, edit_b=shifted, horizon=1.0)
     assert failures == [] and stats.paired == 15
+    # a horizon shorter than the session: cases still pair with the partner the other trace has at once
+    _, stats, failures = run_diff(tmp_path, horizon=0.2)
+    assert failures == [] and stats.paired == 15
 
 
 def with_host_echo(answer_rc: str | None = "00") -> Edit:
