@@ -501,6 +501,8 @@ def test_a_field_the_recording_did_not_echo_is_compared_with_the_recording_not_t
 def test_a_capture_without_a_name_is_refused() -> None:
     with pytest.raises(RulesError, match="here: capture needs a name"):
         parse_rule({"check": "present", "capture": "1bad"}, "here")
+    with pytest.raises(RulesError, match="here: capture needs a name"):
+        parse_rule("present capture 1bad", "here")
 
 
 def test_two_traces_that_decode_nothing_do_not_pass_as_a_diff(tmp_path: Path) -> None:
