@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from gateway.config import SecurityConfig
+from gateway.config import SecurityConfig, TerminalEntry
 from gateway.security import algorithms as alg
 from gateway.security.errors import KcvMismatchError, KeyBlockError, KeyFormatError, KeyStoreError, MacError
 from gateway.security.keyblock import default_layouts
@@ -190,3 +190,53 @@ def test_persisted_working_keys_are_on_the_store_file(tmp_path, tmk):
     hsm.import_clear_key("TMK", tmk, TID)
     hsm.issue_working_keys(TID, "004")
     assert SoftwareSecurityModule(KeyStore.open(path, lmk)).has_working_keys(TID)
+
+
+def test_a_config_whose_keys_do_not_all_load_leaves_the_key_store_untouched(tmp_path, monkeypatch, tmk, zmk):
+    """The demo keys of a config are imported together: when one of them is refused (a weak TMK), the
+    gateway does not start and the store file holds none of them, not the ones before it."""
+    monkeypatch.delenv("GATEWAY_LMK", raising=False)
+    lmk_file = tmp_path / "lmk"
+    lmk = write_lmk_file(lmk_file)
+    store = tmp_path / "k.store"
+    KeyStore.create(store, lmk)
+    terminals = [TerminalEntry(TID, "898100012340001", tmk.hex()),
+                 TerminalEntry("87654321", "898100012340001", "0101010101010101")]
+    with pytest.raises(KeyFormatError, match="weak"):
+        SoftwareSecurityModule.from_config(SecurityConfig(keystore=store, lmk_file=lmk_file, zmk=zmk.hex()),
+                                           terminals)
+    assert list(KeyStore.open(store, lmk).entries()) == []
+    # the same config without the weak key loads, and saves every key it names
+    hsm = SoftwareSecurityModule.from_config(SecurityConfig(keystore=store, lmk_file=lmk_file, zmk=zmk.hex()),
+                                             terminals[:1])
+    assert _usages_on_disk(store, lmk) == {(KeyUsage.ZMK, ""), (KeyUsage.TMK, TID)}
+    assert hsm.key_check_value("TMK", TID) == KeyStore.open(store, lmk).get(KeyUsage.TMK, TID).kcv
+
+
+def test_a_sign_off_of_unpersisted_working_keys_does_not_write_the_store_file(tmp_path, tmk):
+    """With persistence off the working keys live in memory: dropping them at sign-off has nothing to
+    write, so the file (shared by the instances, under its lock) is left as it is."""
+    lmk = LocalMasterKey.generate()
+    path = tmp_path / "keys.store"
+    hsm = SoftwareSecurityModule(KeyStore.create(path, lmk), persist_working_keys=False)
+    hsm.import_clear_key("TMK", tmk, TID)
+    hsm.issue_working_keys(TID, "004")
+    before = path.read_bytes()
+    hsm.drop_working_keys(TID)
+    assert not hsm.has_working_keys(TID)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["001", "003", "004"])
+def test_a_sign_in_with_unpersisted_working_keys_does_not_write_the_store_file(tmp_path, tmk, mode):
+    """Persistence off (the shared-session setup): a sign-in changes nothing the file keeps, so it does
+    not write the file (with every terminal signing in, the instances would queue on its lock)."""
+    lmk = LocalMasterKey.generate()
+    path = tmp_path / "keys.store"
+    hsm = SoftwareSecurityModule(KeyStore.create(path, lmk), persist_working_keys=False)
+    hsm.import_clear_key("TMK", tmk, TID)
+    before = path.read_bytes()
+    hsm.issue_working_keys(TID, "004")
+    hsm.issue_working_keys(TID, mode)  # a second sign-in, maybe with fewer keys: the stale ones go too
+    assert hsm.has_working_keys(TID)
+    assert path.read_bytes() == before

@@ -8,6 +8,8 @@ so each promise is checked directly on what they return; the stores' own suites 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway.store import machine
@@ -300,3 +302,42 @@ def test_the_first_stan_fixed_for_a_reversal_is_the_one_every_attempt_carries() 
         machine.reversal_ident(saf(S.PARKED), instance=None, stan="000002", transmission_datetime="0115120001",
                                now=NOW)
     assert (err.value.current, err.value.wanted) == (S.PARKED, "fix its STAN")
+
+
+# --- what a refused step says: what, which one, its state and what was asked ------------------------
+
+
+@pytest.mark.parametrize(("step", "said"), [
+    (lambda: queue(T.DECLINED), "transaction 7 is declined: cannot reverse it: no money moved"),
+    (lambda: queue(T.TIMED_OUT, outcome=T.UNDELIVERABLE),
+     "transaction 7 is timed_out: cannot record outcome undeliverable"),
+    (lambda: machine.outcome(txn(T.DECLINED), T.COMPLETED, rc=None, auth_code=None, rrn=None, now=NOW),
+     "transaction 7 is declined: cannot record outcome completed"),
+    (lambda: machine.attempt(saf(S.PARKED), instance=None, attempted_at=NOW, next_attempt_at=NOW, error="x",
+                             now=NOW), "SAF entry 3 is parked: cannot record an attempt"),
+    (lambda: machine.attempt(saf(lease="gw-b"), instance="gw-a", attempted_at=NOW, next_attempt_at=NOW,
+                             error="x", now=NOW), "SAF entry 3 is leased by gw-b: cannot record an attempt"),
+    (lambda: machine.park(saf(S.DONE), instance=None, reason="x", final_attempt_at=None, now=NOW),
+     "SAF entry 3 is done: cannot park it"),
+    (lambda: machine.park(saf(lease="gw-b"), instance=None, reason="x", final_attempt_at=None, now=NOW),
+     "SAF entry 3 is leased by gw-b: cannot park it"),
+    (lambda: machine.retry(saf(S.DROPPED), now=NOW), f"SAF entry 3 is dropped: cannot {ONLY_PARKED}"),
+    (lambda: machine.drop(saf(S.DONE), note="x", now=NOW), "SAF entry 3 is done: cannot drop it"),
+    (lambda: machine.reversal_ident(saf(S.DONE), instance=None, stan="000001", transmission_datetime="0115120000",
+                                    now=NOW), "SAF entry 3 is done: cannot fix its STAN"),
+    (lambda: machine.reversal_ident(saf(lease="gw-b"), instance=None, stan="000001",
+                                    transmission_datetime="0115120000", now=NOW),
+     "SAF entry 3 is leased by gw-b: cannot fix its STAN"),
+])
+def test_a_refused_step_names_the_entry_its_state_and_what_was_asked(step: Any, said: str) -> None:
+    with pytest.raises(StateConflict) as err:
+        step()
+    assert str(err.value) == said
+    assert err.value.ident == (7 if said.startswith("transaction") else 3)
+
+
+def test_a_refused_reversal_is_not_reversible_only_when_no_money_moved() -> None:
+    with pytest.raises(NotReversible) as err:
+        queue(T.DECLINED)
+    assert (err.value.what, err.value.current, err.value.wanted) == (
+        "transaction", T.DECLINED, "reverse it: no money moved")

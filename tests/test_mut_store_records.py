@@ -37,10 +37,12 @@ from gateway.store.records import (
     credit_refusal,
     is_domestic,
     not_found_overtaken,
+    outcome_sources,
     pan_fingerprint,
     parse_enum,
     parse_outcome,
     printable,
+    reversal_from,
     saf_from_row,
     txn_from_row,
 )
@@ -278,3 +280,189 @@ def test_an_operator_search_matches_every_given_filter_and_the_time_window() -> 
 def test_cards_with_an_unknown_organisation_settle_as_domestic() -> None:
     assert is_domestic("CUP") and is_domestic("000") and is_domestic("")
     assert not is_domestic("VIS")
+
+
+# --- what a refusal says: the reason and the field, as the operator's API and the log show them --------
+
+LONG_FP = "a" * 64
+
+
+@pytest.mark.parametrize(("field", "bad", "said"), [
+    ("kind", "bogus", "unknown transaction kind (field kind)"),
+    ("kind", 5, "unknown transaction kind (field kind)"),
+    ("kind", ["purchase"], "unknown transaction kind (field kind)"),  # e.g. a JSON list: refused, no TypeError
+    ("terminal_id", "T1", "expected 8..8 printable characters (field terminal_id)"),
+    ("merchant_id", "M1", "expected 15..15 printable characters (field merchant_id)"),
+    ("batch", "1", "expected 6 digits (field batch)"),
+    ("terminal_stan", "00001", "expected 6 digits (field terminal_stan)"),
+    ("terminal_stan", "00000a", "expected 6 digits (field terminal_stan)"),
+    ("terminal_mti", "02000", "expected 4 digits (field terminal_mti)"),
+    ("terminal_mti", None, "expected 4 digits (field terminal_mti)"),
+    ("processing_code", "0", "expected 6 digits (field processing_code)"),
+    ("amount", -1, "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
+    ("amount", 10**12, "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
+    ("amount", True, "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
+    ("amount", 1.0, "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
+    ("amount", "5", "expected an integer amount in minor units, 0 ≤ amount < 10^12 (field amount)"),
+    ("currency", "15", "expected 3..3 printable characters (field currency)"),
+    ("currency", None, "expected 3..3 printable characters (field currency)"),
+    ("terminal_id", None, "expected 8..8 printable characters (field terminal_id)"),
+    ("pan_masked", None, "expected a masked PAN of at most 19 characters (field pan_masked)"),
+    ("pan_masked", TEST_PAN[:11] + "****", "more than 10 digits shown: mask the PAN (6+4) (field pan_masked)"),
+    ("pan_fingerprint", "A" * 64, "expected 64 lowercase hex characters (or empty) (field pan_fingerprint)"),
+    ("card_org", "VISA", "expected 0..3 printable characters (field card_org)"),
+    ("host_mti", "020", "expected 4 digits (field host_mti)"),
+    ("host_stan", "1", "expected 6 digits (field host_stan)"),
+    ("transmission_datetime", "1", "expected 10 digits (field transmission_datetime)"),
+    ("pos_entry_mode", "", "expected 1..4 printable characters (field pos_entry_mode)"),
+    ("pos_condition_code", "000", "expected 1..2 printable characters (field pos_condition_code)"),
+    ("orig_txn_id", "1", "expected an integer id (field orig_txn_id)"),
+    ("orig_batch", "1", "expected 6 digits (field orig_batch)"),
+    ("orig_stan", "1", "expected 6 digits (field orig_stan)"),
+    ("orig_rrn", "", "expected 1..12 printable characters (field orig_rrn)"),
+    ("orig_date", "1", "expected 4 digits (field orig_date)"),
+    ("orig_auth_code", "", "expected 1..6 printable characters (field orig_auth_code)"),
+])
+def test_a_refused_request_names_the_field_and_what_it_must_be(field: str, bad: object, said: str) -> None:
+    err = refused(field, request, **{field: bad})
+    assert str(err) == said
+
+
+def test_every_optional_field_of_a_request_may_be_left_out() -> None:
+    optional = ("host_mti", "host_stan", "transmission_datetime", "pos_entry_mode", "pos_condition_code",
+                "orig_txn_id", "orig_batch", "orig_stan", "orig_rrn", "orig_date", "orig_auth_code")
+    nothing: dict[str, Any] = dict.fromkeys(optional)
+    rec = request(**nothing)
+    assert all(getattr(rec, name) is None for name in optional)
+    assert request(orig_txn_id=0).orig_txn_id == 0
+
+
+def test_a_request_of_a_known_kind_keeps_it_as_the_enum() -> None:
+    for kind in TxnKind:
+        assert request(kind=str(kind)).kind is kind
+
+
+@pytest.mark.parametrize(("call", "said"), [
+    (lambda: check_outcome_args(True, "00", None, None), "expected an integer id (field txn_id)"),
+    (lambda: check_outcome_args(1, "0", None, None), "expected 2..2 printable characters (field rc)"),
+    (lambda: check_outcome_args(1, "0\n", None, None), "expected 2..2 printable characters (field rc)"),
+    (lambda: check_outcome_args(1, "00", "", None), "expected 1..6 printable characters (field auth_code)"),
+    (lambda: check_outcome_args(1, "00", None, ""), "expected 1..12 printable characters (field rrn)"),
+    (lambda: check_late_args("000", None), "expected a response code of at most 2 characters (field rc)"),
+    (lambda: check_late_args("00", -1), "expected a non-negative integer amount (field amount)"),
+    (lambda: check_reason("9"), "expected a 2-character reversal reason code (field reason)"),
+    (lambda: check_reason("9-"), "expected a 2-character reversal reason code (field reason)"),
+    (lambda: check_limit(0), "expected a positive integer (field limit)"),
+    (lambda: check_id(None, "saf_id"), "expected an integer id (field saf_id)"),
+    (lambda: check_ident("00001", "0115120000"), "expected 6 digits (field reversal_stan)"),
+    (lambda: check_ident("000001", "01151200000"), "expected 10 digits (field reversal_datetime)"),
+    (lambda: check_ident(None, "0115120000"), "expected 6 digits (field reversal_stan)"),
+    (lambda: check_ident("000001", None), "expected 10 digits (field reversal_datetime)"),
+    (lambda: parse_enum(SafState, "lost", "state"), "not a valid SafState (field state)"),
+    (lambda: parse_enum(TxnState, None, "new_state"), "not a valid TxnState (field new_state)"),
+    (lambda: parse_outcome("reversed"), "reversed is not an outcome (field state)"),
+    (lambda: parse_outcome(7), "not a valid TxnState (field state)"),
+    (lambda: clip_text(None, "note"), "expected a text (field note)"),
+    (lambda: clip_text(" ", "note", required=True), "expected a non-empty text (field note)"),
+    (lambda: pan_fingerprint(b"k" * 15, TEST_PAN), "the key must be at least 16 bytes (field pan_key)"),
+    (lambda: pan_fingerprint(b"k" * 16, "1234567"), "a PAN is 8 to 19 digits (field pan)"),
+    (lambda: pan_fingerprint(b"k" * 16, "1234567a"), "a PAN is 8 to 19 digits (field pan)"),
+])
+def test_a_refused_argument_says_what_it_must_be(call: Any, said: str) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        call()
+    assert str(err.value) == said
+
+
+def test_a_pan_fingerprint_is_the_hmac_sha256_of_the_digits_under_the_key() -> None:
+    import hashlib
+    import hmac
+    key = bytearray(b"k" * 16)
+    expected = hmac.new(bytes(key), TEST_PAN.encode(), hashlib.sha256).hexdigest()
+    assert pan_fingerprint(key, TEST_PAN) == expected  # type: ignore[arg-type]  # a bytearray key is taken too == pan_fingerprint(bytes(key), TEST_PAN)
+    assert pan_fingerprint(b"j" * 16, TEST_PAN) != expected
+
+
+def test_the_shape_of_codes_and_ids_at_their_edges() -> None:
+    check_outcome_args(0, "A0", "1", "1")
+    check_late_args("0", 0)
+    check_late_args("", 10**15)
+    assert check_limit(10**6) == 10**6
+    assert check_reason("06") == "06"
+    refused("limit", check_limit, "5")
+    refused("amount", check_late_args, "00", 1.5)
+
+
+@pytest.mark.parametrize(("field", "bad", "said"), [
+    ("rc", "000", "expected 2..2 printable characters (field rc)"),
+    ("reason", "", "expected a non-empty text (field reason)"),
+    ("kind", "k" * 21, "expected 0..20 printable characters (field kind)"),
+    ("amount", -1, "expected a non-negative integer amount (field amount)"),
+    ("amount", True, "expected a non-negative integer amount (field amount)"),
+    ("amount", 1.0, "expected a non-negative integer amount (field amount)"),
+    ("amount", 10**12, "expected a non-negative integer amount (field amount)"),
+    ("pan_masked", TEST_PAN, "more than 10 digits shown: mask the PAN (6+4) (field pan_masked)"),
+    ("pan_masked", TEST_PAN + "0", "expected a masked PAN of at most 19 characters (field pan_masked)"),
+    ("pan_fingerprint", "0" * 63, "expected 64 lowercase hex characters (or empty) (field pan_fingerprint)"),
+])
+def test_a_refusal_record_refuses_what_it_cannot_show_safely(field: str, bad: object, said: str) -> None:
+    args: dict[str, Any] = {"terminal_id": "T1", "mti": "0200", "rc": "A0", "reason": "x", field: bad}
+    with pytest.raises(InvalidRecord) as err:
+        RefusalRecord(**args)
+    assert str(err.value) == said
+
+
+def test_a_refusal_record_keeps_the_terminals_values_and_its_own() -> None:
+    rec = RefusalRecord(terminal_id="T0000001", mti="0200", rc="61", reason="over the daily limit",
+                        merchant_id="MERCHANT0000001", batch="000001", stan="000042", kind="purchase", amount=1,
+                        pan_masked="622202*********4321", pan_fingerprint=LONG_FP)
+    assert (rec.terminal_id, rec.mti, rec.rc, rec.reason, rec.merchant_id, rec.batch, rec.stan, rec.kind,
+            rec.amount, rec.pan_masked, rec.pan_fingerprint) == (
+        "T0000001", "0200", "61", "over the daily limit", "MERCHANT0000001", "000001", "000042", "purchase", 1,
+        "622202*********4321", LONG_FP)
+    bare = RefusalRecord(terminal_id="", mti="", rc=None, reason="garbage")  # type: ignore[arg-type]
+    assert (bare.terminal_id, bare.merchant_id, bare.amount, bare.kind) == ("", None, None, None)
+    odd: dict[str, Any] = {"terminal_id": b"\x01T" * 20, "mti": 7}  # what a broken decoder might hand over
+    assert RefusalRecord(**odd, rc="30", reason="x").terminal_id == printable(b"\x01T" * 20, 16)
+
+
+def test_a_row_that_does_not_match_the_columns_is_refused_not_read_askew() -> None:
+    # a journal table with a column more or less than this code knows (a migration not applied, or
+    # applied twice) must fail loudly: values read one column off would misstate amounts and states
+    row = tuple(getattr(record(), c) for c in TXN_COLUMNS)
+    with pytest.raises(ValueError):
+        txn_from_row((*row, None))
+    values = {"saf_id": 3, "txn_id": 1, "state": "pending", "reason": "98", "initiator": "gateway", "attempts": 0,
+              "total_attempts": 0, "queued_at": 1.0, "next_attempt_at": 1.0, "updated_at": 1.0}
+    saf_row = tuple(values.get(c) for c in SAF_COLUMNS)
+    with pytest.raises(ValueError):
+        saf_from_row((*saf_row, None), record())
+
+
+@pytest.mark.parametrize("state", [T.PENDING, T.DECLINED, T.REVERSED])
+def test_a_reversal_records_only_an_outcome_after_which_money_may_have_moved(state: TxnState) -> None:
+    with pytest.raises(InvalidRecord) as err:
+        reversal_from(T.PENDING, state)
+    assert str(err.value) == f"a reversal cannot record outcome {state} (field state)"
+    assert reversal_from(T.PENDING, T.HOST_REJECTED) is T.HOST_REJECTED
+
+
+def test_a_pan_in_a_terminal_value_is_shown_masked_6_4_not_dropped() -> None:
+    assert printable(f"card {TEST_PAN}", 40) == f"card {TEST_PAN[:6]}*********{TEST_PAN[-4:]}"
+
+
+def test_a_fingerprint_with_a_character_that_is_not_hex_is_refused() -> None:
+    for bad in ("f" * 63 + "X", "X" + "0" * 63, "0" * 63 + " "):
+        refused("pan_fingerprint", request, pan_fingerprint=bad)
+
+
+def test_a_currency_is_three_characters_and_a_condition_code_one_or_two() -> None:
+    refused("currency", request, currency="1560")
+    assert request(pos_condition_code="6").pos_condition_code == "6"
+    assert request(pos_entry_mode="0211").pos_entry_mode == "0211"
+
+
+def test_a_state_no_outcome_leads_to_has_no_sources() -> None:
+    # an empty tuple, not None: the backends build their conditional UPDATE's IN (...) from it
+    for state in (T.PENDING, T.REVERSED, T.REVERSAL_QUEUED):
+        assert outcome_sources(state) == ()

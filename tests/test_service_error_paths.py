@@ -217,7 +217,7 @@ async def test_a_request_the_host_link_cannot_take_gets_91_and_its_decline_is_jo
 
 @pytest.mark.parametrize("lookup", ["find_original", "find_referencing"])
 async def test_a_void_whose_original_cannot_be_read_gets_96_and_the_sale_stands(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lookup: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, lookup: str) -> None:
     async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
         fault = ReadFault(monkeypatch, lab.gateway.store, lookup)
         t = await signed_in(lab)
@@ -227,6 +227,11 @@ async def test_a_void_whose_original_cannot_be_read_gets_96_and_the_sale_stands(
             void = await t.void(sale)
             assert void.rc == "96" and not void.approved
             assert fault.failures >= 1
+        # the operator's line names the request and carries the journal's error (its traceback)
+        [line] = [r for r in caplog.records if "journal failed while processing" in r.getMessage()]
+        terminal_id = lab.config.terminals[0].terminal_id
+        assert line.getMessage() == f"journal failed while processing 0200 from terminal {terminal_id}: 96"
+        assert line.exc_info is not None and isinstance(line.exc_info[1], StoreIOError)
         # nothing was sent or journalled for the void: the sale stands, its limit too, the refusal is kept
         assert lab.host.stats.messages["0200"] == 1
         assert [r.kind for r in await lab.gateway.store.list_transactions()] == [TxnKind.PURCHASE]
@@ -336,3 +341,36 @@ async def test_a_refusal_whose_record_fails_is_answered_at_once_and_put_on_recor
         assert refusals[0].pan_masked and CARD_CUP.pan not in refusals[0].pan_masked
         assert lab.host.stats.messages["0200"] == 0
         await assert_consistent(lab, saf=0)
+
+
+# --- the retry queue is full ---------------------------------------------------------------------------------
+
+
+async def test_a_full_retry_queue_refuses_new_requests_with_96_until_the_journal_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the journal fails, the steps that settle transactions wait in memory; once they fill the
+    retry queue the gateway takes on nothing new (96 at once, nothing sent), and takes requests again
+    when the journal does."""
+    fault = JournalFault(monkeypatch, "record_outcome")
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        lab.gateway.service.journal_retry.capacity = 1  # one waiting step fills it (a real one holds thousands)
+        t = await signed_in(lab)
+        with fault.on():
+            first = await t.purchase(1_100, CARD_CUP)
+            assert first.approved  # delivered; its completion waits for the journal
+            await eventually(lambda: _failed(fault), "the completion's write failed")
+
+            async def full() -> bool:  # the failed step is kept just after its write failed
+                return lab.gateway.service.journal_retry.full
+
+            await eventually(full, "the retry queue full")
+            refused = await t.purchase(1_200, CARD_CUP)
+            assert refused.rc == "96"
+            assert lab.host.stats.messages["0200"] == 1  # the refused one never left
+        refusals = await eventually(lambda: lab.gateway.store.refusals(), "the 96 on record")
+        [refusal] = refusals  # kept while the journal failed, so it says when it was refused
+        assert refusal.rc == "96" and refusal.reason.startswith("journal failing: its retry queue is full (refused at ")
+        await eventually(lambda: ready(lab), "journal healthy again")
+        later = await t.purchase(1_300, CARD_CUP)
+        assert later.approved
+        await assert_consistent(lab, [receipt(first), receipt(later)], saf=0)

@@ -109,6 +109,10 @@ class Recorder:
                 log.error("trace writer process %s did not finish in %.0fs: killing it", process.pid, timeout)
                 process.kill()
                 process.wait()
+                if self._thread is not None:
+                    # a write blocked on the stuck process fails now: let the thread count those
+                    # records as dropped before the count is reported
+                    self._thread.join(timeout)
         if self.dropped:
             log.warning("trace %s: %d records dropped", self.settings.path, self.dropped)
 
@@ -183,7 +187,14 @@ class Recorder:
 
     def _write(self, data: bytes, count: int) -> None:
         process = self._process
-        if self._broken or process is None or process.stdin is None:
+        if process is None or process.stdin is None:
+            return
+        if self._broken:
+            # buffered before the writer was found dead (while this thread was blocked writing the
+            # batch that failed): they cannot be written now, so they count as dropped like the rest
+            with self._lock:
+                for _ in range(count):
+                    self._dropped_one()
             return
         try:
             fd = process.stdin.fileno()
