@@ -185,7 +185,7 @@ def compare(cmp: Comparison, expected: Seen | None, got: Seen) -> list[Finding]:
         tail = lay.header_len
         if (e is not None and len(e) > tail) or (g is not None and len(g) > tail):
             _check(cmp, findings, got, expected is not None, fid, rule,
-                   None if e is None else e[tail:], None if g is None else g[tail:], None)
+                   None if e is None else e[tail:], None if g is None else g[tail:], None, tail=tail)
     return findings
 
 
@@ -195,12 +195,15 @@ def _slice(value: str | None, part: Part) -> str | None:
     return value[part.start : part.end]
 
 
-def _request_value(cmp: Comparison, fid: str, part: Part | None) -> str | None:
+def _request_value(cmp: Comparison, fid: str, part: Part | None, tail: int = 0) -> str | None:
+    """The request's value of `fid` (its `part`, or what runs past the layout from `tail` on)."""
     if cmp.request is None:
         return None
     head = fid.partition(".")[0]
     value = cmp.request.get(head)
-    return _slice(value, part) if part is not None else value
+    if part is not None:
+        return _slice(value, part)
+    return value[tail:] if value is not None else None
 
 
 def _format_ok(cmp: Comparison, fid: str, value: str, part: Part | None) -> bool | None:
@@ -217,8 +220,10 @@ def _format_ok(cmp: Comparison, fid: str, value: str, part: Part | None) -> bool
 
 
 def _check(cmp: Comparison, out: list[Finding], got: Seen, recorded: bool, fid: str, rule: Rule,
-           e: str | None, g: str | None, part: Part | None) -> None:
-    problem = _problem(cmp, recorded, fid, rule, e, g, part)
+           e: str | None, g: str | None, part: Part | None, *, tail: int = 0) -> None:
+    """`tail`: e and g are what runs past the field's layout from that offset on (an echo compares the
+    request's value from there too)."""
+    problem = _problem(cmp, recorded, fid, rule, e, g, part, tail)
     if problem is not None:
         expected_text, note = problem
         kind = FindingKind.FIELD
@@ -234,7 +239,7 @@ def _presence(recorded: bool, e: str | None, g: str | None, fid: str) -> tuple[s
 
 
 def _problem(cmp: Comparison, recorded: bool, fid: str, rule: Rule, e: str | None, g: str | None,
-             part: Part | None) -> tuple[str, str] | None:
+             part: Part | None, tail: int = 0) -> tuple[str, str] | None:
     """(expected as shown, note) when `g` breaks `rule`, else None."""
     check = rule.check
     if check is Check.ANY:
@@ -266,7 +271,7 @@ def _problem(cmp: Comparison, recorded: bool, fid: str, rule: Rule, e: str | Non
             return f"format {spec}", ""
         return None
     if check is Check.ECHO:
-        want = _request_value(cmp, fid, part)
+        want = _request_value(cmp, fid, part, tail)
         if want is None:
             check = Check.SAME  # nothing to echo: the recorded value is what was expected
         elif g != want:

@@ -587,15 +587,16 @@ async def replay(trace: Path | None, options: ReplayOptions, sink: CaseSink,
     """Run a replay (a trace, its rules file's template cases, or both) and feed `sink` the results."""
     if trace is not None:
         try:
-            _, tally = validate_trace(trace)  # a bad line refuses the run now, before a trace host listens
+            header, tally = validate_trace(trace)  # a bad line refuses the run now, before a trace host listens
         except TraceFormatError as exc:
             raise ReplayError(f"{trace}: not a valid trace: {exc}") from None
         if (reason := tally.nothing_to_compare()) is not None:
             raise ReplayError(f"{trace}: {reason}: nothing to replay")
-        header, records = read_trace(trace)
+        # refused on the header, before the records are opened (a refused run must not leave the file open)
         if header.dialects.get(Leg.TERMINAL.value, "cup-pos") != "cup-pos":
             raise ReplayError(f"{trace}: the player speaks the CUP POS terminal dialect only "
                               f"(the trace's terminal leg is {header.dialects.get('terminal')})")
+        header, records = read_trace(trace)
         assembler: CaseAssembler | None = CaseAssembler(header, options.horizon)
         assert assembler is not None
         items: Iterator[Item] = assembler.stream(records)
