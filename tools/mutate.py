@@ -215,8 +215,9 @@ def run_target(target: Target, settings: dict[str, object], args: argparse.Names
     sample = args.sample or target.sample
     if sample and len(chosen) > sample:
         chosen = sorted(random.Random(f"mutate:{target.name}").sample(chosen, sample))
-    rerun = SURVIVED | NO_TESTS | TIMEOUT if args.recheck else set()
-    todo = [] if report_only else [n for n in chosen if state[n] is None or state[n] in rerun]
+    # --recheck: everything not killed, also a forked child that crashed (-11: seen under load, killed
+    # when run again), which is neither a kill nor a survivor
+    todo = [] if report_only else [n for n in chosen if state[n] is None or (args.recheck and state[n] not in KILLED)]
     if report_only and not state:
         print(f"   no results kept for {target.name}: run `tools/mutate.py {target.name}` first", flush=True)
     elif report_only and (unknown := sum(1 for n in chosen if state[n] is None)):
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="target names or files (default: every target)")
     parser.add_argument("--changed-since", metavar="REF", help="only mutants in functions changed since REF")
     parser.add_argument("--sample", type=int, metavar="N", help="a fixed, seeded sample of N mutants per target")
-    parser.add_argument("--recheck", action="store_true", help="re-run survivors, no-tests and timeouts")
+    parser.add_argument("--recheck", action="store_true", help="re-run all not killed (survivors, timeouts, crashes)")
     parser.add_argument("--report", action="store_true", help="run nothing: tally the results kept so far")
     parser.add_argument("--survivors", action="store_true", help="run nothing: each survivor's diff")
     parser.add_argument("--jobs", type=int, default=1, help="mutmut's worker processes (default 1: shared CPUs)")
