@@ -472,3 +472,73 @@ async def test_a_25_after_a_late_approval_uses_one_attempt_not_more():
     entry = await run_until(sender_for(store, link, metrics, max_attempts=2), store,
                             lambda e: e.state.value in ("done", "parked"))
     assert (entry.state.value, entry.ack_rc, entry.total_attempts) == ("done", "00", 2)
+
+
+# --- a 25 to the reversal of an approval the journal holds (money review, stop 21) -------------------
+
+
+async def queued_after(store: MemoryStore, how: str, stan: str = "000001") -> int:
+    """A reversal queued the way the service queues it for each fate of a purchase."""
+    txn = await store.record_request(request(stan))
+    if how == "completed":  # the terminal's own 0400 of a delivered approval
+        await store.record_outcome(txn, "completed", rc="00", auth_code="123456", rrn="000000000001")
+        await store.queue_reversal(txn, "96", initiator="terminal")
+    elif how == "completed_no_auth":
+        await store.record_outcome(txn, "completed", rc="00", rrn="000000000001")
+        await store.queue_reversal(txn, "96", initiator="terminal")
+    elif how == "undeliverable":
+        await store.queue_reversal(txn, "96", state="undeliverable", rc="00", auth_code="123456")
+    elif how == "rejected_amount":  # approval whose amount did not check: the host booked it
+        await store.queue_reversal(txn, "06", state="host_rejected", rc="00")
+    elif how == "rejected_mac":  # an approval whose MAC failed: it may not be the host's at all
+        await store.queue_reversal(txn, "A0", state="host_rejected", rc="00")
+    elif how == "decline_bad_mac":  # a 05 under a MAC that fails
+        await store.queue_reversal(txn, "A0", state="host_rejected", rc="05")
+    elif how == "no_field_39":  # an answer without a response code: nothing says the host booked it
+        await store.queue_reversal(txn, "06", state="host_rejected", rc=None)
+    else:
+        await store.record_timeout_and_queue_reversal(txn, "98")
+    return txn
+
+
+IN_HAND = {"completed": True, "completed_no_auth": True, "undeliverable": True, "rejected_amount": True,
+           "rejected_mac": False, "decline_bad_mac": False, "no_field_39": False, "timed_out": False}
+
+
+@pytest.mark.parametrize("how", sorted(IN_HAND))
+async def test_a_25_ends_a_reversal_only_where_the_host_approval_is_not_in_hand(how: str) -> None:
+    """A 25 ("original not found") is believed where the journal holds no authenticated approval of the
+    original (a timeout, an approval whose MAC failed, an answer without field 39); where it does, the
+    host booked the original, so the 25 is a failed attempt that says why, and the repeat's 00 ends it.
+    Taken as final it would mark the sale reversed while the host keeps the debit."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued_after(store, how)
+    link = ScriptedLink("25", "00")
+    entry = await run_until(sender_for(store, link, metrics, max_attempts=3), store, lambda e: e.state.value == "done")
+    if IN_HAND[how]:
+        auth = "-" if how in ("completed_no_auth", "rejected_amount") else "123456"
+        assert (entry.ack_rc, entry.total_attempts) == ("00", 2), entry
+        assert entry.last_error == f"host answered 25 but approved the original (rc 00, auth {auth})"
+        assert [m.mti for m in link.sent] == ["0400", "0401"]
+    else:
+        assert (entry.ack_rc, entry.total_attempts) == ("25", 1), entry
+        assert [m.mti for m in link.sent] == ["0400"]
+
+
+async def test_a_host_that_keeps_answering_25_to_a_booked_original_gets_it_parked() -> None:
+    """One attempt per 25, no more, no fewer: after max_attempts the reversal waits for an operator."""
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued_after(store, "completed")
+    link = ScriptedLink("25")
+    entry = await run_until(sender_for(store, link, metrics, max_attempts=3), store,
+                            lambda e: e.state.value == "parked")
+    assert (entry.attempts, entry.total_attempts, len(link.sent)) == (3, 3, 3)
+    assert entry.parked_reason is not None and "host answered 25 but approved the original" in entry.parked_reason
+    assert value(metrics, "gateway_reversals_acknowledged_total") == 0
+
+
+async def test_a_00_to_the_reversal_of_a_booked_original_ends_it_at_once() -> None:
+    store, metrics = MemoryStore(pan_key=PAN_KEY), Metrics(process_metrics=False)
+    await queued_after(store, "completed")
+    entry = await run_until(sender_for(store, ScriptedLink("00"), metrics), store, lambda e: e.state.value == "done")
+    assert (entry.ack_rc, entry.total_attempts, entry.last_error) == ("00", 1, None)
