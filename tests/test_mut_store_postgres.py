@@ -232,3 +232,48 @@ async def test_a_second_gateway_with_the_same_id_is_told_how_to_fix_it(pg_url: s
                 pass
     assert str(err.value) == ("instance id 'gw-same' is in use by another running gateway on this journal: give"
                               " each instance its own ([store] instance_id)")
+
+
+def test_lock_timeout_is_bounded_and_its_refusal_says_how() -> None:
+    """store.lock_timeout: 600 s at most (the bound itself allowed); 0, negative or longer is refused by
+    name before anything connects."""
+    assert PostgresStore(UNREACHABLE, instance_id="gw", lock_timeout=600).lock_timeout == 600.0
+    for bad in (0, -1.0, 600.5):
+        with pytest.raises(InvalidRecord) as err:
+            PostgresStore(UNREACHABLE, instance_id="gw", lock_timeout=bad)
+        assert (err.value.field, err.value.reason) == ("lock_timeout", "expected 0 < lock_timeout <= 600 seconds")
+
+
+async def test_arguments_are_refused_by_name_and_nothing_is_written(pg_url: str) -> None:
+    """What an operator command or a caller gets wrong comes back as InvalidRecord naming the argument,
+    before the database is asked; the transaction is left as it was."""
+    async with store(pg_url) as s:
+        txn = await s.record_request(request("000001"))
+        assert s.batches_failed_over == 0  # a store starts with no batch run write by write
+        calls: list[tuple[Any, str]] = [
+            (lambda: s.get("1"), "txn_id"),
+            (lambda: s.saf_for_txn("1"), "txn_id"),
+            (lambda: s.record_outcome(txn, "completed", rc="00", auth_code="1234567"), "auth_code"),
+            (lambda: s.queue_reversal(txn, "98", state="timed_out", rc="000"), "rc"),
+            (lambda: s.queue_reversal(txn, "98", state="timed_out", initiator="cashier"), "initiator"),
+            (lambda: s.drop_saf(1, "  "), "operator_note"),
+        ]
+        for call, field in calls:
+            with pytest.raises(InvalidRecord) as err:
+                await call()
+            assert err.value.field == field, (field, err.value)
+        row = await s.get(txn)
+        assert row is not None and row.state is TxnState.PENDING
+        assert await s.saf_for_txn(txn) is None
+
+
+async def test_a_late_answer_keeps_the_amount_the_host_named(pg_url: str) -> None:
+    """A late answer is journalled with what it said, the amount too: an operator matching it with the
+    host's statement needs it (and a late approval's amount is what stays charged)."""
+    async with store(pg_url) as s:
+        txn = await s.record_request(request("000001", amount=4_321))
+        await s.record_timeout_and_queue_reversal(txn)
+        await s.record_late_answer(txn, "00", host_mti="0210", host_stan="000900", terminal_id="10000001",
+                                   amount=4_321)
+        [late] = await s.late_answers(txn_id=txn)
+        assert (late.rc, late.amount, late.host_stan, late.terminal_id) == ("00", 4_321, "000900", "10000001")
