@@ -23,9 +23,9 @@ from gateway.sim.host_rules import Fault
 from gateway.sim.keyfile import read_test_keys
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd
 from gateway.trace.diff import diff
-from gateway.trace.format import read_trace
+from gateway.trace.format import FrameRecord, Leg, read_trace
 from gateway.trace.pace import Pace
-from gateway.trace.replay import ReplayOptions, replay
+from gateway.trace.replay import ReplayOptions, ReplayStats, replay
 from gateway.trace.report import CaseSink, Finding, FindingKind
 from gateway.trace.rulesfile import load_rules
 from tests.trace_support import FAST_SAF, endpoint, free_port, fresh_gateway, record_session, recorded_lab
@@ -41,18 +41,24 @@ async def recorded(tmp: Path) -> tuple[Path, Path]:
 
 async def run_replay(tmp: Path, trace: Path, keys_file: Path, *, limits: LimitsConfig | None = None,
                      reversal: ReversalConfig | None = None, pace: str = "asap", name: str = "sut",
-                     host_timeout: float = HOST_TIMEOUT) -> CaseSink:
+                     host_timeout: float = HOST_TIMEOUT) -> ReplaySink:
     port = free_port()
-    sink = CaseSink("replay", json_path=tmp / f"{name}.json", junit_path=tmp / f"{name}.xml")
+    sink = ReplaySink("replay", json_path=tmp / f"{name}.json", junit_path=tmp / f"{name}.xml")
     async with fresh_gateway(tmp, keys_file, port, host_timeout=host_timeout, limits=limits, reversal=reversal,
                              name=name) as gw:
         options = ReplayOptions(target=endpoint(gw.terminal_port), host_listen=endpoint(port),
                                 keys=read_test_keys(keys_file), rules=load_rules(None, trace=trace),
                                 pace=Pace.parse(pace), answer_timeout=5.0, grace=1.0, progress=0)
         with anyio.fail_after(60):
-            await replay(trace, options, sink)
+            sink.stats = await replay(trace, options, sink)
     sink.close(1.0)
     return sink
+
+
+class ReplaySink(CaseSink):
+    """The run's cases, and the counts `replay` returns beside them."""
+
+    stats: ReplayStats | None = None
 
 
 def findings(sink: CaseSink) -> list[str]:
@@ -83,6 +89,8 @@ async def test_recorded_session_replays_clean_against_a_fresh_gateway(tmp_path: 
     sink = await run_replay(tmp_path, trace, keys)
     assert sink.failed == 0, findings(sink)
     assert sink.total == 15
+    assert sink.stats is not None and (sink.stats.cases, sink.stats.unexpected_upstream) == (15, 0)
+    assert sink.stats.upstream_requests > 0
 
 
 def failed_case(sink: CaseSink, name: str) -> list[Finding]:
@@ -102,6 +110,11 @@ async def test_a_lower_risk_limit_fails_naming_the_field(tmp_path: Path, session
     assert "T1 10000001 stan 000002 0200 purchase: terminal 0210 field 39: expected '00', got '61'" in rc.message
     missing = [f for f in sale if f.kind is FindingKind.MISSING_FRAME]
     assert [(f.leg, f.mti) for f in missing] == [("host", "0200")]  # refused here: never sent upstream
+    # the missing upstream request is named as recorded: its host STAN and its place in the trace
+    _, records = read_trace(trace)
+    recorded = next(r for r in records if isinstance(r, FrameRecord) and r.leg is Leg.HOST and r.mti == "0200"
+                    and r.seq == missing[0].seq)
+    assert missing[0].stan == recorded.fields["11"] and missing[0].terminal == "10000001"
     # the smaller purchases still pass, and the reports say the same as the sink
     assert sink.passed >= 10
     report = json.loads((tmp_path / "sut.json").read_text())
