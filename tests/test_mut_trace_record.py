@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -571,3 +572,33 @@ def test_max_files_must_be_at_least_one(tmp_path: Path) -> None:
         writer.write(_event(seq, "z" * 60))
     writer.close()
     assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]  # one file only: the live one
+
+
+def test_a_signal_meant_for_the_gateway_does_not_end_the_writer_before_the_drain(tmp_path: Path) -> None:
+    """SIGTERM / SIGINT to the gateway's whole process group (systemd's stop, `kill %job`, Ctrl-C) reached
+    the writer too, which died before the gateway wrote the records of its drain ("1 records dropped" at
+    every `kill %2` of the README's recording walk). The writer ignores both and ends at EOF."""
+    path = tmp_path / "signalled.jsonl"
+    recorder = Recorder(_settings(path))
+    recorder.start()
+    assert recorder._process is not None
+    conn = object()
+    recorder.opened(Leg.TERMINAL, conn, "127.0.0.1:1")
+    deadline = time.monotonic() + 20
+    # the writer is up (its signal handling in place) once the first record is in the file
+    while not (path.exists() and '"connect"' in path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert '"connect"' in path.read_text()
+    assert os.getpgid(recorder._process.pid) != os.getpgid(0)  # not in the gateway's process group
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(recorder._process.pid, signum)
+    time.sleep(0.2)
+    assert recorder._process.poll() is None  # still running
+    recorder.frame(Leg.TERMINAL, Direction.IN, conn, _purchase())
+    recorder.closed(Leg.TERMINAL, conn, "the terminal closed")
+    recorder.close()
+    assert recorder.dropped == 0 and recorder._process.returncode == 0
+    kinds = [getattr(r, "event", "frame") for r in read_trace(path)[1]]
+    # every record after the signals reached the file (the frame without its envelope is recorded as
+    # undecodable: what matters here is that it is there)
+    assert len(kinds) == 3 and (kinds[0], kinds[-1]) == (EventKind.CONNECT, EventKind.CLOSE), kinds

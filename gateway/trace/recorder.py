@@ -87,7 +87,9 @@ class Recorder:
     def start(self) -> None:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "gateway.trace.writer_process", self.settings.to_json()],
-            stdin=subprocess.PIPE, close_fds=True)
+            # a session of its own: a signal to the gateway's process group (Ctrl-C, `kill %job`) is
+            # the gateway's to handle; the writer ends when the gateway closes the pipe
+            stdin=subprocess.PIPE, close_fds=True, start_new_session=True)
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
         log.info("recording a trace to %s (writer process %s)", self.settings.path, self._process.pid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -58,6 +59,11 @@ def run(settings: dict[str, object], stream: object) -> int:
 
 
 def main() -> int:
+    # the gateway ends this process by closing the pipe once it has written its last record: a SIGTERM
+    # or Ctrl-C meant for the gateway (systemd's stop, `kill %job`, a terminal's process group) must not
+    # end it first, or the records of the gateway's drain are lost (the gateway kills it if it hangs)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     # below the gateway's priority: on a busy machine the money path goes first, this process falls
     # behind and the recorder drops (counted) rather than the other way round
     with contextlib.suppress(OSError):
