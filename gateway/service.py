@@ -830,7 +830,7 @@ class GatewayService:
         await self._wait_in_flight((terminal_id, batch, stan))
         original = await self.store.find_original(terminal_id, batch, stan)
         rc = decisions.terminal_reversal_rc(msg, original, self.config.reversal.unknown_original_rc, flow.reverses)
-        if rc == RC_APPROVED and original is not None and original.kind == "purchase":
+        if rc == RC_APPROVED and original is not None and original.kind is TxnKind.PURCHASE:
             # a void or refund of this sale that may have credited the card: reversing the sale too would
             # credit it twice (the terminal may reverse that void instead)
             credits = await self.store.find_referencing(original.txn_id)
