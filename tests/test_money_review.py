@@ -77,6 +77,31 @@ async def test_a_terminal_reversal_of_a_sale_already_credited_back_does_not_cred
             f"{credit} and again by the sale's reversal")
 
 
+async def test_a_void_journalled_between_the_reversal_check_and_its_write_still_refuses_the_reversal(
+        tmp_path: Path) -> None:
+    """The 0400's check (`find_referencing`) and its journal write are apart: a void of the sale arriving
+    on another connection can be journalled between them. Simulated by a check that sees nothing: the
+    write must still refuse (12), leave the sale unreversed and the card credited once, by the void."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        sale = await t.purchase(5_000, CARD_CUP)
+        assert sale.approved and (await t.void(sale)).approved
+        store = lab.gateway.service.store
+
+        async def nothing_yet(orig_txn_id: int) -> list[TxnRecord]:
+            return []
+
+        store.find_referencing = nothing_yet  # type: ignore[method-assign]
+        answer = await t.reversal(sale, "96")
+        assert answer.rc == "12"
+        rows = await all_final(lab)
+        assert [r.state for r in rows if r.kind is TxnKind.PURCHASE] == [TxnState.COMPLETED]
+        assert await store.list_saf() == []
+        await anyio.sleep(0.3)  # a reversal queued anyway would reach the host in this time
+        assert lab.host.balance(CARD_CUP.pan) == opening
+
+
 # --- the same purchase twice (same batch and STAN) -------------------------------------------------
 
 

@@ -55,6 +55,7 @@ from gateway.store.records import (
     parse_enum,
     parse_outcome,
     reversal_from,
+    reversal_refusal,
     totals_from_groups,
 )
 
@@ -210,6 +211,11 @@ class MemoryStore:
             if saf_id is None:
                 raise machine.missing_saf(view)
             return QueuedReversal(self._entry(self._saf[saf_id]), created=False)
+        if who is ReversalInitiator.TERMINAL:  # as the other stores, inside the write (one thread: no gap)
+            referencing = [t for t in self._txns.values() if t.orig_txn_id == txn_id]
+            refusal = reversal_refusal(self._txns[txn_id], referencing)
+            if refusal:
+                raise OriginalRefused(txn_id, refusal)
         self._set(txn_id, **new.txn)
         saf_id = len(self._saf) + 1
         row: dict[str, Any] = dict.fromkeys(SAF_COLUMNS)

@@ -106,6 +106,7 @@ from gateway.store.records import (
     parse_enum,
     parse_outcome,
     reversal_from,
+    reversal_refusal,
     saf_from_row,
     totals_from_groups,
     txn_from_row,
@@ -312,6 +313,14 @@ def _op_queue_reversal(conn: Conn, txn_id: int, reason: str, state: TxnState | N
         if not existing:
             raise machine.missing_saf(view)
         return _done(QueuedReversal(existing[0], created=False))
+    if initiator is ReversalInitiator.TERMINAL:
+        # the sale's row is locked (above), as every void or refund of it locks it before its own check:
+        # read after the lock (READ COMMITTED), what another instance journalled against it is seen here
+        original = _one_txn(conn, "txn_id = %s", (txn_id,))
+        referencing = _txns(conn, "orig_txn_id = %s", (txn_id,))
+        refusal = reversal_refusal(original, referencing) if original else None
+        if refusal:
+            raise OriginalRefused(txn_id, refusal)
     _update(conn, "txn", "txn_id", txn_id, new.txn)
     conn.execute(f"INSERT INTO saf ({', '.join(new.saf)}) VALUES ({', '.join(['%s'] * len(new.saf))})",
                  tuple(new.saf.values()))

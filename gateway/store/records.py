@@ -184,6 +184,19 @@ def credit_refusal(kind: TxnKind | str, amount: int, original: TxnRecord | None,
     return "64" if refunded + amount > original.amount else None
 
 
+def reversal_refusal(original: TxnRecord, referencing: Iterable[TxnRecord]) -> str | None:
+    """For a terminal's 0400 of `original`: 12 while a void or refund of that sale stands (it may have
+    credited the card; reversing the sale too would credit it twice — the terminal may reverse the void
+    instead). `referencing` are the journal entries whose original it is. The service asks before
+    queueing; the stores ask again inside the write that queues the reversal, where a void journalled
+    on another connection or instance at the same moment cannot slip in between."""
+    if original.kind != TxnKind.PURCHASE:
+        return None
+    if any(r.kind in CHECKED_CREDIT_KINDS and r.state not in _NO_MONEY_MOVED for r in referencing):
+        return "12"
+    return None
+
+
 def outcome_allowed(current: TxnState, new: TxnState) -> bool:
     """Whether `record_outcome` may move a transaction from `current` to `new`. Repeating the same
     outcome is allowed (a retried write after an error that left the caller unsure)."""

@@ -85,6 +85,7 @@ from gateway.store.records import (
     parse_enum,
     parse_outcome,
     reversal_from,
+    reversal_refusal,
     saf_from_row,
     totals_from_groups,
     txn_from_row,
@@ -274,6 +275,14 @@ def _op_queue_reversal(
         if not existing:
             raise machine.missing_saf(view)
         return QueuedReversal(existing[0], created=False)
+    if initiator is ReversalInitiator.TERMINAL:
+        # the one writer's transaction: no void or refund of this sale can be journalled between this
+        # read and the reversal (raised before any write, so the rest of the batch stands)
+        original = _one_txn(conn, "txn_id = ?", (txn_id,))
+        referencing = _txns(conn, "orig_txn_id = ?", (txn_id,))
+        refusal = reversal_refusal(original, referencing) if original else None
+        if refusal:
+            raise OriginalRefused(txn_id, refusal)
     _update(conn, "txn", "txn_id", txn_id, new.txn)
     cur = conn.execute(
         f"INSERT INTO saf ({', '.join(new.saf)}) VALUES ({', '.join('?' * len(new.saf))})", tuple(new.saf.values())
