@@ -810,10 +810,12 @@ class GatewayService:
             txn_id, host.fields.get("39", "")[:2] or "??", auth_code=host.get("38"), rrn=host.get("37"),
             host_mti=host.mti, host_stan=host.get("11") or None, terminal_id=host.get("41"),
             amount=int(amount) if amount.isdigit() else None, authenticated=reply.mac_ok,
+            unknown_rc=self.config.host.unknown_reversal_rc,
         )
         if recorded.reopened:
             self._reversal_queued()
-            log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)
+            log.warning("txn %s: the host approved it after answering its reversal %s: reversal reopened",
+                        txn_id, "25 or 00" if self.config.host.unknown_reversal_rc == "00" else "25")
 
     async def _answer_after_settlement(self, txn_id: int, reply: HostReply, conflict: StateConflict | None) -> None:
         """The host answered a request that was settled while it waited: reversed by another instance

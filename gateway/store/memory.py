@@ -26,6 +26,7 @@ from gateway.store.records import (
     CHECKED_CREDIT_KINDS,
     DEFAULT_MAX_REFUSALS,
     OPEN_SAF_STATES,
+    RC_ORIGINAL_NOT_FOUND,
     REQUEST_COLUMNS,
     SAF_COLUMNS,
     LateAnswer,
@@ -49,6 +50,7 @@ from gateway.store.records import (
     check_outcome_args,
     check_rc,
     check_reason,
+    check_unknown_rc,
     clip_text,
     credit_refusal,
     pan_fingerprint,
@@ -232,19 +234,22 @@ class MemoryStore:
         self, txn_id: int | None, rc: str, *, auth_code: str | None = None, rrn: str | None = None,
         host_mti: str | None = None, host_stan: str | None = None, terminal_id: str | None = None,
         amount: int | None = None, authenticated: bool = True,
+        unknown_rc: str = RC_ORIGINAL_NOT_FOUND,
     ) -> LateRecorded:
         if txn_id is not None:
             check_id(txn_id, "txn_id")
         check_late_args(rc, amount)
+        check_unknown_rc(unknown_rc)
         await anyio.lowlevel.checkpoint()
         now = self._clock()
         reopened = False
         if txn_id is not None:
             change, after = machine.late_answer(self._view(txn_id), rc, authenticated=authenticated, now=now)
             self._set(txn_id, **change)
-            if machine.wants_reopen(after, rc, authenticated=authenticated):
+            if machine.wants_reopen(after, rc, authenticated=authenticated, unknown_rc=unknown_rc):
                 row = self._saf.get(self._saf_by_txn.get(txn_id, 0))
-                step = machine.reopen(after, None if row is None else self._saf_view(row), now=now)
+                step = machine.reopen(after, None if row is None else self._saf_view(row), now=now,
+                                      unknown_rc=unknown_rc)
                 self._apply(txn_id, step, row)
                 reopened = step is not None
         late_id = len(self._late) + 1

@@ -129,6 +129,16 @@ CHARGED_RCS: Final = APPROVAL_RCS | {RC_PARTIAL_APPROVAL}
 REOPENED_BY_LATE_APPROVAL: Final = "the host approved the original after answering its reversal 25"
 
 
+#: what a host may answer to a reversal of an original it has not booked (`host.unknown_reversal_rc`)
+UNKNOWN_REVERSAL_RCS: Final = (RC_ORIGINAL_NOT_FOUND, "00")
+
+
+def check_unknown_rc(value: object) -> str:
+    if value not in UNKNOWN_REVERSAL_RCS:
+        raise InvalidRecord(f"not one of {', '.join(UNKNOWN_REVERSAL_RCS)}", field="unknown_rc")
+    return str(value)
+
+
 def not_found_overtaken(reversal_rc: str | None, late_approved_at: float | None) -> bool:
     """Whether a reversal answered "original not found" is contradicted by an (authenticated) late
     approval of that original: then the reversal must go again, or the card stays charged."""
