@@ -8,15 +8,21 @@ import json
 import socket
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import pytest
 
+from gateway.iso.message import Message
 from gateway.sim.keyfile import read_test_keys
+from gateway.trace.cases import Case, CaseKind, Exchange
+from gateway.trace.format import Direction, FrameRecord, Leg
 from gateway.trace.pace import Pace
-from gateway.trace.replay import ReplayError, ReplayOptions, replay, template_header
-from gateway.trace.report import CaseSink
+from gateway.trace.player import Answer, Prepared
+from gateway.trace.replay import ReplayError, ReplayOptions, _Live, _Run, replay, template_header
+from gateway.trace.report import CaseSink, FindingKind
 from gateway.trace.rulesfile import load_rules
 from tests.trace_support import endpoint, free_port
 
@@ -81,3 +87,177 @@ def test_a_replay_without_a_trace_assumes_the_gateways_two_dialects() -> None:
     header = template_header()
     assert header.dialects == {"terminal": "cup-pos", "host": "iso87-ascii"}
     assert header.framings == {"terminal": "cup", "host": "len2"}
+
+
+# --- what a finding names: the unexpected upstream request, a second answer, the automatic sign-in -------
+# (the cases' bookkeeping is driven directly: a SUT that misbehaves on purpose is what these stand in for)
+
+
+def a_run() -> _Run:
+    options = ReplayOptions(target=endpoint(free_port()), host_listen=endpoint(free_port()),
+                            keys=read_test_keys(EXAMPLE / "lab-keys.toml"), rules=load_rules(None),
+                            pace=Pace.parse("asap"), progress=0)
+    return _Run(options, template_header(), CaseSink("replay"), lambda line: None)
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_upstream_request_is_counted_and_named_in_its_terminals_latest_case() -> None:
+    run = a_run()
+    older = _Live(run, "T1 10000001 stan 000001 0200 purchase", "10000001", "000001")
+    latest = _Live(run, "T1 10000001 stan 000002 0200 purchase", "10000001", "000002")
+    other = _Live(run, "T2 10000002 stan 000003 0200 purchase", "10000002", "000003")
+    run.by_terminal = {"10000001": [older, latest], "10000002": [other]}
+    run._unexpected(Message("0200", {"41": "10000001", "11": "000123", "4": "000000001234"}), {})
+    assert run.stats.unexpected_upstream == 1
+    assert older.findings == [] and other.findings == [] and run.orphans == []
+    [f] = latest.findings
+    assert (f.kind, f.leg, f.mti, f.terminal, f.stan) == (FindingKind.UNEXPECTED_FRAME, "host", "0200", "10000001",
+                                                          "000123")
+    assert f.message == ("T1 10000001 stan 000002 0200 purchase: an upstream 0200 (host stan 000123, amount "
+                         "000000001234) the recording does not have")
+    sink = CaseSink("replay")  # a finding fails the case
+    sink.add(latest.result())
+    assert sink.failed == 1
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_upstream_request_of_no_case_in_flight_is_an_orphan_named_by_its_terminal() -> None:
+    run = a_run()
+    run._unexpected(Message("0400", {"41": "10000009", "11": "000777", "4": "000000000500"}), {})
+    run._unexpected(Message("0800", {}), {})  # nothing to name it by: still counted, still said
+    assert run.stats.unexpected_upstream == 2
+    first, second = run.orphans
+    assert (first.kind, first.leg, first.mti, first.terminal, first.stan) == (
+        FindingKind.UNEXPECTED_FRAME, "host", "0400", "10000009", "000777")
+    assert first.message == ("terminal 10000009: an upstream 0400 (host stan 000777, amount 000000000500) the "
+                             "recording does not have")
+    assert (second.mti, second.terminal, second.stan) == ("0800", "", "")
+    assert second.message == "terminal ?: an upstream 0800 (host stan -, amount -) the recording does not have"
+    for n in range(1200):  # a SUT that floods the host: every one counted, the report stays bounded
+        run._unexpected(Message("0200", {"41": "10000009", "11": f"{n:06d}"}), {})
+    assert run.stats.unexpected_upstream == 1202
+    assert len(run.orphans) == 1000
+
+
+def terminal_case(tid: str = "10000001", stan: str = "000002") -> Case:
+    request = FrameRecord(seq=7, t=1.0, leg=Leg.TERMINAL, dir=Direction.IN, conn="T1", mti="0200",
+                          fields={"11": stan, "41": tid, "4": "000000012345"})
+    answer = FrameRecord(seq=8, t=1.1, leg=Leg.TERMINAL, dir=Direction.OUT, conn="T1", mti="0210",
+                         fields={"11": stan, "41": tid, "39": "00"})
+    return Case(1, CaseKind.TERMINAL, 1.0, "T1", tid, stan, "0200", "purchase",
+                Exchange(Leg.TERMINAL, "T1", request, answer))
+
+
+def answer(mti: str, fields: dict[str, str]) -> Answer:
+    return Answer(Message(mti, fields), b"", None, 0.0)
+
+
+@pytest.mark.anyio
+async def test_a_second_answer_to_one_request_is_reported_and_only_that_one() -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    second = answer("0210", {"11": "000002", "41": "10000001", "39": "00"})
+    other_stan = answer("0210", {"11": "000003", "41": "10000001", "39": "00"})
+    other_terminal = answer("0210", {"11": "000002", "41": "10000002", "39": "00"})
+    other_class = answer("0410", {"11": "000002", "41": "10000001", "39": "00"})
+    player = SimpleNamespace(unpaired=deque([other_stan, second, other_terminal, other_class]))
+    run._second_answers(live, player, case)  # type: ignore[arg-type]
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.terminal, f.stan) == (FindingKind.UNEXPECTED_FRAME, "terminal", "0210",
+                                                          "10000001", "000002")
+    assert f.message == f"{case.name}: a second answer 0210 rc 00 to 0200 stan 000002 (the recording has one)"
+    # taken: it is reported once, and the answers of other requests stay for their own cases
+    assert list(player.unpaired) == [other_stan, other_terminal, other_class]
+    run._second_answers(live, player, case)  # type: ignore[arg-type]
+    assert len(live.findings) == 1
+
+
+@pytest.mark.anyio
+async def test_every_second_answer_is_reported_a_repeat_too_and_without_rc() -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    player = SimpleNamespace(unpaired=deque([answer("0210", {"11": "000002", "41": "10000001"}),
+                                             answer("0211", {"11": "000002", "41": "10000001", "39": "05"})]))
+    run._second_answers(live, player, case)  # type: ignore[arg-type]
+    assert [(f.mti, f.stan, f.message.split(": ", 1)[1]) for f in live.findings] == [
+        ("0210", "000002", "a second answer 0210 rc - to 0200 stan 000002 (the recording has one)"),
+        ("0211", "000002", "a second answer 0211 rc 05 to 0200 stan 000002 (the recording has one)")]
+    assert not player.unpaired
+
+
+class SignInPlayer:
+    """Answers the automatic sign-in as told; keeps what it was asked to send."""
+
+    def __init__(self, reply: Answer | None, verified: dict[str, str]) -> None:
+        self.reply, self.verified = reply, verified
+        self.sent: list[Message] = []
+
+    def prepare(self, mti: str, fields: dict[str, str], secrets: object, envelope: object, pin: str = "") -> Prepared:
+        self.sent.append(Message(mti, dict(fields)))
+        return Prepared(self.sent[-1], b"")
+
+    async def exchange(self, prepared: Prepared, timeout: float) -> Answer | None:
+        return self.reply
+
+    def verify(self, request: Message, got: Answer) -> dict[str, str]:
+        return self.verified
+
+
+async def sign_in(rc: str | None, verified: dict[str, str], fields: dict[str, str] | None = None
+                  ) -> tuple[_Run, _Live, SignInPlayer]:
+    run = a_run()
+    live = _Live(run, "T1 10000001 stan 000005 0200 purchase", "10000001", "000005")
+    reply = None if rc is None else answer("0810", {"39": rc, "41": "10000001"})
+    player = SignInPlayer(reply, verified)
+    with anyio.fail_after(5):
+        await run._sign_in(live, player, fields or {"41": "10000001", "42": "999999999999999",  # type: ignore[arg-type]
+                                                    "60": "22000042000"})
+    return run, live, player
+
+
+@pytest.mark.anyio
+async def test_an_accepted_automatic_sign_in_is_no_finding_and_keeps_the_batch() -> None:
+    run, live, player = await sign_in("00", {"62": ""})
+    assert live.findings == []
+    assert run.batches == {"10000001": "000042"}
+    [sent] = player.sent
+    # the sign-in as the terminal would send it: its lab merchant, the request's batch, a STAN of its own
+    assert sent.mti == "0800"
+    assert (sent.fields["41"], sent.fields["42"], sent.fields["60"][2:8]) == ("10000001", "898100012340001", "000042")
+    assert sent.fields["11"] == "000001"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("rc", "verified", "said"), [
+    ("05", {"62": ""}, "automatic sign-in refused (05)"),
+    ("00", {"62": "the check value does not match"}, "automatic sign-in refused (00: the check value does not match)"),
+    ("00", {}, "automatic sign-in refused (00: no key block in the answer)"),
+])
+async def test_a_refused_automatic_sign_in_fails_the_case(rc: str, verified: dict[str, str], said: str) -> None:
+    run, live, _ = await sign_in(rc, verified)
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.terminal) == (FindingKind.FIELD, "terminal", "0810", "10000001")
+    assert f.message == f"{live.name}: {said}"
+    assert run.batches == {}  # a refused sign-in's batch is not the terminal's
+    sink = CaseSink("replay")
+    sink.add(live.result())
+    assert sink.failed == 1
+
+
+@pytest.mark.anyio
+async def test_an_unanswered_automatic_sign_in_fails_the_case() -> None:
+    run, live, _ = await sign_in(None, {})
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.message) == (FindingKind.MISSING_FRAME, "terminal", "0800",
+                                                 f"{live.name}: automatic sign-in: no answer")
+    assert run.batches == {}
+
+
+@pytest.mark.anyio
+async def test_an_automatic_sign_in_of_a_terminal_not_in_the_keys_uses_the_requests_merchant_and_batch_1() -> None:
+    run, live, player = await sign_in("00", {"62": ""}, {"41": "10000009", "42": "123456789012345"})
+    assert live.findings == [] and run.batches == {"10000009": "000001"}
+    [sent] = player.sent
+    assert (sent.fields["41"], sent.fields["42"], sent.fields["60"][2:8]) == ("10000009", "123456789012345", "000001")
