@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -261,3 +262,127 @@ async def test_an_automatic_sign_in_of_a_terminal_not_in_the_keys_uses_the_reque
     assert live.findings == [] and run.batches == {"10000009": "000001"}
     [sent] = player.sent
     assert (sent.fields["41"], sent.fields["42"], sent.fields["60"][2:8]) == ("10000009", "123456789012345", "000001")
+
+
+class UnpairedPlayer:
+    """A player whose connection holds `mismatch` (an answer that paired with no request), if any."""
+
+    def __init__(self, mismatch: Answer | None = None) -> None:
+        self.mismatch = mismatch
+
+    def take_unpaired(self, request: Message) -> Answer | None:
+        found, self.mismatch = self.mismatch, None
+        return found
+
+    def verify(self, request: Message, got: Answer) -> dict[str, str]:
+        return {}
+
+
+SENT = Message("0200", {"11": "000002", "41": "10000001", "4": "000000012345"})
+
+
+@pytest.mark.anyio
+async def test_an_answer_with_the_wrong_match_key_names_what_came_and_what_was_due() -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    player = UnpairedPlayer(answer("0210", {"11": "000009", "41": "10000001", "39": "00"}))
+    run._judge_answer(live, case.exchange.request, SENT, case.exchange.answer, None, player, 3.0)  # type: ignore[arg-type]
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.stan, f.seq, f.expected, f.got) == (
+        FindingKind.MATCH_KEY, "terminal", "0210", "000009", 7, "0210 stan 000002", "0210 stan 000009")
+    assert f.message == (f"{case.name}: an answer 0210 came for terminal 10000001 stan 000009, which does not pair "
+                         "with the request 0200 stan 000002 (expected 0210, stan 000002, terminal 10000001)")
+
+
+@pytest.mark.anyio
+async def test_no_answer_names_the_recorded_answer_it_missed() -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    run._judge_answer(live, case.exchange.request, SENT, case.exchange.answer, None, UnpairedPlayer(), 3.0)  # type: ignore[arg-type]
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.stan, f.seq) == (FindingKind.MISSING_FRAME, "terminal", "0210", "000002", 8)
+    assert f.message == f"{case.name}: no answer to 0200 stan 000002 within 3.0s (the recording has 0210 rc 00)"
+
+
+@pytest.mark.anyio
+async def test_no_answer_to_a_template_case_is_missing_and_none_where_the_recording_has_none_is_fine() -> None:
+    run = a_run()
+    case = terminal_case()
+    silent = _Live(run, case.name, case.terminal, case.stan, case)
+    run._no_answer(silent, SENT, None, UnpairedPlayer(), 3.0, 7)  # type: ignore[arg-type]
+    assert silent.findings == []
+    # a template case (its rules file's own request): any template will do, only its being one counts
+    live = _Live(run, "purchase template", "10000001", "000002", template=SimpleNamespace())  # type: ignore[arg-type]
+    run._no_answer(live, SENT, None, UnpairedPlayer(), 2.5, None)  # type: ignore[arg-type]
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.stan) == (FindingKind.MISSING_FRAME, "terminal", "0200", "000002")
+    assert f.message == "purchase template: no answer to 0200 stan 000002 within 2.5s"
+
+
+@pytest.mark.anyio
+async def test_an_answer_the_recording_does_not_have_is_unexpected_and_named() -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    got = answer("0210", {"11": "000002", "41": "10000001", "39": "05"})
+    run._judge_answer(live, case.exchange.request, SENT, None, got, UnpairedPlayer(), 3.0)  # type: ignore[arg-type]
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.stan) == (FindingKind.UNEXPECTED_FRAME, "terminal", "0210", "000002")
+    assert f.message == f"{case.name}: an answer 0210 rc 05 the recording does not have (it shows none)"
+
+
+@pytest.mark.anyio
+async def test_a_recorded_upstream_request_the_sut_never_sent_is_missing_and_named_as_recorded() -> None:
+    run = a_run()
+    run.options = replace(run.options, grace=0.1)
+    case = terminal_case()
+    upstream = FrameRecord(seq=9, t=1.0, leg=Leg.HOST, dir=Direction.OUT, conn="H1", mti="0200",
+                           fields={"11": "000321", "41": "10000001", "4": "000000012345"})
+    case.upstream.append(Exchange(Leg.HOST, "H1", upstream))
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    with anyio.fail_after(5):
+        await run._await_upstream(live, case, anyio.current_time())
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.stan, f.seq) == (FindingKind.MISSING_FRAME, "host", "0200", "000321", 9)
+    assert f.message == (f"{case.name}: the SUT never sent the upstream 0200 the recording has (recorded host stan "
+                         "000321, amount 000000012345)")
+
+
+def host_case(answered: bool) -> Case:
+    request = FrameRecord(seq=3, t=1.0, leg=Leg.HOST, dir=Direction.IN, conn="H1", mti="0800",
+                          fields={"11": "000044", "70": "301"})
+    reply = FrameRecord(seq=4, t=1.1, leg=Leg.HOST, dir=Direction.OUT, conn="H1", mti="0810",
+                        fields={"11": "000044", "70": "301", "39": "00"}) if answered else None
+    return Case(2, CaseKind.HOST, 1.0, "H1", "", "000044", "0800", "", Exchange(Leg.HOST, "H1", request, reply))
+
+
+@pytest.mark.anyio
+async def test_a_host_request_the_sut_leaves_unanswered_is_missing() -> None:
+    run = a_run()
+    case = host_case(answered=True)
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    with anyio.fail_after(5):
+        await run._host_case(live, case)  # no SUT connected: no answer comes
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti, f.seq) == (FindingKind.MISSING_FRAME, "host", "0810", 4)
+    assert f.message == f"{case.name}: the SUT did not answer the host's 0800 stan 000044"
+
+
+@pytest.mark.anyio
+async def test_an_answer_to_a_host_request_the_recording_left_unanswered_is_unexpected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = a_run()
+    case = host_case(answered=False)
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+
+    async def answers(msg: Message, timeout: float) -> Message:
+        return Message("0810", {"11": msg.fields["11"], "39": "00"})
+
+    monkeypatch.setattr(run.host, "send_request", answers)
+    with anyio.fail_after(5):
+        await run._host_case(live, case)
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti) == (FindingKind.UNEXPECTED_FRAME, "host", "0810")
+    assert f.message == f"{case.name}: the SUT answered the host's 0800 (0810); the recording has no answer"
