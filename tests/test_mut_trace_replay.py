@@ -18,13 +18,14 @@ import pytest
 
 from gateway.iso.message import Message
 from gateway.sim.keyfile import read_test_keys
-from gateway.trace.cases import Case, CaseKind, Exchange
-from gateway.trace.format import Direction, FrameRecord, Leg
+from gateway.trace.cases import Case, CaseAssembler, CaseKind, Exchange
+from gateway.trace.format import Direction, EventKind, EventRecord, FrameRecord, Leg, Record
 from gateway.trace.pace import Pace
 from gateway.trace.player import Answer, Prepared
 from gateway.trace.replay import ReplayError, ReplayOptions, _Live, _Run, replay, template_header
 from gateway.trace.report import CaseSink, FindingKind
 from gateway.trace.rulesfile import load_rules
+from tests.test_trace_cases import HEADER, IN, OUT, Builder, cases
 from tests.trace_support import endpoint, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,3 +387,85 @@ async def test_an_answer_to_a_host_request_the_recording_left_unanswered_is_unex
     [f] = live.findings
     assert (f.kind, f.leg, f.mti) == (FindingKind.UNEXPECTED_FRAME, "host", "0810")
     assert f.message == f"{case.name}: the SUT answered the host's 0800 (0810); the recording has no answer"
+
+
+# --- the assembler: what the replay's cases are made of ---------------------------------------------------
+
+
+def approved_purchase(b: Builder, terminal_rc: str = "00") -> list[Record]:
+    return [b.term(1.0, IN, "T1", "0200", "10000001", "000007", "000000004200"),
+            b.host(1.1, OUT, "0200", "10000001", "000061", "000000004200"),
+            b.host(1.2, IN, "0210", "10000001", "000061", "000000004200", "00"),
+            b.term(1.3, OUT, "T1", "0210", "10000001", "000007", "000000004200", terminal_rc)]
+
+
+def test_an_approval_the_terminal_got_is_dispatched_at_once_and_expects_no_reversal() -> None:
+    assembler = CaseAssembler(HEADER, horizon=10.0)
+    *head, last = approved_purchase(Builder())
+    assert [i for r in head for i in assembler.feed(r)] == []
+    [case] = assembler.feed(last)
+    assert isinstance(case, Case) and not case.expects_reversal() and assembler.held == 0
+
+
+def test_an_approval_the_terminal_did_not_get_as_one_waits_for_its_reversal() -> None:
+    assembler = CaseAssembler(HEADER, horizon=10.0)
+    assert [i for r in approved_purchase(Builder(), terminal_rc="98") for i in assembler.feed(r)] == []
+    assert assembler.held == 1
+    [case] = assembler.finish()
+    assert isinstance(case, Case) and case.expects_reversal() and not case.reversed_upstream()
+
+
+def test_an_incomplete_case_is_dispatched_when_exactly_the_horizon_has_passed() -> None:
+    b = Builder()
+    assembler = CaseAssembler(HEADER, horizon=10.0)
+    assert assembler.feed(b.term(1.0, IN, "T1", "0200", "10000001", "000007", "000000004200")) == []
+    assert assembler.feed(EventRecord(99, 10.9, Leg.HOST, "H1", EventKind.CONNECT)) == []
+    out = assembler.feed(EventRecord(100, 11.0, Leg.HOST, "H1", EventKind.CONNECT))
+    assert [i.name for i in out if isinstance(i, Case)] == ["T1 10000001 stan 000007 0200 purchase"]
+
+
+def test_answers_on_the_host_leg_no_request_explains_are_counted() -> None:
+    b = Builder()
+    assembler = CaseAssembler(HEADER)
+    # the SUT answers a host request the trace does not have; the host answers a request never sent
+    assembler.feed(FrameRecord(next(b.seq), 1.0, Leg.HOST, OUT, "H1", "0810", {"11": "900001", "39": "00",
+                                                                             "70": "301"}))
+    assembler.feed(b.host(1.1, IN, "0210", "10000001", "000061", "000000004200", "00"))
+    assembler.finish()
+    assert assembler.unpaired_answers == 2
+
+
+def test_a_lone_upstream_request_of_no_known_flow_is_named_by_its_mti_alone() -> None:
+    b = Builder()
+    [case] = cases([FrameRecord(next(b.seq), 1.0, Leg.HOST, OUT, "H1", "0600", {"11": "000099", "41": "10000001"})])
+    assert (case.kind, case.flow, case.name) == (CaseKind.UPSTREAM, "", "H1 upstream stan 000099 0600")
+    assert case.exchange.leg is Leg.HOST and case.exchange.request.fields["11"] == "000099"
+
+
+def test_alike_concurrent_purchases_swap_upstream_by_the_reference_and_a_later_reversal_follows() -> None:
+    b = Builder()
+    refs = {"000051": ("510000000051", "AUTH51"), "000052": ("520000000052", "AUTH52")}
+
+    def with_ref(rec: FrameRecord, stan: str) -> FrameRecord:
+        rec.fields["37"], rec.fields["38"] = refs[stan]
+        return rec
+
+    f90 = "0200" + "000052" + "1124101010" + "00000001234" + "00000000000"
+    records: list[Record] = [
+        b.term(1.00, IN, "T1", "0200", "10000001", "000001", "000000001000"),
+        b.term(1.01, IN, "T2", "0200", "10000001", "000002", "000000001000"),
+        b.host(1.02, OUT, "0200", "10000001", "000051", "000000001000"),  # linked in arrival order: to T1
+        b.host(1.03, OUT, "0200", "10000001", "000052", "000000001000"),
+        with_ref(b.host(1.04, IN, "0210", "10000001", "000051", "000000001000", "00"), "000051"),
+        with_ref(b.host(1.05, IN, "0210", "10000001", "000052", "000000001000", "00"), "000052"),
+        # but the SUT gave T1 the answer of 000052, and T2 that of 000051
+        with_ref(b.term(1.06, OUT, "T1", "0210", "10000001", "000001", "000000001000", "00"), "000052"),
+        with_ref(b.term(1.07, OUT, "T2", "0210", "10000001", "000002", "000000001000", "00"), "000051"),
+        b.host(2.00, OUT, "0400", "10000001", "000053", "000000001000", f90=f90),
+        b.host(2.10, IN, "0410", "10000001", "000053", "000000001000", "00"),
+    ]
+    c1, c2 = cases(records)
+    assert c1.primary is not None and c1.primary.request.fields["11"] == "000052"
+    assert c2.primary is not None and c2.primary.request.fields["11"] == "000051"
+    # the reversal names host STAN 000052: it is T1's now
+    assert [x.request.fields["11"] for x in c1.reversals()] == ["000053"] and c2.reversals() == []
