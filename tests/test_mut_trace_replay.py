@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from gateway.sim.keyfile import read_test_keys
 from gateway.trace.cases import Case, CaseAssembler, CaseKind, Exchange
 from gateway.trace.format import Direction, EventKind, EventRecord, FrameRecord, Leg, Record
 from gateway.trace.pace import Pace
-from gateway.trace.player import Answer, Prepared
+from gateway.trace.player import Answer, PlayerError, Prepared
 from gateway.trace.replay import ReplayError, ReplayOptions, _Live, _Run, replay, template_header
 from gateway.trace.report import CaseSink, FindingKind
 from gateway.trace.rulesfile import load_rules
@@ -469,3 +470,67 @@ def test_alike_concurrent_purchases_swap_upstream_by_the_reference_and_a_later_r
     assert c2.primary is not None and c2.primary.request.fields["11"] == "000051"
     # the reversal names host STAN 000052: it is T1's now
     assert [x.request.fields["11"] for x in c1.reversals()] == ["000053"] and c2.reversals() == []
+
+
+@pytest.mark.anyio
+async def test_a_host_requests_answer_that_differs_names_the_host_leg_and_the_field(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = a_run()
+    case = host_case(answered=True)
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+
+    async def answers(msg: Message, timeout: float) -> Message:
+        assert (msg.mti, msg.fields) == (case.exchange.request.mti, case.exchange.request.fields)  # as recorded
+        return Message("0810", {"11": msg.fields["11"], "70": "301", "39": "96"})
+
+    monkeypatch.setattr(run.host, "send_request", answers)
+    with anyio.fail_after(5):
+        await run._host_case(live, case)
+    rc = next(f for f in live.findings if f.field == "39")
+    assert (rc.kind, rc.leg, rc.mti, rc.stan, rc.expected, rc.got) == (FindingKind.FIELD, "host", "0810", "000044",
+                                                                     "'00'", "'96'")
+
+
+@pytest.mark.anyio
+async def test_a_mismatched_answer_without_a_stan_says_so() -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    run._no_answer(live, SENT, case.exchange.answer, UnpairedPlayer(answer("0210", {"41": "10000001"})),  # type: ignore[arg-type]
+                   3.0, 7)
+    [f] = live.findings
+    assert (f.kind, f.stan, f.got) == (FindingKind.MATCH_KEY, "", "0210 stan ")
+    assert "came for terminal 10000001 stan ?, which does not pair" in f.message
+
+
+async def broken_player() -> None:
+    raise PlayerError("connection refused by 127.0.0.1")
+
+
+async def broken_tool() -> None:
+    raise KeyError("62")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("work", "kind", "said"), [
+    (broken_player, FindingKind.MISSING_FRAME, "the player could not talk to the SUT: connection refused by 127.0.0.1"),
+    (broken_tool, FindingKind.INVARIANT, "internal error of the replay: KeyError: '62'"),
+])
+async def test_a_case_the_replay_cannot_play_fails_on_its_own_and_leaves_nothing_in_flight(
+        work: Callable[[], Awaitable[None]], kind: FindingKind, said: str) -> None:
+    run = a_run()
+    case = terminal_case()
+    live = _Live(run, case.name, case.terminal, case.stan, case)
+    await run.limiter.acquire()
+    run.live[case.id] = live
+    run.by_terminal[case.terminal] = [live]
+    run._conn(case.conn).open_cases.append(live)
+    with anyio.fail_after(5):
+        await run._finish(live, work())
+    [f] = live.findings
+    assert (f.kind, f.message, f.leg, f.mti, f.stan) == (kind, f"{case.name}: {said}", "", "", "")  # no frame to name
+    assert live.sent.is_set() and live.answered.is_set() and live.done.is_set()  # nothing waits for it
+    assert run.live == {} and run.by_terminal == {} and run.conns[case.conn].open_cases == []
+    assert (run.sink.total, run.sink.failed, run.stats.cases) == (1, 1, 1)
+    assert 0 <= run.sink.failures[0].seconds < 5
+    assert run.limiter.value == 100
