@@ -534,3 +534,37 @@ async def test_a_case_the_replay_cannot_play_fails_on_its_own_and_leaves_nothing
     assert (run.sink.total, run.sink.failed, run.stats.cases) == (1, 1, 1)
     assert 0 <= run.sink.failures[0].seconds < 5
     assert run.limiter.value == 100
+
+
+@pytest.mark.anyio
+async def test_an_automatic_sign_in_that_cannot_be_built_fails_the_case_and_sends_nothing() -> None:
+    _, live, player = await sign_in("00", {"62": ""}, {"41": "1000001", "42": "898100012340001"})  # 7 characters
+    [f] = live.findings
+    assert (f.kind, f.leg, f.mti) == (FindingKind.FIELD, "terminal", "0800")
+    assert f.message.startswith(f"{live.name}: automatic sign-in impossible: ") and "field 41" in f.message
+    assert player.sent == []
+
+
+@pytest.mark.anyio
+async def test_a_second_answer_to_a_request_without_a_stan_names_no_stan() -> None:
+    run = a_run()
+    case = terminal_case()
+    del case.exchange.request.fields["11"]
+    live = _Live(run, case.name, case.terminal, "", case)
+    player = SimpleNamespace(unpaired=deque([answer("0210", {"41": "10000001", "39": "00"})]))
+    run._second_answers(live, player, case)  # type: ignore[arg-type]
+    [f] = live.findings
+    assert (f.kind, f.mti, f.stan) == (FindingKind.UNEXPECTED_FRAME, "0210", "")
+
+
+@pytest.mark.anyio
+async def test_the_run_says_where_the_trace_host_listens_and_fails_when_no_sut_connects() -> None:
+    port = free_port()
+    options = ReplayOptions(target=endpoint(free_port()), host_listen=endpoint(port),
+                            keys=read_test_keys(EXAMPLE / "lab-keys.toml"), rules=load_rules(None),
+                            pace=Pace.parse("asap"), ready_timeout=0.3, progress=0)
+    said: list[str] = []
+    with anyio.fail_after(10), pytest.raises(ReplayError, match=rf"did not connect to the trace host at "
+                                                                 rf"127\.0\.0\.1:{port} and sign on within 0\.3s"):
+        await replay(None, options, CaseSink("replay"), said.append)
+    assert said == [f"trace host listening on 127.0.0.1:{port}; waiting for the SUT to sign on (up to 0.3s)"]
