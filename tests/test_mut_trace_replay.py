@@ -19,7 +19,7 @@ import pytest
 
 from gateway.iso.message import Message
 from gateway.sim.keyfile import read_test_keys
-from gateway.trace.cases import Case, CaseAssembler, CaseKind, Exchange
+from gateway.trace.cases import Case, CaseAssembler, CaseKind, ConnEnd, Exchange
 from gateway.trace.format import Direction, EventKind, EventRecord, FrameRecord, Leg, Record
 from gateway.trace.pace import Pace
 from gateway.trace.player import Answer, PlayerError, Prepared
@@ -568,3 +568,21 @@ async def test_the_run_says_where_the_trace_host_listens_and_fails_when_no_sut_c
                                                                  rf"127\.0\.0\.1:{port} and sign on within 0\.3s"):
         await replay(None, options, CaseSink("replay"), said.append)
     assert said == [f"trace host listening on 127.0.0.1:{port}; waiting for the SUT to sign on (up to 0.3s)"]
+
+
+@pytest.mark.anyio
+async def test_a_sut_that_refuses_the_terminal_connection_fails_the_case_and_the_run_forgets_it() -> None:
+    run = a_run()  # its target is a free port: nothing listens there
+    case = terminal_case()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            run.player_tg = tg
+            await run._dispatch(tg, case)
+            await run._dispatch(tg, ConnEnd(case.conn, 2.0, (case.id,)))
+    [failed] = run.sink.failures
+    assert failed.name == case.name
+    assert [(f.kind, f.message.startswith(f"{case.name}: the player could not talk to the SUT: "))
+            for f in failed.findings] == [(FindingKind.MISSING_FRAME, True)]
+    # nothing of it stays in flight: not the case, not its terminal, not its closed connection
+    assert run.live == {} and run.by_terminal == {} and run.conns == {}
+    assert run.stats.cases == 1 and run.stans == {"10000001": 2}
