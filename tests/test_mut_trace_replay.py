@@ -25,7 +25,9 @@ from gateway.trace.pace import Pace
 from gateway.trace.player import Answer, PlayerError, Prepared
 from gateway.trace.replay import ReplayError, ReplayOptions, _Live, _Run, replay, template_header
 from gateway.trace.report import CaseSink, FindingKind
+from gateway.trace.rules import Check, Rule
 from gateway.trace.rulesfile import load_rules
+from gateway.trace.trace_host import Expectation
 from tests.test_trace_cases import HEADER, IN, OUT, Builder, cases
 from tests.trace_support import endpoint, free_port
 
@@ -586,3 +588,30 @@ async def test_a_sut_that_refuses_the_terminal_connection_fails_the_case_and_the
     # nothing of it stays in flight: not the case, not its terminal, not its closed connection
     assert run.live == {} and run.by_terminal == {} and run.conns == {}
     assert run.stats.cases == 1 and run.stans == {"10000001": 2}
+
+
+@pytest.mark.anyio
+async def test_a_template_cases_upstream_request_that_breaks_its_rule_is_named_by_mti_and_stan() -> None:
+    run = a_run()
+    template = SimpleNamespace(expect_upstream={"4": Rule(Check.ONE_OF, frozenset({"000002000000"}),
+                                                          text="one-of 000002000000", origin="rules.toml")})
+    live = _Live(run, "big purchase", "10000001", "000010", template=template)  # type: ignore[arg-type]
+    exp = Expectation(live, None)
+    live.on_upstream(exp, Message("0200", {"3": "000000", "4": "000000000100", "11": "000321", "41": "10000001"}),
+                     {})
+    assert run.stats.upstream_requests == 1
+    amount = next(f for f in live.findings if f.field == "4")
+    assert (amount.kind, amount.leg, amount.mti, amount.stan, amount.terminal) == (
+        FindingKind.FIELD, "host", "0200", "000321", "10000001")
+    assert amount.message.startswith("big purchase: host 0200 field 4: expected ")
+
+
+@pytest.mark.anyio
+async def test_an_upstream_request_without_a_terminal_id_belongs_to_the_open_request_without_one() -> None:
+    b = Builder()
+    request = b.term(1.0, IN, "T1", "0200", "", "000007", "000000004200")
+    del request.fields["41"]
+    upstream = b.host(1.1, OUT, "0200", "", "000061", "000000004200")
+    del upstream.fields["41"]
+    [case] = cases([request, upstream])
+    assert case.kind is CaseKind.TERMINAL and case.primary is not None and case.primary.request is upstream
