@@ -512,6 +512,9 @@ def _batch(value: object) -> _Batch[list[object]]:
 def test_the_commit_thread_logs_a_report_it_cannot_deliver_and_keeps_serving(
         caplog: pytest.LogCaptureFixture) -> None:
     thread, backend, db = _commit_thread(RuntimeError("loop hiccup"))
+    # made in the test's own (non-daemon) thread, as a store opened in the main thread makes it: a
+    # daemon all the same, so that a loop torn down without `run`'s cleanup cannot keep the process alive
+    assert thread._thread.daemon and thread._thread.name == "journal-commit"
     first, second = _batch("a"), _batch("b")
     thread.start()
     thread.inbox.put(first)
