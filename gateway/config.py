@@ -213,6 +213,10 @@ class HostConfig:
     #: request/response pairing, like jPOS QMUX's key: "stan" plus any of "mti_class", "terminal"
     match_key: tuple[MatchKeyPart, ...] = ("mti_class", "stan", "terminal")
     key_exchange: Flag = True
+    #: what this host answers to a reversal of an original it has not booked: "25" (original not found),
+    #: or "00" (some hosts). With "00", a MAC-verified approval that comes late, after the reversal was
+    #: answered, reopens the reversal as a 25 does: the host may have booked the original after it.
+    unknown_reversal_rc: Literal["25", "00"] = "25"
     tls: Annotated[TlsClientConfig | None, BeforeValidator(_empty_is_none)] = None
 
     @field_validator("match_key")

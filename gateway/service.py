@@ -69,6 +69,7 @@ from gateway.store.records import (
     TxnKind,
     TxnRecord,
     TxnState,
+    reversal_refusal,
 )
 from gateway.trace.format import Direction, EventKind, Leg, format_match_key
 from gateway.trace.tap import Tap
@@ -80,6 +81,9 @@ RC_APPROVED = "00"
 #: the reasons behind `decisions.original_problem`'s codes (a void's or refund's original), for the record
 ORIGINAL_PROBLEMS = CREDIT_REFUSALS
 #: the reasons behind `decisions.terminal_reversal_rc`'s refusals
+#: why a terminal 0400 of a sale is refused 12 (`records.reversal_refusal`)
+STANDING_CREDIT = "reversal: the sale has a void or refund standing"
+
 REVERSAL_PROBLEMS = {
     "25": "original never seen by the gateway",
     "12": "the original is not a kind this reversal may undo",
@@ -806,10 +810,12 @@ class GatewayService:
             txn_id, host.fields.get("39", "")[:2] or "??", auth_code=host.get("38"), rrn=host.get("37"),
             host_mti=host.mti, host_stan=host.get("11") or None, terminal_id=host.get("41"),
             amount=int(amount) if amount.isdigit() else None, authenticated=reply.mac_ok,
+            unknown_rc=self.config.host.unknown_reversal_rc,
         )
         if recorded.reopened:
             self._reversal_queued()
-            log.warning("txn %s: the host approved it after answering its reversal 25: reversal reopened", txn_id)
+            log.warning("txn %s: the host approved it after answering its reversal %s: reversal reopened",
+                        txn_id, "25 or 00" if self.config.host.unknown_reversal_rc == "00" else "25")
 
     async def _answer_after_settlement(self, txn_id: int, reply: HostReply, conflict: StateConflict | None) -> None:
         """The host answered a request that was settled while it waited: reversed by another instance
@@ -830,12 +836,11 @@ class GatewayService:
         await self._wait_in_flight((terminal_id, batch, stan))
         original = await self.store.find_original(terminal_id, batch, stan)
         rc = decisions.terminal_reversal_rc(msg, original, self.config.reversal.unknown_original_rc, flow.reverses)
-        if rc == RC_APPROVED and original is not None and original.kind is TxnKind.PURCHASE:
-            # a void or refund of this sale that may have credited the card: reversing the sale too would
-            # credit it twice (the terminal may reverse that void instead)
-            credits = await self.store.find_referencing(original.txn_id)
-            if any(r.state not in (TxnState.DECLINED, TxnState.REVERSED) for r in credits):
-                return self._refused(msg, "12", "reversal: the sale has a void or refund standing")
+        # a void or refund of this sale that may have credited the card: reversing the sale too would
+        # credit it twice (the terminal may reverse that void instead)
+        if (rc == RC_APPROVED and original is not None and original.kind is TxnKind.PURCHASE
+                and reversal_refusal(original, await self.store.find_referencing(original.txn_id))):
+            return self._refused(msg, "12", STANDING_CREDIT)
         if rc == RC_APPROVED and original is not None and decisions.needs_host_reversal(original):
             # still pending after the wait: hold the 0400 back until the original's own exchange is over,
             # so it cannot overtake the original at the host
@@ -845,6 +850,8 @@ class GatewayService:
                                                          initiator="terminal", not_before=not_before)
             except NotReversible:
                 queued = None
+            except OriginalRefused:  # a void or refund journalled since the check above (another connection)
+                return self._refused(msg, "12", STANDING_CREDIT)
             if queued is not None and queued.created:
                 self._reversal_queued()
                 if original.kind == "purchase" and original.state is TxnState.COMPLETED:

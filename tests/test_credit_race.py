@@ -176,6 +176,27 @@ async def test_a_refund_whose_outcome_is_unknown_still_counts_against_the_sale(k
         assert [(r.txn_id, r.state) for r in refs] == [(first, TxnState.TIMED_OUT)]
 
 
+@pytest.mark.parametrize("credit", ["void", "refund"])
+async def test_a_terminal_reversal_of_a_sale_is_refused_in_the_write_while_a_credit_of_it_stands(
+        kind: str, tmp_path: Path, credit: str) -> None:
+    """A void (or refund) of the sale journalled on another connection after the service's own check of
+    the 0400 (`find_referencing`): the store's write that would queue the sale's reversal refuses it 12
+    and changes nothing, or the card is credited by the void and again by the reversal. Once the credit
+    is known not to have happened (declined), the terminal's reversal goes through."""
+    async with open_store(kind, tmp_path) as store:
+        sale = await completed_sale(store)
+        back = await store.record_request(void("000002", sale) if credit == "void" else refund("000002", sale, 300))
+        with pytest.raises(OriginalRefused) as err:
+            await store.queue_reversal(sale, "06", initiator="terminal")
+        assert err.value.rc == "12" and err.value.orig_txn_id == sale
+        after = await store.get(sale)
+        assert after is not None and after.state is TxnState.COMPLETED
+        assert await store.list_saf() == []
+        await store.record_outcome(back, "declined", rc="05")
+        queued = await store.queue_reversal(sale, "06", initiator="terminal")
+        assert queued.created and queued.entry.txn_id == sale
+
+
 async def test_sqlite_refused_write_does_not_fail_the_rest_of_its_batch(tmp_path: Path) -> None:
     """The check raises before the insert (no savepoint for this write): a purchase in the same commit
     batch is journalled."""
@@ -260,6 +281,47 @@ async def test_two_instances_refunding_one_sale_at_the_same_moment_journal_one(
         assert len(refused) == 1 and refused[0].rc == "64", results
         refs = await b.find_referencing(sale)
         assert [(r.kind, r.amount) for r in refs] == [(TxnKind.REFUND, 500)]
+
+
+async def test_a_void_and_a_terminal_reversal_of_one_sale_on_two_instances_leave_one_credit(tmp_path: Path) -> None:
+    """Instance a queues the terminal's 0400 of the sale while instance b journals a void of it; a third
+    session holds the sale's row until both writes wait on it. Released, exactly one goes through: a
+    void (then the reversal is refused 12) or the reversal (then the void is refused 12: the sale is no
+    longer a completed purchase). Both would credit the card twice."""
+    url = await anyio.to_thread.run_sync(pg_support.schema_url, pg_support.database(), str(tmp_path))
+    async with (PostgresStore.open(url, pan_key=b"k" * 32, instance_id="a") as a,
+                PostgresStore.open(url, pan_key=b"k" * 32, instance_id="b") as b):
+        sale = await completed_sale(a)
+        blocker = await anyio.to_thread.run_sync(lambda: psycopg.connect(url))
+        results: dict[str, object] = {}
+
+        async def reverse() -> None:
+            try:
+                results["reversal"] = await a.queue_reversal(sale, "06", initiator="terminal")
+            except OriginalRefused as exc:
+                results["reversal"] = exc
+
+        async def void_it() -> None:
+            try:
+                results["void"] = await b.record_request(void("000002", sale))
+            except OriginalRefused as exc:
+                results["void"] = exc
+
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: blocker.execute("SELECT txn_id FROM txn WHERE txn_id = %s FOR UPDATE", (sale,)))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reverse)
+                tg.start_soon(void_it)
+                await _waiting_for_locks(url, 2)
+                await anyio.to_thread.run_sync(blocker.commit)
+        finally:
+            await anyio.to_thread.run_sync(blocker.close)
+        refused = {name: r.rc for name, r in results.items() if isinstance(r, OriginalRefused)}
+        assert len(refused) == 1 and set(refused.values()) == {"12"}, results
+        voids = await b.find_referencing(sale)
+        reversals = await b.list_saf()
+        assert len(voids) + len(reversals) == 1, (voids, reversals)
 
 
 # --- the service: the terminal gets the journal's answer ------------------------------------------------

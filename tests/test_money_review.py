@@ -77,6 +77,31 @@ async def test_a_terminal_reversal_of_a_sale_already_credited_back_does_not_cred
             f"{credit} and again by the sale's reversal")
 
 
+async def test_a_void_journalled_between_the_reversal_check_and_its_write_still_refuses_the_reversal(
+        tmp_path: Path) -> None:
+    """The 0400's check (`find_referencing`) and its journal write are apart: a void of the sale arriving
+    on another connection can be journalled between them. Simulated by a check that sees nothing: the
+    write must still refuse (12), leave the sale unreversed and the card credited once, by the void."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
+        t = await signed_in(lab)
+        opening = lab.host.balance(CARD_CUP.pan)
+        sale = await t.purchase(5_000, CARD_CUP)
+        assert sale.approved and (await t.void(sale)).approved
+        store = lab.gateway.service.store
+
+        async def nothing_yet(orig_txn_id: int) -> list[TxnRecord]:
+            return []
+
+        store.find_referencing = nothing_yet  # type: ignore[method-assign]
+        answer = await t.reversal(sale, "96")
+        assert answer.rc == "12"
+        rows = await all_final(lab)
+        assert [r.state for r in rows if r.kind is TxnKind.PURCHASE] == [TxnState.COMPLETED]
+        assert await store.list_saf() == []
+        await anyio.sleep(0.3)  # a reversal queued anyway would reach the host in this time
+        assert lab.host.balance(CARD_CUP.pan) == opening
+
+
 # --- the same purchase twice (same batch and STAN) -------------------------------------------------
 
 
@@ -358,19 +383,19 @@ async def test_an_answer_without_a_response_code_is_not_taken_for_a_decline(
 # --- a host that answers 00 to the reversal of an original it has not booked yet ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="open (stop 21 note): reopening after a 00 would also repeat every "
-                   "reversal a slow host did reverse; needs a setting for hosts that answer 00 to unknown originals")
-async def test_a_late_approval_after_a_00_for_an_original_not_booked_yet_is_reversed_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("convention", ["00", "25"])
+async def test_a_late_approval_after_the_hosts_not_found_answer_reverses_the_charge(
+        tmp_path: Path, convention: str) -> None:
     """The host's slow issuer path books the purchase only after the gateway timed out (98). The
-    gateway's reversal overtakes the booking; this host answers reversals of originals it cannot find
-    with 00 rather than 25 (both conventions exist: `reversal.unknown_original_rc` is the gateway's own
-    setting of the same choice), so the gateway takes the reversal as done. Then the host books the
-    purchase and its approval (MAC verified) comes late. The gateway reopens a reversal after such a late
-    approval only when the reversal was answered 25; after the 00 it journals the approval and stops,
-    and the cardholder stays charged for a 98. Repeating the reversal is harmless where the 00 was a real
-    reversal (the host answers a repeat 00 and changes nothing)."""
-    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF) as lab:
-        lab.host.rules.config = dataclasses.replace(lab.host.rules.config, unknown_original_rc="00")
+    gateway's reversal overtakes the booking; the host answers it as it answers reversals of originals
+    it cannot find: 25, or (some hosts; `reversal.unknown_original_rc` is the gateway's own setting of
+    the same choice) 00. Then it books the purchase and its approval (MAC verified) comes late. After
+    the 25 the reversal is reopened always; after the 00 only where the configuration says this host
+    answers 00 for unbooked originals (`host.unknown_reversal_rc = "00"`), since elsewhere a 00 is a
+    real reversal. Either way the cardholder must not stay charged for a 98."""
+    async with open_lab(tmp_path, terminals=1, host_timeout=HOST_TIMEOUT, reversal=FAST_SAF,
+                        host_options={"unknown_reversal_rc": convention}) as lab:
+        lab.host.rules.config = dataclasses.replace(lab.host.rules.config, unknown_original_rc=convention)
         lab.host.add_fault(Fault("booked_late", seconds=HOST_TIMEOUT + 0.4, pan=CARD_CUP.pan, mti=("0200",),
                                  limit=1))
         t = await signed_in(lab)
@@ -380,12 +405,18 @@ async def test_a_late_approval_after_a_00_for_an_original_not_booked_yet_is_reve
         rec = (await all_final(lab))[0]
         late = await eventually(lambda: lab.gateway.store.late_answers(txn_id=rec.txn_id), "the late approval")
         assert late[0].rc == "00"
-        await anyio.sleep(1.0)  # a reopened reversal has time to go
-        after = await lab.gateway.store.get(rec.txn_id)
-        assert after is not None
-        assert lab.host.balance(CARD_CUP.pan) == opening, (
-            f"the journal says {after.state} (reversal answered {after.reversal_rc}), the host booked the "
-            "purchase after that answer and keeps the debit")
+
+        async def reversed_at_host() -> bool | None:
+            return True if lab.host.balance(CARD_CUP.pan) == opening else None
+
+        await eventually(reversed_at_host, "the host's debit reversed after the late approval")
+        after = await eventually(lambda: _reversed(lab, rec.txn_id), "the journal's reopened reversal done")
+        assert after.reversal_rc == "00" and after.late_approved_at is not None
+
+
+async def _reversed(lab: Lab, txn_id: int) -> TxnRecord | None:
+    rec = await lab.gateway.store.get(txn_id)
+    return rec if rec is not None and rec.state is TxnState.REVERSED else None
 
 
 # --- settlement totals ---------------------------------------------------------------------------

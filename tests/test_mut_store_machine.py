@@ -341,3 +341,19 @@ def test_a_refused_reversal_is_not_reversible_only_when_no_money_moved() -> None
         queue(T.DECLINED)
     assert (err.value.what, err.value.current, err.value.wanted) == (
         "transaction", T.DECLINED, "reverse it: no money moved")
+
+
+@pytest.mark.parametrize(("reversal_rc", "approved_at", "unknown_rc", "reopens"), [
+    ("25", 5.0, "25", True),
+    ("25", 5.0, "00", True),  # a 25 is "not found" whatever else the host answers
+    ("25", None, "00", False),  # no late approval: nothing contradicts the 25
+    ("00", 5.0, "25", False),  # this host's 00 is a real reversal
+    ("00", 5.0, "00", True),  # this host answers 00 for unbooked originals too
+    ("00", None, "00", False),
+])
+def test_which_reversed_transactions_a_late_approval_reopens(
+        reversal_rc: str, approved_at: float | None, unknown_rc: str, reopens: bool) -> None:
+    txn = TxnView(1, TxnState.REVERSED, reversal_rc, approved_at)
+    assert machine.wants_reopen(txn, "00", authenticated=True, unknown_rc=unknown_rc) is reopens
+    done = SafView(7, 1, SafState.DONE, 1, 1, "000123", None)
+    assert (machine.reopen(txn, done, now=9.0, unknown_rc=unknown_rc) is not None) is reopens

@@ -16,6 +16,7 @@ from test_store_support import PAN_KEY, TEST_PAN, request
 from gateway.store.errors import InvalidRecord
 from gateway.store.records import (
     MAX_TEXT,
+    REQUEST_COLUMNS,
     SAF_COLUMNS,
     TXN_COLUMNS,
     QueuedReversal,
@@ -33,6 +34,7 @@ from gateway.store.records import (
     check_limit,
     check_outcome_args,
     check_reason,
+    check_unknown_rc,
     clip_text,
     credit_refusal,
     is_domestic,
@@ -43,6 +45,7 @@ from gateway.store.records import (
     parse_outcome,
     printable,
     reversal_from,
+    reversal_refusal,
     saf_from_row,
     txn_from_row,
 )
@@ -466,3 +469,36 @@ def test_a_state_no_outcome_leads_to_has_no_sources() -> None:
     # an empty tuple, not None: the backends build their conditional UPDATE's IN (...) from it
     for state in (T.PENDING, T.REVERSED, T.REVERSAL_QUEUED):
         assert outcome_sources(state) == ()
+
+
+# --- a terminal's 0400 of a sale a credit stands against; the host's not-booked answer ------------
+
+
+def _record(kind: str, state: str, txn_id: int = 1) -> TxnRecord:
+    fields = {name: getattr(request("000001"), name) for name in REQUEST_COLUMNS}
+    fields.update(kind=TxnKind(kind), amount=800)
+    return TxnRecord(**fields, txn_id=txn_id, state=TxnState(state), created_at=0.0, updated_at=0.0)
+
+
+@pytest.mark.parametrize(("original", "referencing", "expected"), [
+    (("purchase", "completed"), [], None),
+    (("purchase", "completed"), [("void", "pending")], "12"),  # in flight: it may credit the card
+    (("purchase", "completed"), [("refund", "completed")], "12"),
+    (("purchase", "completed"), [("refund", "declined"), ("void", "reversed")], None),  # no money moved
+    (("purchase", "completed"), [("refund", "declined"), ("void", "timed_out")], "12"),
+    # only a sale is credited back by a void or refund; a pre-authorisation's completion is no credit
+    (("void", "completed"), [("refund", "completed")], None),
+    (("preauth", "completed"), [("completion", "completed")], None),
+])
+def test_a_terminal_reversal_is_refused_only_while_a_credit_of_the_sale_stands(
+        original: tuple[str, str], referencing: list[tuple[str, str]], expected: str | None) -> None:
+    refs = [_record(k, s, txn_id=2 + i) for i, (k, s) in enumerate(referencing)]
+    assert reversal_refusal(_record(*original), refs) == expected
+
+
+def test_the_hosts_not_booked_answer_is_25_or_00_and_nothing_else() -> None:
+    assert [check_unknown_rc(rc) for rc in ("25", "00")] == ["25", "00"]
+    for bad in ("12", "", None, 25):
+        with pytest.raises(InvalidRecord) as err:
+            check_unknown_rc(bad)
+        assert err.value.field == "unknown_rc" and "25, 00" in str(err.value)

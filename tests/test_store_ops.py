@@ -405,6 +405,36 @@ async def test_attempts_ack_and_repeat_flag(kind: str, tmp_path: Path) -> None:
         assert await store.get_saf(4242) is None
 
 
+async def test_late_approval_after_a_00_reopens_only_for_a_host_that_answers_00_for_unbooked_originals(
+        kind: str, tmp_path: Path) -> None:
+    """`unknown_rc` says what the host answers to a reversal whose original it has not booked. By
+    default (25) a 00 is a real reversal: a late approval after it changes nothing. With "00" that 00
+    may have come before the booking, so a MAC-verified late approval reopens the reversal as after a
+    25; a decline or an unverified approval still does not."""
+    clock = FakeClock()
+    async with open_store(kind, tmp_path, clock=clock) as store:
+        ids = []
+        for stan in ("000001", "000002"):
+            txn = await store.record_request(request(stan))
+            saf_id = (await store.record_timeout_and_queue_reversal(txn)).saf_id
+            assert await store.ack_reversal(saf_id, "00", attempt_at=clock.now) is True
+            ids.append((txn, saf_id))
+        (booked, _), (unbooked, unbooked_saf) = ids
+        clock.now += 3
+        assert not (await store.record_late_answer(booked, "00")).reopened
+        assert (await store.get(booked)).state is TxnState.REVERSED
+        assert not (await store.record_late_answer(unbooked, "05", unknown_rc="00")).reopened
+        assert not (await store.record_late_answer(unbooked, "00", authenticated=False, unknown_rc="00")).reopened
+        assert (await store.get(unbooked)).state is TxnState.REVERSED
+        assert (await store.record_late_answer(unbooked, "00", unknown_rc="00")).reopened
+        rec = await store.get(unbooked)
+        assert (rec.state, rec.reversal_rc) == (TxnState.REVERSAL_QUEUED, None)
+        (entry,) = await store.due_reversals(clock.now)
+        assert (entry.saf_id, entry.is_repeat) == (unbooked_saf, True)
+        with pytest.raises(InvalidRecord):
+            await store.record_late_answer(booked, "00", unknown_rc="12")
+
+
 async def test_late_approval_reopens_a_reversal_the_host_answered_25(kind: str, tmp_path: Path) -> None:
     """The reversal overtook its original at the host ("25, not found"); then the host approves the
     original after all: the journal puts the reversal back in the queue, as a repeat, due now."""

@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from gateway.iso.totals import SettlementTotals
 from gateway.store.records import (
+    RC_ORIGINAL_NOT_FOUND,
     LateAnswer,
     LateRecorded,
     QueuedReversal,
@@ -137,6 +138,7 @@ class Store(Protocol):
         terminal_id: str | None = None,
         amount: int | None = None,
         authenticated: bool = True,
+        unknown_rc: str = RC_ORIGINAL_NOT_FOUND,
     ) -> LateRecorded:
         """Journal a host answer that came after the timeout (never forwarded). `txn_id` None when it
         matches nothing; `authenticated` False when its MAC did not verify (journalled, proves nothing).
@@ -144,7 +146,11 @@ class Store(Protocol):
         (00). Does not change the transaction's state, with one exception: an authenticated approval of
         a transaction whose reversal the host answered 25 ("original not found") reopens that reversal
         (SAF entry pending again, due now, one attempt counted so the next goes as a repeat; transaction
-        `reversal_queued`, its `reversal_rc` cleared): the host booked the original after all."""
+        `reversal_queued`, its `reversal_rc` cleared): the host booked the original after all.
+        `unknown_rc` is what this host answers for a reversal of an original it has not booked: with
+        "00" an authenticated approval after a reversal answered 00 reopens it in the same way (that 00
+        may have reversed nothing; repeated, a reversal the host did make is answered again and changes
+        nothing)."""
         ...
 
     def record_refusal_soon(self, rec: RefusalRecord, *, on_error: Callable[[BaseException], None]) -> None:

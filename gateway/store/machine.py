@@ -40,6 +40,7 @@ from gateway.store.records import (
     CHARGED_RCS,
     MISSING_SAF,
     ONLY_PARKED,
+    RC_ORIGINAL_NOT_FOUND,
     REOPENED_BY_LATE_APPROVAL,
     REVERSAL_STATES,
     REVERSIBLE_STATES,
@@ -157,18 +158,27 @@ def late_answer(txn: TxnView, rc: str, *, authenticated: bool, now: float) -> tu
     return change, TxnView(txn.txn_id, txn.state, txn.reversal_rc, approved_at)
 
 
-def wants_reopen(txn: TxnView, rc: str, *, authenticated: bool) -> bool:
+def _overtaken(txn: TxnView, unknown_rc: str) -> bool:
+    """Reversed on an answer that may have reversed nothing (25, or `unknown_rc`: what this host answers
+    for an original it has not booked), and the host has approved that original late since."""
+    return txn.state is TxnState.REVERSED and (
+        not_found_overtaken(txn.reversal_rc, txn.late_approved_at)
+        or (txn.reversal_rc == unknown_rc and txn.late_approved_at is not None))
+
+
+def wants_reopen(txn: TxnView, rc: str, *, authenticated: bool, unknown_rc: str = RC_ORIGINAL_NOT_FOUND) -> bool:
     """Whether a late answer may reopen the transaction's reversal (then the backend reads the SAF
-    entry and calls `reopen`): an authenticated approval of a transaction reversed on a 25."""
-    return (authenticated and rc in CHARGED_RCS and txn.state is TxnState.REVERSED
-            and not_found_overtaken(txn.reversal_rc, txn.late_approved_at))
+    entry and calls `reopen`): an authenticated approval of a transaction reversed on a 25 — or on a
+    00 from a host that answers 00 for originals it has not booked (`unknown_rc` "00",
+    `host.unknown_reversal_rc`): there the 00 may have come before the booking, as a 25 does."""
+    return authenticated and rc in CHARGED_RCS and _overtaken(txn, unknown_rc)
 
 
-def reopen(txn: TxnView, saf: SafView | None, *, now: float) -> Step | None:
-    """A reversal the host answered 25 whose original it has now approved (after `late_answer`) goes
-    again: as a repeat (one attempt counted, the rest of the budget fresh), with a new STAN (the host
-    answered the old one), due now. None when there is nothing to reopen."""
-    if txn.state is not TxnState.REVERSED or not not_found_overtaken(txn.reversal_rc, txn.late_approved_at):
+def reopen(txn: TxnView, saf: SafView | None, *, now: float, unknown_rc: str = RC_ORIGINAL_NOT_FOUND) -> Step | None:
+    """A reversal the host answered 25 (or `unknown_rc`) whose original it has now approved (after
+    `late_answer`) goes again: as a repeat (one attempt counted, the rest of the budget fresh), with a
+    new STAN (the host answered the old one), due now. None when there is nothing to reopen."""
+    if not _overtaken(txn, unknown_rc):
         return None
     if saf is None or saf.state is not SafState.DONE:
         return None

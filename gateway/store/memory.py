@@ -26,6 +26,7 @@ from gateway.store.records import (
     CHECKED_CREDIT_KINDS,
     DEFAULT_MAX_REFUSALS,
     OPEN_SAF_STATES,
+    RC_ORIGINAL_NOT_FOUND,
     REQUEST_COLUMNS,
     SAF_COLUMNS,
     LateAnswer,
@@ -49,12 +50,14 @@ from gateway.store.records import (
     check_outcome_args,
     check_rc,
     check_reason,
+    check_unknown_rc,
     clip_text,
     credit_refusal,
     pan_fingerprint,
     parse_enum,
     parse_outcome,
     reversal_from,
+    reversal_refusal,
     totals_from_groups,
 )
 
@@ -210,6 +213,11 @@ class MemoryStore:
             if saf_id is None:
                 raise machine.missing_saf(view)
             return QueuedReversal(self._entry(self._saf[saf_id]), created=False)
+        if who is ReversalInitiator.TERMINAL:  # as the other stores, inside the write (one thread: no gap)
+            referencing = [t for t in self._txns.values() if t.orig_txn_id == txn_id]
+            refusal = reversal_refusal(self._txns[txn_id], referencing)
+            if refusal:
+                raise OriginalRefused(txn_id, refusal)
         self._set(txn_id, **new.txn)
         saf_id = len(self._saf) + 1
         row: dict[str, Any] = dict.fromkeys(SAF_COLUMNS)
@@ -226,19 +234,22 @@ class MemoryStore:
         self, txn_id: int | None, rc: str, *, auth_code: str | None = None, rrn: str | None = None,
         host_mti: str | None = None, host_stan: str | None = None, terminal_id: str | None = None,
         amount: int | None = None, authenticated: bool = True,
+        unknown_rc: str = RC_ORIGINAL_NOT_FOUND,
     ) -> LateRecorded:
         if txn_id is not None:
             check_id(txn_id, "txn_id")
         check_late_args(rc, amount)
+        check_unknown_rc(unknown_rc)
         await anyio.lowlevel.checkpoint()
         now = self._clock()
         reopened = False
         if txn_id is not None:
             change, after = machine.late_answer(self._view(txn_id), rc, authenticated=authenticated, now=now)
             self._set(txn_id, **change)
-            if machine.wants_reopen(after, rc, authenticated=authenticated):
+            if machine.wants_reopen(after, rc, authenticated=authenticated, unknown_rc=unknown_rc):
                 row = self._saf.get(self._saf_by_txn.get(txn_id, 0))
-                step = machine.reopen(after, None if row is None else self._saf_view(row), now=now)
+                step = machine.reopen(after, None if row is None else self._saf_view(row), now=now,
+                                      unknown_rc=unknown_rc)
                 self._apply(txn_id, step, row)
                 reopened = step is not None
         late_id = len(self._late) + 1

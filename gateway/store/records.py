@@ -129,6 +129,16 @@ CHARGED_RCS: Final = APPROVAL_RCS | {RC_PARTIAL_APPROVAL}
 REOPENED_BY_LATE_APPROVAL: Final = "the host approved the original after answering its reversal 25"
 
 
+#: what a host may answer to a reversal of an original it has not booked (`host.unknown_reversal_rc`)
+UNKNOWN_REVERSAL_RCS: Final = (RC_ORIGINAL_NOT_FOUND, "00")
+
+
+def check_unknown_rc(value: object) -> str:
+    if value not in UNKNOWN_REVERSAL_RCS:
+        raise InvalidRecord(f"not one of {', '.join(UNKNOWN_REVERSAL_RCS)}", field="unknown_rc")
+    return str(value)
+
+
 def not_found_overtaken(reversal_rc: str | None, late_approved_at: float | None) -> bool:
     """Whether a reversal answered "original not found" is contradicted by an (authenticated) late
     approval of that original: then the reversal must go again, or the card stays charged."""
@@ -182,6 +192,19 @@ def credit_refusal(kind: TxnKind | str, amount: int, original: TxnRecord | None,
         return "64" if amount != original.amount else None
     refunded = sum(r.amount for r in standing if r.kind == TxnKind.REFUND)
     return "64" if refunded + amount > original.amount else None
+
+
+def reversal_refusal(original: TxnRecord, referencing: Iterable[TxnRecord]) -> str | None:
+    """For a terminal's 0400 of `original`: 12 while a void or refund of that sale stands (it may have
+    credited the card; reversing the sale too would credit it twice — the terminal may reverse the void
+    instead). `referencing` are the journal entries whose original it is. The service asks before
+    queueing; the stores ask again inside the write that queues the reversal, where a void journalled
+    on another connection or instance at the same moment cannot slip in between."""
+    if original.kind != TxnKind.PURCHASE:
+        return None
+    if any(r.kind in CHECKED_CREDIT_KINDS and r.state not in _NO_MONEY_MOVED for r in referencing):
+        return "12"
+    return None
 
 
 def outcome_allowed(current: TxnState, new: TxnState) -> bool:

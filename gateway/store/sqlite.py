@@ -52,6 +52,7 @@ from gateway.store.records import (
     LATE_COLUMNS,
     OPEN_SAF_STATES,
     OUTCOME_STATES,
+    RC_ORIGINAL_NOT_FOUND,
     REFUSAL_COLUMNS,
     REFUSAL_RECORD_COLUMNS,
     REQUEST_COLUMNS,
@@ -78,6 +79,7 @@ from gateway.store.records import (
     check_outcome_args,
     check_rc,
     check_reason,
+    check_unknown_rc,
     clip_text,
     credit_refusal,
     outcome_sources,
@@ -85,6 +87,7 @@ from gateway.store.records import (
     parse_enum,
     parse_outcome,
     reversal_from,
+    reversal_refusal,
     saf_from_row,
     totals_from_groups,
     txn_from_row,
@@ -274,6 +277,14 @@ def _op_queue_reversal(
         if not existing:
             raise machine.missing_saf(view)
         return QueuedReversal(existing[0], created=False)
+    if initiator is ReversalInitiator.TERMINAL:
+        # the one writer's transaction: no void or refund of this sale can be journalled between this
+        # read and the reversal (raised before any write, so the rest of the batch stands)
+        original = _one_txn(conn, "txn_id = ?", (txn_id,))
+        referencing = _txns(conn, "orig_txn_id = ?", (txn_id,))
+        refusal = reversal_refusal(original, referencing) if original else None
+        if refusal:
+            raise OriginalRefused(txn_id, refusal)
     _update(conn, "txn", "txn_id", txn_id, new.txn)
     cur = conn.execute(
         f"INSERT INTO saf ({', '.join(new.saf)}) VALUES ({', '.join('?' * len(new.saf))})", tuple(new.saf.values())
@@ -282,17 +293,17 @@ def _op_queue_reversal(
 
 
 def _op_record_late_answer(
-    conn: sqlite3.Connection, txn_id: int | None, rc: str, authenticated: bool, auth_code: str | None,
-    rrn: str | None, host_mti: str | None, host_stan: str | None, terminal_id: str | None, amount: int | None,
-    now: float,
+    conn: sqlite3.Connection, txn_id: int | None, rc: str, authenticated: bool, unknown_rc: str,
+    auth_code: str | None, rrn: str | None, host_mti: str | None, host_stan: str | None, terminal_id: str | None,
+    amount: int | None, now: float,
 ) -> LateRecorded:
     reopened = False
     if txn_id is not None:
         change, after = machine.late_answer(_txn_view(conn, txn_id), rc, authenticated=authenticated, now=now)
         _update(conn, "txn", "txn_id", txn_id, change)
-        if machine.wants_reopen(after, rc, authenticated=authenticated):
+        if machine.wants_reopen(after, rc, authenticated=authenticated, unknown_rc=unknown_rc):
             saf = _saf_view(conn, "txn_id = ?", (txn_id,))
-            step = machine.reopen(after, saf, now=now)
+            step = machine.reopen(after, saf, now=now, unknown_rc=unknown_rc)
             if saf is not None and step is not None:
                 _persist(conn, saf, step)
                 reopened = True
@@ -630,13 +641,15 @@ class SqliteStore:
         self, txn_id: int | None, rc: str, *, auth_code: str | None = None, rrn: str | None = None,
         host_mti: str | None = None, host_stan: str | None = None, terminal_id: str | None = None,
         amount: int | None = None, authenticated: bool = True,
+        unknown_rc: str = RC_ORIGINAL_NOT_FOUND,
     ) -> LateRecorded:
         if txn_id is not None:
             check_id(txn_id, "txn_id")
         check_late_args(rc, amount)
+        check_unknown_rc(unknown_rc)
         return await self._write(
-            _op_record_late_answer, txn_id, rc, authenticated, auth_code, rrn, host_mti, host_stan, terminal_id,
-            amount, self._clock(),
+            _op_record_late_answer, txn_id, rc, authenticated, unknown_rc, auth_code, rrn, host_mti, host_stan,
+            terminal_id, amount, self._clock(),
         )
 
     def record_refusal_soon(self, rec: RefusalRecord, *, on_error: Callable[[BaseException], None]) -> None:
