@@ -80,10 +80,9 @@ RC_APPROVED = "00"
 
 #: the reasons behind `decisions.original_problem`'s codes (a void's or refund's original), for the record
 ORIGINAL_PROBLEMS = CREDIT_REFUSALS
-#: the reasons behind `decisions.terminal_reversal_rc`'s refusals
 #: why a terminal 0400 of a sale is refused 12 (`records.reversal_refusal`)
 STANDING_CREDIT = "reversal: the sale has a void or refund standing"
-
+#: the reasons behind `decisions.terminal_reversal_rc`'s refusals
 REVERSAL_PROBLEMS = {
     "25": "original never seen by the gateway",
     "12": "the original is not a kind this reversal may undo",
